@@ -1,0 +1,3 @@
+from mediabuilder.cli import main
+
+raise SystemExit(main())

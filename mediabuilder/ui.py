@@ -1,0 +1,98 @@
+"""What the user sees: timed step lines, progress bars, debug lines. Everything goes to stderr."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    quiet: bool = False
+
+
+state = _State()
+
+
+def configure(*, debug: bool = False, quiet: bool = False) -> None:
+    state.debug = debug
+    state.quiet = quiet
+
+
+def info(message: str) -> None:
+    if not state.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def debug(message: str) -> None:
+    if state.debug:
+        print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Step:
+    """One step of a recipe; `detail` is printed after the title when the step ends."""
+
+    title: str
+    detail: str = ""
+    skipped: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+
+def _human_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+@contextlib.contextmanager
+def step(title: str) -> Iterator[Step]:
+    """Print "  <title> … <detail>, <time>" once the step is done."""
+    current = Step(title)
+    debug(f"-> {title}")
+    yield current
+    if current.skipped:
+        return
+    elapsed = _human_seconds(time.monotonic() - current.started)
+    detail = f"{current.detail}, " if current.detail else ""
+    info(f"  {title} … {detail}{elapsed}")
+
+
+def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any) -> tqdm:
+    """A progress bar on stderr; bytes by default (scaled, with rate and ETA). Hidden when quiet
+    or when stderr is not a terminal."""
+    disable = state.quiet or not sys.stderr.isatty()
+    return tqdm(
+        total=total,
+        desc=f"  {description}",
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
+        disable=disable,
+        file=sys.stderr,
+        leave=False,
+        mininterval=0.5,
+        delay=1.0,
+        **kwargs,
+    )
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
