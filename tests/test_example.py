@@ -1,0 +1,213 @@
+"""The bundled example flake (examples/): prepare it, build both hosts and check its shape.
+
+Everything the demo and the other integration tests rely on is pinned here: the number of
+store paths per host, how many they share, the kinds of files in the closure, the input
+types, and that the toplevel depends on the flake's git revision and on reachable inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+PREPARE = REPO / "examples" / "prepare.sh"
+HOSTS = ("alpha", "beta")
+TOPLEVEL = "nixosConfigurations.{host}.config.system.build.toplevel"
+
+# The closure is designed, not measured: 35 shared paths (31 packages from the fake nixpkgs,
+# the kernel, initrd, firmware and tools' motd-render with its unit script) plus 6 per host
+# (toplevel, etc, system-units, system-path, the host's service package and its unit script).
+CLOSURE_SIZE = {"alpha": 41, "beta": 41}
+SHARED = 35
+
+NIX_CONFIG = "\n".join(
+    [
+        "experimental-features = nix-command flakes",
+        "build-users-group =",
+        "sandbox = false",
+        "substituters =",
+        "flake-registry =",
+        "warn-dirty = false",
+    ]
+)
+
+
+def nix_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["NIX_CONFIG"] = NIX_CONFIG
+    return env
+
+
+def run(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in args], env=nix_env(), cwd=cwd, check=check, capture_output=True, text=True
+    )
+
+
+def closure(path: str) -> set[str]:
+    return set(run("nix-store", "--query", "--requisites", path).stdout.split())
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if shutil.which("nix") is None or shutil.which("git") is None:
+        pytest.skip("needs nix and git")
+    dest = tmp_path_factory.mktemp("example") / "dest"
+    prep = run("bash", PREPARE, dest)
+    assert prep.stdout == "" and prep.stderr == "", prep.stderr
+    flake = dest / "flake"
+    refs = [f"{flake}#{TOPLEVEL.format(host=h)}" for h in HOSTS]
+    built = json.loads(run("nix", "build", "--no-link", "--json", *refs).stdout)
+    toplevels = {h: b["outputs"]["out"] for h, b in zip(HOSTS, built, strict=True)}
+    return {"dest": dest, "flake": flake, "toplevel": toplevels}
+
+
+def git(repo: Path, *args: str) -> str:
+    return run("git", "-C", repo, *args).stdout
+
+
+def test_prepare_layout(example: dict) -> None:
+    dest: Path = example["dest"]
+    flake: Path = example["flake"]
+    assert len(git(flake, "log", "--format=%H").split()) >= 3
+    assert len(git(dest / "inputs" / "nixpkgs", "log", "--format=%H").split()) >= 2
+    assert git(flake, "status", "--porcelain") == ""
+    assert "flake.lock" in git(flake, "ls-files").split()
+    remotes = dict(line.split()[:2] for line in git(flake, "remote", "-v").splitlines())
+    assert remotes["origin"] == "https://git.example.invalid/example/machines.git"
+    assert "backup" in remotes and remotes["backup"] != remotes["origin"]
+    assert not (dest / "inputs" / "site" / ".git").exists()
+    assert "@DEST@" not in (flake / "flake.nix").read_text()
+
+
+def test_prepare_refuses_non_empty_dest(tmp_path: Path) -> None:
+    (tmp_path / "something").write_text("x")
+    res = run("bash", PREPARE, tmp_path, check=False)
+    assert res.returncode != 0 and res.stdout == "" and "not empty" in res.stderr
+
+
+def test_nixpkgs_revisions_are_deterministic(example: dict, tmp_path: Path) -> None:
+    # Fixed authors and dates: a second preparation elsewhere gives the same nixpkgs commits.
+    run("bash", PREPARE, tmp_path / "again")
+    revs = git(tmp_path / "again" / "inputs" / "nixpkgs", "log", "--format=%H")
+    assert revs == git(example["dest"] / "inputs" / "nixpkgs", "log", "--format=%H")
+
+
+def test_closure_sizes(example: dict) -> None:
+    closures = {h: closure(p) for h, p in example["toplevel"].items()}
+    assert {h: len(c) for h, c in closures.items()} == CLOSURE_SIZE
+    assert len(closures["alpha"] & closures["beta"]) == SHARED
+    assert example["toplevel"]["alpha"] != example["toplevel"]["beta"]
+
+
+def test_closure_contents(example: dict) -> None:
+    paths = closure(example["toplevel"]["alpha"])
+    found = {k: 0 for k in ("abs_symlink", "rel_symlink", "executable", "empty_file", "empty_dir", "big")}
+    with_references = 0
+    for p in paths:
+        refs = set(run("nix-store", "--query", "--references", p).stdout.split()) - {p}
+        with_references += bool(refs)
+        for root, dirs, files in os.walk(p):
+            for name in dirs + files:
+                f = Path(root) / name
+                st = f.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(f)
+                    key = "abs_symlink" if target.startswith("/nix/store/") else "rel_symlink"
+                    found[key] += 1
+                elif stat.S_ISDIR(st.st_mode):
+                    found["empty_dir"] += not any(f.iterdir())
+                elif stat.S_ISREG(st.st_mode):
+                    found["executable"] += bool(st.st_mode & stat.S_IXUSR)
+                    found["empty_file"] += st.st_size == 0
+                    found["big"] += st.st_size > 200_000
+    assert all(found.values()), found
+    assert with_references >= len(paths) // 2
+    # The data file is non-trivial (not a run of one byte).
+    fw = Path(example["toplevel"]["alpha"]) / "firmware" / "intel" / "fake-ucode.bin"
+    data = fw.read_bytes()
+    assert len(data) > 300_000 and len(set(data)) > 10
+
+
+def test_toplevel_layout(example: dict) -> None:
+    for host, top in example["toplevel"].items():
+        t = Path(top)
+        assert os.access(t / "bin" / "switch-to-configuration", os.X_OK)
+        for name in ("init", "kernel", "initrd"):
+            assert (t / name).is_file(), name
+        assert os.access(t / "init", os.X_OK)
+        assert (t / "etc").is_dir()
+        assert (t / "etc" / "hostname").read_text().strip() == host
+        assert (t / "etc" / "ssh" / "sshd_config").read_text().count("/nix/store/") >= 1
+        assert (t / "system").read_text() == "x86_64-linux"
+        assert (t / "nixos-version").read_text().startswith("23.11.")
+        assert (t / "specialisation").is_dir()
+
+
+def test_switch_to_configuration_logs(example: dict, tmp_path: Path) -> None:
+    top = example["toplevel"]["beta"]
+    log = tmp_path / "var" / "log" / "switch.log"
+    env = nix_env() | {"MEDIABUILDER_SWITCH_LOG": str(log), "NIXOS_INSTALL_BOOTLOADER": "1"}
+    subprocess.run([f"{top}/bin/switch-to-configuration", "boot"], env=env, check=True)
+    assert log.read_text() == f"action=boot NIXOS_INSTALL_BOOTLOADER=1 toplevel={top}\n"
+
+
+def test_inputs(example: dict) -> None:
+    meta = json.loads(run("nix", "flake", "metadata", "--json", example["flake"]).stdout)
+    nodes = meta["locks"]["nodes"]
+    root = nodes[meta["locks"]["root"]]["inputs"]
+    assert nodes[root["nixpkgs"]]["locked"]["type"] == "git"
+    assert nodes[root["site"]]["locked"]["type"] == "path"
+    assert nodes[root["tools"]]["locked"]["type"] == "git"
+    # tools has its own nixpkgs, locked to nixpkgs' first commit: a second node.
+    tools_nixpkgs = nodes[nodes[root["tools"]]["inputs"]["nixpkgs"]]
+    assert tools_nixpkgs["locked"]["rev"] != nodes[root["nixpkgs"]]["locked"]["rev"]
+
+    archive = json.loads(run("nix", "flake", "archive", "--json", example["flake"]).stdout)
+    assert set(archive["inputs"]) == {"nixpkgs", "site", "tools"}
+    assert set(archive["inputs"]["tools"]["inputs"]) == {"nixpkgs"}
+
+
+def eval_toplevel(
+    flake_ref: str, host: str = "alpha", store: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    opts = ["--store", str(store)] if store else []
+    attr = f"{flake_ref}#{TOPLEVEL.format(host=host)}.outPath"
+    return run("nix", *opts, "eval", "--raw", attr, check=False)
+
+
+def test_without_git_the_system_differs(example: dict, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(example["flake"], copy, ignore=shutil.ignore_patterns(".git"))
+    res = eval_toplevel(f"path:{copy}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("/nix/store/")
+    assert res.stdout != example["toplevel"]["alpha"]
+
+
+def test_inputs_out_of_reach(example: dict, tmp_path: Path) -> None:
+    # Locked inputs already valid in /nix/store are used without fetching (found by narHash),
+    # so use fresh stores: one with the inputs reachable, one without.
+    flake = f"git+file://{example['flake']}"
+    ok = eval_toplevel(flake, store=tmp_path / "store-ok")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == example["toplevel"]["alpha"]
+
+    inputs = example["dest"] / "inputs"
+    away = example["dest"] / "inputs.away"
+    inputs.rename(away)
+    try:
+        res = eval_toplevel(flake, store=tmp_path / "store-missing")
+    finally:
+        away.rename(inputs)
+    assert res.returncode != 0
+    assert "inputs/nixpkgs" in res.stderr or "inputs/tools" in res.stderr
