@@ -1,0 +1,1 @@
+"""A Nix `file://` binary cache: its layout, the writer that fills it, and the verifier."""

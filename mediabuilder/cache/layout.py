@@ -1,0 +1,147 @@
+"""Where things are in a `file://` binary cache, and writing its files safely.
+
+    nix-cache-info              StoreDir, WantMassQuery, Priority
+    <hashpart>.narinfo          one per store path, written last
+    nar/<filehash>.nar.zst      the compressed NARs
+    log/, realisations/         empty, but Nix wants them on read-only media
+    signing-key.sec/.pub        the key a build made for itself (never copied to media)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
+from mediabuilder.store.keys import PublicKey, SecretKey
+from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.storepath import STORE_DIR, StorePath
+
+CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
+SUBDIRS = ("nar", "log", "realisations")
+SECRET_KEY = "signing-key.sec"
+PUBLIC_KEY = "signing-key.pub"
+TMP_PREFIX = ".tmp-"
+_NARINFO = re.compile(r"^[0-9a-df-np-sv-z]{32}\.narinfo$")
+
+
+def temp_name(final: Path) -> Path:
+    """A temporary name beside `final`, unique to this process, that no reader looks at."""
+    return final.with_name(f"{TMP_PREFIX}{os.getpid()}-{final.name}")
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the whole new one."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class BinaryCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __repr__(self) -> str:
+        return f"BinaryCache({str(self.root)!r})"
+
+    # Layout
+    def narinfo_path(self, path: StorePath) -> Path:
+        return self.root / f"{path.hash_part}.narinfo"
+
+    def file_path(self, url: str) -> Path:
+        if url.startswith("/") or ".." in url.split("/"):
+            raise FormatError(f"{self.root}: narinfo URL {url!r} points outside the cache")
+        return self.root / url
+
+    # Creating
+    def create(self) -> None:
+        """Make the directory tree (idempotent); a directory that cannot be written is an error."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for sub in SUBDIRS:
+                (self.root / sub).mkdir(exist_ok=True)
+            info = self.root / "nix-cache-info"
+            if not info.exists():
+                write_atomic(info, CACHE_INFO.encode())
+            probe = temp_name(self.root / "probe")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise InvalidInput(
+                f"{self.root}: cache directory is not writable ({e.strerror})",
+                hint="choose another one with --cache DIR",
+            ) from None
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files left by a run that was killed; returns how many."""
+        removed = 0
+        for directory in (self.root, self.root / "nar"):
+            for entry in directory.glob(f"{TMP_PREFIX}*"):
+                pid = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
+                if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+                    removed += 1
+        return removed
+
+    # Reading
+    def has_narinfo(self, path: StorePath) -> bool:
+        return self.narinfo_path(path).is_file()
+
+    def read_narinfo(self, path: StorePath) -> NarInfo:
+        file = self.narinfo_path(path)
+        try:
+            text = file.read_text()
+        except FileNotFoundError:
+            raise InvalidMedia(f"{file}: missing") from None
+        except UnicodeDecodeError:
+            raise FormatError(f"{file}: not text") from None
+        return NarInfo.parse(text, source=str(file))
+
+    def narinfo_files(self) -> Iterator[Path]:
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            if _NARINFO.match(entry.name):
+                yield Path(entry.path)
+
+    def write_narinfo(self, info: NarInfo) -> None:
+        write_atomic(self.narinfo_path(info.store_path), info.render().encode())
+
+    def public_key(self) -> PublicKey | None:
+        file = self.root / PUBLIC_KEY
+        return PublicKey.load(file) if file.is_file() else None
+
+
+def load_or_create_key(cache: BinaryCache, key_file: Path | None, name: str) -> tuple[SecretKey, bool]:
+    """The signing key: `key_file` if given, else the cache's own, created when missing.
+
+    Returns the key and whether it was created now."""
+    if key_file is not None:
+        return SecretKey.load(key_file), False
+    secret = cache.root / SECRET_KEY
+    if secret.exists():
+        return SecretKey.load(secret), False
+    key = SecretKey.generate(name)
+    write_atomic(cache.root / PUBLIC_KEY, (key.public().render() + "\n").encode())
+    write_atomic(secret, (key.render() + "\n").encode(), mode=0o600)
+    return key, True

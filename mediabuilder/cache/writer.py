@@ -1,0 +1,185 @@
+"""Fill a binary cache from the local Nix store: parallel, streaming, incremental, crash-safe.
+
+Each path is serialised to NAR straight from the store, hashed and compressed in one pass into
+`nar/` under a temporary name, checked against the NarHash Nix recorded, and renamed. Its
+narinfo, signed, is written last, so a path is in the cache exactly when its narinfo is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mediabuilder import ui
+from mediabuilder.cache.compression import EXTENSIONS, Compressor
+from mediabuilder.cache.layout import BinaryCache, temp_name
+from mediabuilder.errors import FormatError, InvalidMedia, MediabuilderError
+from mediabuilder.store import nar, nix32
+from mediabuilder.store.hashes import Hash
+from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.pathinfo import PathInfo
+
+
+@dataclass(frozen=True)
+class Exported:
+    url: str
+    file_hash: str
+    file_size: int
+
+
+@dataclass
+class FillResult:
+    exported: int = 0
+    present: int = 0
+    nar_bytes: int = 0
+    file_bytes: int = 0
+
+
+class _HashingFile:
+    """A file that hashes and counts what is written to it."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._file.write(data)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def export_nar(root: str, store_path: str, nar_hash: str, nar_size: int, compression: str) -> Exported:
+    """Worker: write the compressed NAR of `store_path` into `root/nar/`; check it against Nix's
+    NarHash and NarSize. Runs in a worker process."""
+    nar_dir = Path(root) / "nar"
+    tmp = temp_name(nar_dir / Path(store_path).name)
+    out = _HashingFile(tmp)
+    try:
+        compressor = Compressor(compression, out)
+        nar_sha = hashlib.sha256()
+        size = 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal size
+            nar_sha.update(chunk)
+            size += len(chunk)
+            compressor.write(chunk)
+
+        nar.dump(Path(store_path), sink)
+        compressor.close()
+        out.close()
+        got = Hash("sha256", nar_sha.digest()).nix32()
+        if got != nar_hash or size != nar_size:
+            raise InvalidMedia(
+                f"{store_path}: the store path does not match its NarHash ({got}, {size} bytes; "
+                f"Nix recorded {nar_hash}, {nar_size} bytes)",
+                hint="the local store is damaged: run `nix-store --verify --check-contents --repair`",
+            )
+        file_hash = nix32.encode(out.sha256.digest())
+        url = f"nar/{file_hash}{EXTENSIONS[compression]}"
+        os.replace(tmp, Path(root) / url)
+        return Exported(url=url, file_hash=f"sha256:{file_hash}", file_size=out.size)
+    except BaseException:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def narinfo_for(info: PathInfo, exported: Exported, compression: str, key: SecretKey) -> NarInfo:
+    unsigned = NarInfo(
+        store_path=info.path,
+        url=exported.url,
+        compression=compression,
+        file_hash=exported.file_hash,
+        file_size=exported.file_size,
+        nar_hash=info.nar_hash.nix32(),
+        nar_size=info.nar_size,
+        references=tuple(sorted(r.base for r in info.references)),
+        deriver=info.deriver.base if info.deriver else None,
+        sigs=(),
+        ca=info.ca,
+    )
+    sigs = [s for s in info.sigs if not s.startswith(key.name + ":")]
+    return replace(unsigned, sigs=(key.sign(unsigned.fingerprint()), *sigs))
+
+
+def is_intact(cache: BinaryCache, info: PathInfo, key: SecretKey) -> bool:
+    """Cheap check that a path need not be exported again: its narinfo parses, describes this
+    NAR, is signed by `key`, and its NAR file has the recorded size. (`verify` hashes it all.)"""
+    try:
+        present = cache.read_narinfo(info.path)
+    except (MediabuilderError, OSError):
+        return False
+    if present.nar_hash != info.nar_hash.nix32() or present.nar_size != info.nar_size:
+        return False
+    public = key.public()
+    if not any(public.verify(present.fingerprint(), sig) for sig in present.sigs):
+        return False
+    try:
+        return cache.file_path(present.url).stat().st_size == present.file_size
+    except (OSError, FormatError):
+        return False
+
+
+def default_jobs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fill(
+    cache: BinaryCache,
+    infos: Iterable[PathInfo],
+    key: SecretKey,
+    compression: str = "zstd",
+    jobs: int = 0,
+) -> FillResult:
+    """Export every path of `infos` that the cache lacks; returns what was done."""
+    cache.create()
+    cache.remove_stale_temporaries()
+    result = FillResult()
+    todo: list[PathInfo] = []
+    for info in infos:
+        if is_intact(cache, info, key):
+            result.present += 1
+        else:
+            todo.append(info)
+    if not todo:
+        return result
+    # Biggest first, so one large path does not finish alone at the end.
+    todo.sort(key=lambda i: i.nar_size, reverse=True)
+    total = sum(i.nar_size for i in todo)
+    workers = min(jobs or default_jobs(), len(todo))
+    with ui.progress(total, "exporting NARs") as bar, ProcessPoolExecutor(max_workers=workers) as pool:
+        pending: dict[Future[Exported], PathInfo] = {}
+        queue = iter(todo)
+
+        def submit_next() -> None:
+            info = next(queue, None)
+            if info is not None:
+                future = pool.submit(export_nar, str(cache.root), str(info.path), info.nar_hash.nix32(),
+                                     info.nar_size, compression)
+                pending[future] = info
+
+        for _ in range(workers * 2):
+            submit_next()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                info = pending.pop(future)
+                exported = future.result()
+                cache.write_narinfo(narinfo_for(info, exported, compression, key))
+                result.exported += 1
+                result.nar_bytes += info.nar_size
+                result.file_bytes += exported.file_size
+                bar.update(info.nar_size)
+                submit_next()
+    os.sync()
+    return result

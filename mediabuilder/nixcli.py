@@ -1,0 +1,153 @@
+"""The local Nix: build a flake's hosts and read closures from the store, through `run()`."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mediabuilder import run as runner
+from mediabuilder.errors import ExternalError, InvalidInput
+from mediabuilder.store.pathinfo import PathInfo, parse_path_info_json
+from mediabuilder.store.storepath import StorePath
+
+# Flakes and the new CLI are experimental in the Nix versions users have; ask for them.
+NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
+
+
+@functools.cache
+def version() -> str:
+    """'2.8.0' — the local Nix's version."""
+    return runner.output(["nix", "--version"]).rsplit(" ", 1)[-1]
+
+
+@dataclass(frozen=True)
+class HostRef:
+    """One `--flake FLAKE#HOST`: a flake reference and a nixosConfigurations attribute."""
+
+    flake: str
+    host: str
+
+    @property
+    def toplevel_attr(self) -> str:
+        return f"nixosConfigurations.{json.dumps(self.host)}.config.system.build.toplevel"
+
+    @property
+    def installable(self) -> str:
+        return f"{self.flake}#{self.toplevel_attr}"
+
+    @property
+    def local_path(self) -> Path | None:
+        """The flake's directory when it is a local path (plain, `path:` or `git+file:`)."""
+        flake = self.flake
+        for prefix in ("path:", "git+file://", "file://"):
+            if flake.startswith(prefix):
+                flake = flake[len(prefix):]
+                break
+        else:
+            if ":" in flake:
+                return None
+        return Path(flake.split("?", 1)[0]).resolve()
+
+
+def parse_flake_ref(text: str) -> tuple[str, str | None]:
+    """'.#alpha' -> ('/abs/path', 'alpha'); a local path must exist and hold a flake.nix."""
+    flake, _, host = text.partition("#")
+    flake = flake or "."
+    if host.startswith("nixosConfigurations."):
+        host = host.removeprefix("nixosConfigurations.").split(".", 1)[0].strip('"')
+    is_path = ":" not in flake or flake.startswith(("path:", "git+file:"))
+    if is_path and ":" not in flake:
+        path = Path(flake).expanduser()
+        if not path.is_dir():
+            raise InvalidInput(f"{flake}: no such flake directory", hint="pass --flake PATH#HOST")
+        if not (path / "flake.nix").is_file():
+            raise InvalidInput(f"{flake}: no flake.nix in this directory", hint="pass --flake PATH#HOST")
+        flake = str(path.resolve())
+    return flake, host or None
+
+
+def list_hosts(flake: str) -> list[str]:
+    """The names under `nixosConfigurations` of `flake`."""
+    proc = runner.run(
+        [*NIX, "eval", "--json", f"{flake}#nixosConfigurations", "--apply", "builtins.attrNames"],
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise InvalidInput(f"{flake}: cannot evaluate nixosConfigurations: {' '.join(tail)}")
+    names: list[str] = json.loads(proc.stdout)
+    return names
+
+
+def resolve_hosts(refs: Iterable[str]) -> list[HostRef]:
+    """Every `FLAKE#HOST` given, checked against the flake; `FLAKE` alone means all its hosts."""
+    result: list[HostRef] = []
+    known: dict[str, list[str]] = {}
+    for text in refs:
+        flake, host = parse_flake_ref(text)
+        if flake not in known:
+            known[flake] = list_hosts(flake)
+        hosts = known[flake]
+        if host is None:
+            if not hosts:
+                raise InvalidInput(f"{flake}: the flake defines no nixosConfigurations")
+            result.extend(HostRef(flake, h) for h in hosts)
+        elif host not in hosts:
+            raise InvalidInput(
+                f"{flake}: the flake does not define nixosConfigurations.{host}",
+                hint=f"hosts it defines: {', '.join(hosts) or 'none'}",
+            )
+        else:
+            result.append(HostRef(flake, host))
+    names = [r.host for r in result]
+    duplicate = {n for n in names if names.count(n) > 1}
+    if duplicate:
+        raise InvalidInput(f"host given twice: {', '.join(sorted(duplicate))}")
+    return result
+
+
+def build(installables: list[str]) -> list[StorePath]:
+    """`nix build` each installable (no out-link) and return the output paths, in order."""
+    proc = runner.run([*NIX, "build", "--no-link", "--json", *installables])
+    outputs = json.loads(proc.stdout)
+    return [StorePath.parse(o["outputs"]["out"]) for o in outputs]
+
+
+def build_toplevels(hosts: list[HostRef]) -> dict[str, StorePath]:
+    return dict(zip((h.host for h in hosts), build([h.installable for h in hosts]), strict=True))
+
+
+def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
+    """Every path in the closure of `paths`, with NarHash, NarSize, references, deriver, sigs, CA."""
+    args = [str(p) for p in paths]
+    if not args:
+        return []
+    proc = runner.run([*NIX, "path-info", "--json", "--recursive", *args])
+    return parse_path_info_json(proc.stdout)
+
+
+def flake_archive(flake: str) -> dict[str, object]:
+    """`nix flake archive --json`: the flake's own source path and its inputs, recursively."""
+    proc = runner.run([*NIX, "flake", "archive", "--json", flake])
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
+def flake_metadata(flake: str) -> dict[str, object]:
+    proc = runner.run([*NIX, "flake", "metadata", "--json", flake])
+    data: dict[str, object] = json.loads(proc.stdout)
+    return data
+
+
+def ensure_available() -> None:
+    """Fail early, before any work, when the local Nix is missing or too old to read."""
+    runner.require("nix")
+    try:
+        major, minor = (int(x) for x in version().split(".")[:2])
+    except ValueError:
+        return
+    if (major, minor) < (2, 4):
+        raise ExternalError(f"nix {version()} is too old: mediabuilder needs Nix 2.4 or newer for flakes")

@@ -1,0 +1,203 @@
+"""Profiles: TOML files in `profiles/`, parsed and validated here into frozen dataclasses.
+
+Nothing else reads raw TOML. Unknown keys and wrong types are errors naming the file and the
+`section.key`; relative paths are taken relative to the profile's own directory.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mediabuilder.errors import InvalidInput
+
+
+class Compression(enum.Enum):
+    ZSTD = "zstd"
+    XZ = "xz"
+    NONE = "none"
+
+
+class MediaFormat(enum.Enum):
+    DIR = "dir"
+    ISO = "iso"
+    FAT32 = "fat32"
+
+
+class PartitionTable(enum.Enum):
+    NONE = "none"
+    MBR = "mbr"
+    GPT = "gpt"
+
+
+@dataclass(frozen=True)
+class FlakeSettings:
+    # Flake references with a host, e.g. ".#alpha" or "/src/machines#beta".
+    hosts: tuple[str, ...] = ()
+    allow_dirty: bool = False
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    dir: Path = Path("cache")
+    compression: Compression = Compression.ZSTD
+    # Secret key file; None: use (or create) the key in the cache directory.
+    key: Path | None = None
+    # Parallel workers; 0: one per core.
+    jobs: int = 0
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    format: MediaFormat = MediaFormat.DIR
+    output: Path | None = None
+    label: str = "NIXOS_OFFLINE"
+    # Image size in bytes for fat32; None: content plus headroom.
+    size: int | None = None
+    partition_table: PartitionTable = PartitionTable.NONE
+
+
+@dataclass(frozen=True)
+class SubstituterSettings:
+    urls: tuple[str, ...] = ()
+    trusted_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InstallSettings:
+    root: str = "/mnt"
+    flake_dir: str = "/etc/nixos"
+
+
+@dataclass(frozen=True)
+class Profile:
+    source: str = "<defaults>"
+    flake: FlakeSettings = field(default_factory=FlakeSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    media: MediaSettings = field(default_factory=MediaSettings)
+    substituters: SubstituterSettings = field(default_factory=SubstituterSettings)
+    install: InstallSettings = field(default_factory=InstallSettings)
+
+
+SECTIONS: dict[str, type] = {
+    "flake": FlakeSettings,
+    "cache": CacheSettings,
+    "media": MediaSettings,
+    "substituters": SubstituterSettings,
+    "install": InstallSettings,
+}
+
+T = TypeVar("T")
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'700M', '4G', '123456' -> bytes (binary units). Raises ValueError."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS and value[-1:] else ""
+    number = value[: len(value) - len(unit)]
+    if not number or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(number) * _SIZE_UNITS[unit])
+
+
+def _convert(source: str, where: str, hint: Any, value: Any, base: Path) -> Any:
+    """Check and convert one TOML value to the dataclass field's type (given as a string)."""
+
+    def wrong(expected: str) -> InvalidInput:
+        return InvalidInput(f"{source}: {where}: expected {expected}, got {value!r}")
+
+    if hint == "bool":
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint == "int":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise wrong("a non-negative integer")
+        return value
+    if hint == "str":
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if hint == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    if hint in ("Path", "Path | None"):
+        if not isinstance(value, str) or not value:
+            raise wrong("a path (string)")
+        return base / os.path.expanduser(value)
+    if hint == "int | None":  # sizes: 123 or "4G"
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except ValueError:
+                pass
+        raise wrong("a size such as 4096, \"700M\" or \"4G\"")
+    for enum_type in (Compression, MediaFormat, PartitionTable):
+        if hint == enum_type.__name__:
+            allowed = ", ".join(m.value for m in enum_type)
+            try:
+                return enum_type(value)
+            except ValueError:
+                raise InvalidInput(f"{source}: {where}: {value!r} is not one of {allowed}") from None
+    raise AssertionError(f"unhandled field type {hint}")
+
+
+def _section(source: str, name: str, cls: type[T], data: Any, base: Path) -> T:
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source}: [{name}] must be a table")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise InvalidInput(f"{source}: {name}.{key}: unknown key (allowed: {allowed})")
+        values[key] = _convert(source, f"{name}.{key}", known[key].type, value, base)
+    return cls(**values)
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and validate a profile; every error names the file and the `section.key`."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise InvalidInput(f"{source}: no such profile", hint="profiles live in profiles/*.toml") from None
+    except OSError as e:
+        raise InvalidInput(f"{source}: cannot read profile: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidInput(f"{source}: not valid TOML: {e}") from None
+    base = path.resolve().parent
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            allowed = ", ".join(SECTIONS)
+            raise InvalidInput(f"{source}: [{name}]: unknown section (allowed: {allowed})")
+        sections[name] = _section(source, name, SECTIONS[name], value, base)
+    if "flake" in sections:
+        hosts = tuple(_absolute_flake_ref(ref, base) for ref in sections["flake"].hosts)
+        sections["flake"] = replace(sections["flake"], hosts=hosts)
+    return Profile(source=source, **sections)
+
+
+def _absolute_flake_ref(ref: str, base: Path) -> str:
+    """A flake reference whose flake part is a relative path is taken relative to `base`."""
+    flake, sep, attr = ref.partition("#")
+    if flake.startswith((".", "~")) or (flake and "/" in flake and ":" not in flake and not flake.startswith("/")):
+        flake = os.path.normpath(base / os.path.expanduser(flake))
+    return flake + sep + attr
+
+
+def override(settings: T, **changes: Any) -> T:
+    """Apply CLI flags over profile values: every change that is not None wins."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    return replace(settings, **given) if given else settings  # type: ignore[type-var]
