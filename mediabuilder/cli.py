@@ -20,6 +20,7 @@ from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, MediabuilderError
 from mediabuilder.profile import Compression, Profile, load_profile, override
 from mediabuilder.store.keys import PublicKey, write_key_pair
+from mediabuilder.store.storepath import StorePath
 
 
 def default_key_name() -> str:
@@ -52,10 +53,12 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
         key=Path(args.key) if args.key else None,
         jobs=args.jobs,
     )
-    refs = args.flake or list(profile.flake.hosts)
-    if not refs:
-        raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
+    refs = args.flake or ([] if args.store_path else list(profile.flake.hosts))
+    if not refs and not args.store_path:
+        raise InvalidInput("no host given",
+                           hint="pass --flake PATH#HOST, --store-path PATH or a profile with flake.hosts")
     nixcli.ensure_available()
+    store_paths = [_store_path_arg(p) for p in args.store_path]
     cache = BinaryCache(settings.dir)
     cache.create()
     if settings.key is not None and not settings.key.is_file():
@@ -64,14 +67,16 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
     key, created = load_or_create_key(cache, settings.key, default_key_name())
     if created:
         ui.info(f"  created signing key {settings.dir / 'signing-key.sec'} ({key.name})")
-    with ui.step("Resolving hosts") as step:
-        hosts = nixcli.resolve_hosts(refs)
-        step.detail = ", ".join(h.host for h in hosts)
-    with ui.step("Building toplevels") as step:
-        toplevels = nixcli.build_toplevels(hosts)
-        step.detail = f"{len(toplevels)} system(s)"
+    toplevels: dict[str, StorePath] = {}
+    if refs:
+        with ui.step("Resolving hosts") as step:
+            hosts = nixcli.resolve_hosts(refs)
+            step.detail = ", ".join(h.host for h in hosts)
+        with ui.step("Building toplevels") as step:
+            toplevels = nixcli.build_toplevels(hosts)
+            step.detail = f"{len(toplevels)} system(s)"
     with ui.step("Reading closure") as step:
-        infos = nixcli.closure(toplevels.values())
+        infos = nixcli.closure([*toplevels.values(), *store_paths])
         step.detail = f"{len(infos)} paths, {ui.human_bytes(sum(i.nar_size for i in infos))} of NAR"
     with ui.step("Exporting NARs") as step:
         result = fill(cache, infos, key, settings.compression.value, settings.jobs)
@@ -80,6 +85,16 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
     for host, path in toplevels.items():
         print(f"{host}\t{path}")
     return 0
+
+
+def _store_path_arg(text: str) -> StorePath:
+    try:
+        path = StorePath.parse(os.path.realpath(text) if os.path.islink(text) else text)
+    except MediabuilderError:
+        raise InvalidInput(f"{text}: not a store path", hint="pass /nix/store/HASH-NAME") from None
+    if not os.path.exists(path.full):
+        raise InvalidInput(f"{text}: not in the local Nix store", hint="build or copy it first")
+    return path
 
 
 def _print_report(report: Report, target: Path, as_json: bool) -> int:
@@ -131,6 +146,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_cache_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flake", action="append", metavar="FLAKE#HOST",
                    help="host to put on the media, e.g. .#laptop (repeatable; FLAKE alone: all hosts)")
+    p.add_argument("--store-path", action="append", default=[], metavar="PATH",
+                   help="a store path (and its closure) to include, e.g. a system CI built (repeatable)")
     p.add_argument("--cache", metavar="DIR", help="local binary cache (default: ./cache)")
     p.add_argument("--compression", choices=[c.value for c in Compression],
                    help="NAR compression (default: zstd)")
