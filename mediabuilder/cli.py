@@ -4,27 +4,34 @@ every error into one line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import socket
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mediabuilder import __version__, nixcli, ui
-from mediabuilder.cache.layout import BinaryCache, load_or_create_key
+from mediabuilder.build import BuildRequest, build_media
+from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.verify import Report, verify_cache
 from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, MediabuilderError
-from mediabuilder.profile import Compression, Profile, load_profile, override
+from mediabuilder.media.verify import verify_media
+from mediabuilder.profile import (
+    Compression,
+    MediaFormat,
+    PartitionTable,
+    Profile,
+    load_profile,
+    override,
+    parse_size,
+)
 from mediabuilder.store.keys import PublicKey, write_key_pair
 from mediabuilder.store.storepath import StorePath
-
-
-def default_key_name() -> str:
-    return f"{socket.gethostname().split('.')[0] or 'mediabuilder'}-mediabuilder-1"
 
 
 def trusted_key(text: str) -> PublicKey:
@@ -118,17 +125,85 @@ def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
     target = Path(args.target)
     if not target.exists():
         raise InvalidInput(f"{target}: no such file or directory")
-    trusted = [trusted_key(k) for k in args.trusted_key]
-    if not trusted:
-        own = BinaryCache(target).public_key() if target.is_dir() else None
-        if own is None:
-            raise InvalidInput(f"{target}: no trusted key", hint="pass --trusted-key NAME:BASE64 or a .pub file")
-        ui.info(f"trusting the cache's own key {own.name} ({target / 'signing-key.pub'})")
-        trusted = [own]
-    started = time.monotonic()
-    report = verify_cache(target, trusted, args.jobs or 0)
-    ui.debug(f"verified in {time.monotonic() - started:.1f} s")
+    with open_target(target) as root:
+        is_media = (root / "manifest.json").is_file()
+        trusted = [trusted_key(k) for k in args.trusted_key]
+        if not trusted:
+            own_file = root / ("media-key.pub" if is_media else "signing-key.pub")
+            if not own_file.is_file():
+                raise InvalidInput(f"{target}: no trusted key",
+                                   hint="pass --trusted-key NAME:BASE64 or a .pub file")
+            own = PublicKey.load(own_file)
+            ui.warn(f"trusting the key the medium carries ({own.name}, {own.fingerprint()}): "
+                    "pass --trusted-key to check who signed it")
+            trusted = [own]
+        started = time.monotonic()
+        check = verify_media if is_media else verify_cache
+        report = check(root, trusted, args.jobs or 0)
+        ui.debug(f"verified in {time.monotonic() - started:.1f} s")
     return _print_report(report, target, args.json)
+
+
+@contextlib.contextmanager
+def open_target(target: Path) -> Iterator[Path]:
+    """A directory as it is; an ISO or FAT32 image extracted to a temporary directory."""
+    if target.is_dir():
+        yield target
+        return
+    from mediabuilder.media.source import open_source
+
+    with open_source(target) as source, tempfile.TemporaryDirectory(prefix="mediabuilder-verify-") as tmp:
+        root = Path(tmp)
+        for directory in source.dirs():
+            (root / directory).mkdir(parents=True, exist_ok=True)
+        for name, _size in source.files():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            source.extract(name, root / name)
+        yield root
+
+
+def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
+    cache = override(
+        profile.cache,
+        dir=Path(args.cache) if args.cache else None,
+        compression=Compression(args.compression) if args.compression else None,
+        key=Path(args.key) if args.key else None,
+        jobs=args.jobs,
+    )
+    media = override(
+        profile.media,
+        format=MediaFormat(args.format) if args.format else None,
+        output=Path(args.output) if args.output else None,
+        label=args.label,
+        size=_size_arg(args.size) if args.size else None,
+        partition_table=PartitionTable(args.partition_table) if args.partition_table else None,
+    )
+    refs = tuple(args.flake or profile.flake.hosts)
+    if not refs:
+        raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
+    if media.output is None:
+        raise InvalidInput("no output given", hint="pass --output PATH or set media.output in the profile")
+    request = BuildRequest(
+        refs=refs,
+        cache=cache,
+        media=media,
+        output=media.output,
+        force=args.force,
+        allow_dirty=args.allow_dirty or profile.flake.allow_dirty,
+    )
+    started = time.monotonic()
+    toplevels = build_media(request)
+    for host, path in toplevels.items():
+        print(f"{host}\t{path}")
+    ui.info(f"Done: {media.output} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise InvalidInput(f"--size {text}: not a size", hint="e.g. 8G, 700M or a number of bytes") from None
 
 
 # Parser
@@ -181,11 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_flags(p)
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("verify", help="verify a binary cache (no Nix needed)",
-                       description="Check every narinfo, signature, NAR hash and reference. Exit 0 when "
+    p = sub.add_parser("build", help="build offline install media for one or more hosts",
+                       description="Build the hosts, fill the signed cache and write the media: the cache, "
+                                   "the flake repository with its history, the pinned registry, the manifest "
+                                   "and install.sh.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_common(p)
+    _add_cache_flags(p)
+    p.add_argument("--format", choices=[f.value for f in MediaFormat], help="output format (default: dir)")
+    p.add_argument("--output", "-o", metavar="PATH", help="where to write the media (a directory or image file)")
+    p.add_argument("--label", help="volume label (default: NIXOS_OFFLINE)")
+    p.add_argument("--size", help="image size, e.g. 8G (fat32; default: content plus headroom)")
+    p.add_argument("--partition-table", choices=[t.value for t in PartitionTable],
+                   help="wrap a fat32 image in a partition table (default: none)")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="ship uncommitted changes as a labelled commit on top (default: refuse a dirty tree)")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("verify", help="verify media or a binary cache (no Nix needed)",
+                       description="Check the signed manifest and every file of a medium (directory or image) "
+                                   "or a binary cache: every narinfo, signature, NAR hash and reference. Exit 0 when "
                                    "all hold, 1 with one line per bad path otherwise, 2 on bad input.")
     _add_common(p)
-    p.add_argument("target", metavar="CACHE", help="binary cache directory")
+    p.add_argument("target", metavar="TARGET", help="a media tree, an ISO or FAT32 image, or a binary cache directory")
     p.add_argument("--trusted-key", action="append", default=[], metavar="KEY",
                    help="public key (NAME:BASE64) or a file holding one (repeatable; default: the "
                         "cache's own signing-key.pub)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +131,10 @@ class BinaryCache:
     def public_key(self) -> PublicKey | None:
         file = self.root / PUBLIC_KEY
         return PublicKey.load(file) if file.is_file() else None
+
+
+def default_key_name() -> str:
+    return f"{socket.gethostname().split('.')[0] or 'mediabuilder'}-mediabuilder-1"
 
 
 def load_or_create_key(cache: BinaryCache, key_file: Path | None, name: str) -> tuple[SecretKey, bool]:

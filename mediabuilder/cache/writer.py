@@ -57,9 +57,11 @@ class _HashingFile:
         self._file.close()
 
 
-def export_nar(root: str, store_path: str, nar_hash: str, nar_size: int, compression: str) -> Exported:
-    """Worker: write the compressed NAR of `store_path` into `root/nar/`; check it against Nix's
-    NarHash and NarSize. Runs in a worker process."""
+def export_nar(
+    root: str, store_path: str, nar_hash: str, nar_size: int, compression: str, source: str | None = None
+) -> Exported:
+    """Worker: write the compressed NAR of `store_path` (read from `source` if given) into
+    `root/nar/`; check it against Nix's NarHash and NarSize. Runs in a worker process."""
     nar_dir = Path(root) / "nar"
     tmp = temp_name(nar_dir / Path(store_path).name)
     out = _HashingFile(tmp)
@@ -74,7 +76,7 @@ def export_nar(root: str, store_path: str, nar_hash: str, nar_size: int, compres
             size += len(chunk)
             compressor.write(chunk)
 
-        nar.dump(Path(store_path), sink)
+        nar.dump(Path(source or store_path), sink)
         compressor.close()
         out.close()
         got = Hash("sha256", nar_sha.digest()).nix32()
@@ -128,6 +130,16 @@ def is_intact(cache: BinaryCache, info: PathInfo, key: SecretKey) -> bool:
         return cache.file_path(present.url).stat().st_size == present.file_size
     except (OSError, FormatError):
         return False
+
+
+def export_tree(cache: BinaryCache, tree: Path, info: PathInfo, key: SecretKey, compression: str) -> NarInfo:
+    """Put a file tree that is not in the local store into the cache as store path `info.path`."""
+    cache.create()
+    exported = export_nar(str(cache.root), str(info.path), info.nar_hash.nix32(), info.nar_size, compression,
+                          source=str(tree))
+    narinfo = narinfo_for(info, exported, compression, key)
+    cache.write_narinfo(narinfo)
+    return narinfo
 
 
 def default_jobs() -> int:

@@ -66,28 +66,31 @@ let
     printf '%s\n' ${lib.escapeShellArg config.system.configurationRevision} > $out/configuration-revision
 
     cat > $out/activate <<MEDIABUILDER_EOF
-    #!/bin/sh
+    #!${pkgs.busybox}/bin/sh
     # Activation script of ${hostName}: would populate /etc from $out/etc.
     systemConfig=$out
-    export PATH=${pkgs.coreutils}/bin:${pkgs.systemd}/bin
+    export PATH=${pkgs.busybox}/bin
     echo "activating \$systemConfig"
     MEDIABUILDER_EOF
     chmod +x $out/activate
 
     cat > $out/init <<MEDIABUILDER_EOF
-    #!/bin/sh
+    #!${pkgs.busybox}/bin/sh
     # Stage 2 init of ${hostName}.
+    export PATH=${pkgs.busybox}/bin
     $out/activate
     exec ${pkgs.systemd}/lib/systemd/systemd "\$@"
     MEDIABUILDER_EOF
     chmod +x $out/init
 
     cat > $out/bin/switch-to-configuration <<'MEDIABUILDER_EOF'
-    #!/bin/sh
+    #!${pkgs.busybox}/bin/sh
     # Stand-in for NixOS' switch-to-configuration: records how it was called and changes nothing.
     # Appends one line to $MEDIABUILDER_SWITCH_LOG (default /var/log/switch-to-configuration.log).
+    # Self-contained (busybox from the closure), so it runs in `chroot ROOT` where ROOT holds
+    # only /nix/store.
     set -eu
-    PATH=/usr/bin:/bin:$PATH
+    export PATH=${pkgs.busybox}/bin
     log=''${MEDIABUILDER_SWITCH_LOG:-/var/log/switch-to-configuration.log}
     mkdir -p "$(dirname "$log")"
     echo "action=''${1:-} NIXOS_INSTALL_BOOTLOADER=''${NIXOS_INSTALL_BOOTLOADER:-} toplevel=@toplevel@" >> "$log"

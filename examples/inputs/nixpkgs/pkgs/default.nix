@@ -115,7 +115,7 @@ let
       bins = [ "systemctl" "journalctl" "udevadm" ];
       script = ''
         mkdir -p $out/lib/systemd/system/multi-user.target.wants $out/lib/systemd/system-generators
-        printf '#!/bin/sh\necho systemd %s\n' "$version" > $out/lib/systemd/systemd
+        printf '#!%s/bin/sh\necho systemd %s\n' "${busybox}" "$version" > $out/lib/systemd/systemd
         chmod +x $out/lib/systemd/systemd
         for u in multi-user.target getty.target sshd.service; do
           printf '[Unit]\nDescription=%s\n' "$u" > $out/lib/systemd/system/$u
@@ -134,6 +134,85 @@ let
     nix = mkPackage { pname = "nix"; version = "2.18.1"; deps = [ openssl bash xz ]; bins = [ "nix" "nix-store" "nix-env" ]; };
     nginx = mkPackage { pname = "nginx"; version = "1.24.0"; deps = [ openssl zlib ]; };
     postgresql = mkPackage { pname = "postgresql"; version = "15.5"; deps = [ openssl readline zlib ]; bins = [ "postgres" "psql" "initdb" ]; };
+
+    # The one real program: the build machine's statically linked busybox (Debian package
+    # busybox-static), copied in so that the scripts which run inside the installed root
+    # (`chroot ROOT <toplevel>/bin/switch-to-configuration`: no /bin/sh, no /usr, only the
+    # closure) have a shell and tools. bin/<applet> are relative symlinks to bin/busybox.
+    busybox = runCommand "busybox-static" {
+      # ELF machine numbers (e_machine) per Nix system.
+      elfMachine = { x86_64-linux = "62"; aarch64-linux = "183"; }.${system};
+      candidates = "/bin/busybox /usr/bin/busybox /usr/lib/busybox-static/busybox";
+      applets = "sh ash [ test basename cat chmod cp cut date dirname echo env false grep head id ln ls mkdir mktemp mv printf readlink realpath rm rmdir sed sleep sort tail touch tr true uname wc";
+    } ''
+      # is_static FILE: an ELF executable for this system without a program interpreter
+      # (no PT_INTERP program header), so it runs with no /lib around it.
+      is_static() {
+        [ -f "$1" ] && [ -r "$1" ] || return 1
+        [ "$(od -An -c -N4 "$1" | tr -d ' ')" = '177ELF' ] || return 1
+        [ "$(od -An -tu1 -j4 -N2 "$1" | tr -s ' ')" = ' 2 1' ] || return 1   # 64-bit, little endian
+        [ "$(od -An -tu2 -j18 -N2 "$1" | tr -d ' ')" = "$elfMachine" ] || return 1
+        phoff=$(od -An -tu8 -j32 -N8 "$1" | tr -d ' ')
+        phentsize=$(od -An -tu2 -j54 -N2 "$1" | tr -d ' ')
+        phnum=$(od -An -tu2 -j56 -N2 "$1" | tr -d ' ')
+        [ "$phnum" -gt 0 ] || return 1
+        i=0
+        while [ "$i" -lt "$phnum" ]; do
+          type=$(od -An -tu4 -j$((phoff + i * phentsize)) -N4 "$1" | tr -d ' ')
+          [ "$type" != 3 ] || return 1   # PT_INTERP: dynamically linked
+          i=$((i + 1))
+        done
+      }
+      # First what dpkg says busybox-static installed, then the usual places (Debian's
+      # busybox-static has /bin/busybox, which is /usr/bin/busybox with merged /usr).
+      found=
+      for c in $(dpkg-query -L busybox-static 2>/dev/null | grep '/busybox$' || true) $candidates; do
+        if is_static "$c"; then found=$c; break; fi
+      done
+      if [ -z "$found" ]; then
+        {
+          echo "busybox: no statically linked busybox for $system on the build machine:"
+          for c in $candidates; do
+            if [ -e "$c" ]; then echo "  $c: not a static ELF executable for $system"; else echo "  $c: missing"; fi
+          done
+          echo "Install Debian's busybox-static (apt-get install busybox-static); the 'busybox'"
+          echo "package is dynamically linked and cannot run in a root without /lib."
+        } >&2
+        exit 1
+      fi
+      mkdir -p $out/bin $out/share/doc/busybox
+      cp "$found" $out/bin/busybox
+      chmod 0555 $out/bin/busybox
+      list=$($out/bin/busybox --list)
+      for a in $applets; do
+        if ! printf '%s\n' "$list" | grep -qxF -- "$a"; then
+          echo "busybox: $found has no applet '$a'" >&2
+          exit 1
+        fi
+        ln -s busybox "$out/bin/$a"
+      done
+      [ "$($out/bin/sh -c 'echo ok')" = ok ]
+      { echo "Copied from $found on the build machine:"; $out/bin/busybox 2>&1 | head -n 1; } \
+        > $out/share/doc/busybox/SOURCE
+    '';
+
+    # A stand-in for git: there is no real git in this nixpkgs-free example, so bin/git runs
+    # the build machine's /usr/bin/git. What matters is the mechanism (a tool built from the
+    # flake's own nixpkgs input, `nix build --inputs-from FLAKE nixpkgs#git`, whose closure
+    # the media carries), not that the tool works without the build machine.
+    git = runCommand "git-2.39.5" { } ''
+      mkdir -p $out/bin
+      cat > $out/bin/git <<'MEDIABUILDER_EOF'
+      #!${busybox}/bin/sh
+      # Stand-in for git: executes the build machine's /usr/bin/git.
+      if [ ! -x /usr/bin/git ]; then
+        echo "git (stand-in from the example nixpkgs): /usr/bin/git not found" >&2
+        exit 127
+      fi
+      exec /usr/bin/git "$@"
+      MEDIABUILDER_EOF
+      chmod +x $out/bin/git
+    '';
 
     # Data-only packages.
     tzdata = runCommand "tzdata-2023c" { } ''

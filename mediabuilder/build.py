@@ -1,0 +1,264 @@
+"""`mediabuilder build`: the recipe that turns a flake's hosts into an offline install medium.
+
+    resolve hosts → check the repository → build toplevels → archive inputs → add tools →
+    read closures → fill the cache → assemble the tree → sign the manifest → write the image
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from mediabuilder import __version__, nixcli, ui
+from mediabuilder import run as runner
+from mediabuilder.cache.layout import CACHE_INFO, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
+from mediabuilder.cache.writer import export_tree, fill
+from mediabuilder.errors import ExternalError, InvalidInput
+from mediabuilder.media import flakerepo, registry
+from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
+from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings
+from mediabuilder.store import nix32
+from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.pathinfo import PathInfo
+from mediabuilder.store.storepath import StorePath
+
+README = """\
+This medium installs a NixOS system with no network.
+
+Boot the NixOS installer, partition and mount the target at /mnt, then run:
+
+    bash /iso/install.sh            (or the directory this file is in)
+
+It checks the medium first (signatures and sha256 of every file), then copies the system,
+installs the boot loader and puts the flake repository with its history in /etc/nixos.
+Options: install.sh --help. What is on the medium: manifest.json.
+"""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    refs: tuple[str, ...]
+    cache: CacheSettings
+    media: MediaSettings
+    output: Path
+    force: bool = False
+    allow_dirty: bool = False
+    tools: tuple[str, ...] = ("git",)
+
+
+def check_output(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        if output.is_dir() and not any(output.iterdir()):
+            return
+        raise InvalidInput(f"{output}: already exists and is not empty", hint="choose another --output or pass --force")
+    parent = output.resolve().parent
+    if not parent.is_dir():
+        raise InvalidInput(f"{parent}: no such directory for --output")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInput(f"{parent}: not writable")
+
+
+@contextlib.contextmanager
+def staging_dir(output: Path) -> Iterator[Path]:
+    """A temporary directory beside `output`, removed unless the build renamed it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.resolve().parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_output(tree: Path, output: Path) -> None:
+    """Move the finished `tree` to `output`, replacing an existing output (checked earlier)."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.rename(output, old)
+    os.rename(tree, output)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
+def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
+    """Each tool from the flake's own locked nixpkgs input; a tool that cannot be built is
+    reported and left out (install.sh then uses the installer's)."""
+    found: dict[str, StorePath] = {}
+    for tool in tools:
+        # Through the flake's own lock (not `--inputs-from`, which consults the global registry).
+        expr = (f"(builtins.getFlake {json.dumps(flake)}).inputs.nixpkgs.legacyPackages"
+                f".${{builtins.currentSystem}}.{json.dumps(tool)}")
+        try:
+            proc = runner.run([*nixcli.NIX, "build", "--no-link", "--json", "--impure", "--expr", expr])
+        except ExternalError:
+            ui.warn(f"could not build `{tool}` from the flake's nixpkgs: install.sh will use the installer's")
+            continue
+        found[tool] = StorePath.parse(json.loads(proc.stdout)[0]["outputs"]["out"])
+    return found
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            raise
+        shutil.copyfile(src, dst)
+
+
+def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> dict[str, FileEntry]:
+    """Copy the narinfos and NARs of `paths` from the local cache into `media/cache`; returns the
+    manifest entries of the NAR files, whose sha256 the narinfos already give."""
+    root = media / "cache"
+    root.mkdir()
+    for sub in SUBDIRS:
+        (root / sub).mkdir()
+    (root / "nix-cache-info").write_text(CACHE_INFO)
+    known: dict[str, FileEntry] = {}
+    total = 0
+    infos: list[NarInfo] = [local.read_narinfo(p) for p in paths]
+    with ui.progress(sum(i.file_size or 0 for i in infos), "copying cache") as bar:
+        for info in infos:
+            link_or_copy(local.narinfo_path(info.store_path), root / f"{info.store_path.hash_part}.narinfo")
+            if (root / info.url).exists():  # two paths with the same NAR
+                continue
+            link_or_copy(local.file_path(info.url), root / info.url)
+            assert info.file_hash is not None and info.file_size is not None
+            digest = nix32.decode(info.file_hash.removeprefix("sha256:"))
+            known[f"cache/{info.url}"] = FileEntry(info.file_size, digest.hex())
+            total += info.file_size
+            bar.update(info.file_size)
+    return known
+
+
+def build_media(req: BuildRequest) -> dict[str, str]:
+    """The recipe. Returns host → toplevel."""
+    check_output(req.output, req.force)
+    nixcli.ensure_available()
+    runner.require("git")
+    cache = BinaryCache(req.cache.dir)
+    cache.create()
+    if req.cache.key is not None and not req.cache.key.is_file():
+        raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+    key, created = load_or_create_key(cache, req.cache.key, default_key_name())
+    if created:
+        ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")
+
+    ui.info(f"Building media {req.output} ({req.media.format.value})")
+    with ui.step("Resolving hosts") as step:
+        hosts = nixcli.resolve_hosts(req.refs)
+        flakes = sorted({h.flake for h in hosts})
+        if len(flakes) != 1:
+            raise InvalidInput("all hosts on one medium must come from one flake", hint=f"got {', '.join(flakes)}")
+        flake = flakes[0]
+        step.detail = ", ".join(h.host for h in hosts)
+    with ui.step("Checking the repository") as step:
+        local_dir = hosts[0].local_path
+        if local_dir is None:
+            raise InvalidInput(f"{flake}: only a local git checkout of a flake can be put on media",
+                               hint="clone the flake and pass --flake PATH#HOST")
+        repo = flakerepo.open_repo(local_dir)
+        if repo.dirty and not req.allow_dirty:
+            raise InvalidInput(f"{repo.top}: the git tree has uncommitted changes",
+                               hint="commit them, or pass --allow-dirty to ship them as a labelled commit on top")
+        step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
+    with ui.step("Building toplevels") as step:
+        toplevels = nixcli.build_toplevels(hosts)
+        step.detail = f"{len(toplevels)} system(s)"
+    with ui.step("Archiving flake inputs") as step:
+        archive = nixcli.flake_archive(flake)
+        input_paths = [StorePath.parse(p) for p in registry.archived_paths(archive)]
+        pins = registry.from_lock(local_dir / "flake.lock", archive) if (local_dir / "flake.lock").exists() \
+            else registry.Registry(())
+        step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
+    with ui.step("Adding install tools") as step:
+        tools = build_tools(flake, req.tools)
+        step.detail = ", ".join(tools) or "none"
+    with ui.step("Reading closures") as step:
+        extra = [*input_paths, *tools.values()]
+        closures: dict[str, list[PathInfo]] = {h: nixcli.closure([t, *extra]) for h, t in toplevels.items()}
+        union = {i.path: i for infos in closures.values() for i in infos}
+        step.detail = f"{len(union)} paths, {ui.human_bytes(sum(i.nar_size for i in union.values()))} of NAR"
+    with ui.step("Filling binary cache") as step:
+        result = fill(cache, union.values(), key, req.cache.compression.value, req.cache.jobs)
+        step.detail = f"{result.exported} exported, {result.present} already present"
+
+    with staging_dir(req.output) as staging:
+        tree = staging / "media"
+        tree.mkdir()
+        with ui.step("Assembling the media tree") as step:
+            known = assemble_cache(cache, tree, sorted(union))
+            shipped = flakerepo.write_bundle(repo, tree / "flake" / "repo.bundle", req.allow_dirty)
+            (tree / "registry.json").write_text(pins.render())
+            (tree / "media-key.pub").write_text(key.public().render() + "\n")
+            install_sh = tree / "install.sh"
+            install_sh.write_bytes(resources.files("mediabuilder.media").joinpath("install.sh").read_bytes())
+            install_sh.chmod(0o755)
+            (tree / "README.txt").write_text(README)
+            step.detail = f"{len(known)} NAR files"
+        with ui.step("Signing the manifest") as step:
+            manifest = Manifest(
+                mediabuilder=__version__,
+                nix=nixcli.version(),
+                created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                key={"name": key.name, "public": key.public().render(), "fingerprint": key.public().fingerprint()},
+                hosts={
+                    h.host: HostEntry(
+                        toplevel=str(toplevels[h.host]),
+                        flake_attr=f"nixosConfigurations.{h.host}",
+                        store_paths=tuple(sorted(str(i.path) for i in closures[h.host])),
+                        nar_bytes=sum(i.nar_size for i in closures[h.host]),
+                    )
+                    for h in hosts
+                },
+                flake={
+                    "bundle": "flake/repo.bundle",
+                    "rev": shipped.rev,
+                    "branch": shipped.branch,
+                    "dirty": shipped.dirty,
+                    "subdir": shipped.subdir,
+                    "remotes": shipped.remotes,
+                    "source": archive.get("path"),
+                    "inputs": {p.id: {"path": p.path, "narHash": p.nar_hash} for p in pins.pins},
+                },
+                tools={name: str(path) for name, path in tools.items()},
+            )
+            manifest.files = collect_files(tree, known=known)
+            sign_manifest(manifest, tree, key, req.cache.compression.value)
+            step.detail = f"{len(manifest.files)} files, key {key.public().fingerprint()}"
+        with ui.step("Writing the medium") as step:
+            write_output(tree, staging, req)
+            step.detail = str(req.output)
+    return {h: str(t) for h, t in toplevels.items()}
+
+
+def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str) -> StorePath:
+    """Write manifest.json, and the signed manifest store path into the media cache."""
+    (tree / "manifest.json").write_text(manifest.render())
+    with tempfile.TemporaryDirectory() as tmp:
+        trust = Path(tmp) / "manifest"
+        manifest.write_trust_dir(trust)
+        path, nar_hash, nar_size = trust_path(trust)
+        export_tree(BinaryCache(tree / "cache"), trust, PathInfo(path, nar_hash, nar_size, ()), key, compression)
+        os.chmod(trust, 0o755)
+    (tree / "manifest.storepath").write_text(f"{path}\n")
+    return path
+
+
+def write_output(tree: Path, staging: Path, req: BuildRequest) -> None:
+    if req.media.format is MediaFormat.DIR:
+        replace_output(tree, req.output)
+        return
+    raise InvalidInput(f"--format {req.media.format.value}: not supported yet")

@@ -1,0 +1,155 @@
+"""The manifest: what is on the media, with a size and sha256 for every file, and the signed
+store path that lets `install.sh` trust it with nothing but Nix (see docs/media-layout.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mediabuilder.errors import InvalidMedia
+from mediabuilder.store import nar
+from mediabuilder.store.hashes import Hash
+from mediabuilder.store.storepath import StorePath, make_store_path
+
+VERSION = 1
+MANIFEST_NAME = "mediabuilder-manifest"
+# Files install.sh trusts by other means than sha256sums (see docs/media-layout.md).
+SELF_CHECKED = ("manifest.json", "manifest.storepath", "media-key.pub")
+_STOREPATH_RE = re.compile(r"^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str  # hex
+    parts: tuple[tuple[str, int, str], ...] = ()  # (relative name, size, sha256 hex)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"size": self.size, "sha256": self.sha256}
+        if self.parts:
+            data["parts"] = [{"name": n, "size": s, "sha256": h} for n, s, h in self.parts]
+        return data
+
+
+@dataclass(frozen=True)
+class HostEntry:
+    toplevel: str
+    flake_attr: str
+    store_paths: tuple[str, ...]  # closure + flake inputs + tools, sorted
+    nar_bytes: int
+
+
+@dataclass
+class Manifest:
+    mediabuilder: str
+    nix: str
+    created: str
+    key: dict[str, str]
+    hosts: dict[str, HostEntry]
+    flake: dict[str, Any]
+    tools: dict[str, str]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        all_paths = sorted({p for h in self.hosts.values() for p in h.store_paths})
+        return {
+            "version": VERSION,
+            "mediabuilder": self.mediabuilder,
+            "nix": self.nix,
+            "created": self.created,
+            "key": self.key,
+            "hosts": {
+                name: {"toplevel": h.toplevel, "flake_attr": h.flake_attr, "paths": len(h.store_paths),
+                       "nar_bytes": h.nar_bytes}
+                for name, h in sorted(self.hosts.items())
+            },
+            "flake": self.flake,
+            "tools": self.tools,
+            "store_paths": all_paths,
+            "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
+        }
+
+    def render(self) -> str:
+        # sort_keys and one value per line: install.sh reads a few fields with sed (no jq there).
+        return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+    # The signed store path's contents
+    def sha256sums(self) -> str:
+        lines = []
+        for name, entry in sorted(self.files.items()):
+            if entry.parts:
+                lines.append(f"# whole {entry.sha256} {entry.size} {name}")
+                lines.extend(f"{h}  {n}" for n, _, h in entry.parts)
+            else:
+                lines.append(f"{entry.sha256}  {name}")
+        return "\n".join(lines) + "\n"
+
+    def hosts_table(self) -> str:
+        return "".join(f"{n}\t{h.toplevel}\t{h.nar_bytes}\n" for n, h in sorted(self.hosts.items()))
+
+    def store_paths_table(self) -> str:
+        lines = [f"{n}\t{' '.join(h.store_paths)}" for n, h in sorted(self.hosts.items())]
+        lines.extend(f"@tools\t{name}\t{path}" for name, path in sorted(self.tools.items()))
+        return "\n".join(lines) + "\n"
+
+    def write_trust_dir(self, directory: Path) -> None:
+        """The tree that becomes the signed `-mediabuilder-manifest` store path."""
+        directory.mkdir(parents=True)
+        contents = {
+            "manifest.json": self.render(),
+            "sha256sums": self.sha256sums(),
+            "hosts": self.hosts_table(),
+            "store-paths": self.store_paths_table(),
+            "key": self.key["public"] + "\n",
+        }
+        for name, text in contents.items():
+            (directory / name).write_text(text)
+            os.chmod(directory / name, 0o444)
+        os.chmod(directory, 0o555)
+
+
+def trust_path(directory: Path) -> tuple[StorePath, Hash, int]:
+    """The store path of the manifest tree: input-addressed in form (so Nix demands a signature,
+    which a content address would not), named from the hash of its NAR."""
+    nar_hash, nar_size = nar.nar_hash_and_size(directory)
+    return make_store_path("output:out", nar_hash.digest, MANIFEST_NAME), nar_hash, nar_size
+
+
+def hash_file(path: Path) -> FileEntry:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return FileEntry(size, sha.hexdigest())
+
+
+def collect_files(root: Path, skip: Iterable[str] = SELF_CHECKED, known: dict[str, FileEntry] | None = None,
+                  exclude: Iterable[str] = ()) -> dict[str, FileEntry]:
+    """Size and sha256 of every file under `root` (posix relative names); `known` entries (e.g.
+    NARs whose FileHash is known) are taken as given."""
+    skipped = set(skip) | set(exclude)
+    known = known or {}
+    files: dict[str, FileEntry] = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            rel = path.relative_to(root).as_posix()
+            if rel in skipped:
+                continue
+            files[rel] = known.get(rel) or hash_file(path)
+    return files
+
+
+def read_storepath(text: str, source: str) -> StorePath:
+    line = text.strip()
+    if not _STOREPATH_RE.match(line):
+        raise InvalidMedia(f"{source}: not a manifest store path")
+    return StorePath.parse(line)
