@@ -36,9 +36,11 @@ from mediabuilder.store.storepath import StorePath
 
 def trusted_key(text: str) -> PublicKey:
     """A `--trusted-key`: a key ('name:base64') or a file holding one."""
-    if os.path.isfile(text) or "/" in text:
+    if os.path.isfile(text):
         return PublicKey.load(Path(text))
-    return PublicKey.parse(text, source="--trusted-key")
+    if ":" in text:
+        return PublicKey.parse(text, source="--trusted-key")
+    raise InvalidInput(f"--trusted-key {text}: neither a key (NAME:BASE64) nor a key file")
 
 
 # Commands
