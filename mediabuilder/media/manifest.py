@@ -84,7 +84,7 @@ class Manifest:
         lines = []
         for name, entry in sorted(self.files.items()):
             if entry.parts:
-                lines.append(f"# whole {entry.sha256} {entry.size} {name}")
+                lines.append(f"# whole {entry.sha256} {name}")
                 lines.extend(f"{h}  {n}" for n, _, h in entry.parts)
             else:
                 lines.append(f"{entry.sha256}  {name}")

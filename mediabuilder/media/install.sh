@@ -1,0 +1,679 @@
+#!/usr/bin/env bash
+# install.sh - install a NixOS host from mediabuilder media, offline.
+#
+# Runs on the official NixOS installer (bash, coreutils, util-linux, grep, sed, nix; maybe git;
+# no Python, maybe no jq). The media tree and its trust scheme are described in
+# docs/media-layout.md of mediabuilder. In short: manifest.storepath names a store path in the
+# media cache, signed by the media key; it is copied with Nix into a scratch store with only that
+# key trusted, and only the files inside it are trusted from then on (manifest.json, sha256sums,
+# hosts, store-paths, key). Every file on the media is checked against sha256sums and the target
+# is checked before a single byte is written to it.
+#
+# sha256sums may carry comment lines that sha256sum itself ignores:
+#   # whole <sha256 hex> <name>
+# for a file that is stored split as <name>.part000, <name>.part001, ... (the parts are listed
+# as ordinary lines). <name> is relative to the media root, like every name in sha256sums.
+set -euo pipefail
+
+readonly PROG=install.sh
+readonly STORE_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+$'
+readonly MANIFEST_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$'
+readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
+readonly TARGET_CACHE_NAME=.mediabuilder-cache
+
+# Options.
+HOST=""
+ROOT=/mnt
+FLAKE_DIR=/etc/nixos
+EXPECT_KEY=""
+DRY_RUN=0
+YES=0
+MEDIA=""
+
+# State, filled by the phases.
+SCRATCH=""
+KEY=""              # name:base64 of the media key
+FINGERPRINT=""
+MANIFEST_PATH=""    # /nix/store/<hash>-mediabuilder-manifest
+TRUSTED=""          # the manifest directory inside the scratch store
+TOPLEVEL=""
+NAR_BYTES=0
+SPLIT_BYTES=0       # bytes of split NARs this host needs reassembled on the target
+HOST_PATHS=()
+SPLIT_NEEDED=()     # names (relative to the media root) of split NARs this host needs
+SOURCE_CACHE=""     # the cache nix copies from: the media's, or one on the target disk
+TARGET_CACHE=""     # set once created on the target, so that cleanup removes it
+GIT=()
+CHROOT_MOUNTS=()
+NIX_TRUST=()        # the --option flags every Nix call gets
+
+usage() {
+    cat >&2 <<EOF
+Usage: $PROG [--host NAME] [--root /mnt] [--flake-dir /etc/nixos] [--expect-key KEY]
+             [--media DIR] [--dry-run] [--yes] [--help]
+
+Install a NixOS host from this medium into ROOT, with no network.
+
+  --host NAME        the host to install (default: the only one; else a menu)
+  --root DIR         the mounted target file system (default: /mnt)
+  --flake-dir DIR    where the flake repository goes inside the target (default: /etc/nixos)
+  --expect-key KEY   the media key you expect: "name:base64" or its fingerprint "abcd:ef01:2345:6789"
+  --media DIR        the media directory (default: the directory of this script)
+  --dry-run          check everything, print what would be done, change nothing
+  --yes              do not ask for confirmation
+  --help             show this help
+EOF
+}
+
+step() {
+    printf '==> %s\n' "$*" >&2
+}
+
+info() {
+    printf '    %s\n' "$*" >&2
+}
+
+warn() {
+    printf '%s: warning: %s\n' "$PROG" "$*" >&2
+}
+
+# die SUBJECT MESSAGE: one line on stderr, exit 2.
+die() {
+    printf '%s: error: %s: %s\n' "$PROG" "$1" "$2" >&2
+    exit 2
+}
+
+cleanup() {
+    local i
+    for ((i = ${#CHROOT_MOUNTS[@]} - 1; i >= 0; i--)); do
+        umount -R "${CHROOT_MOUNTS[i]}" 2>/dev/null || umount -lR "${CHROOT_MOUNTS[i]}" 2>/dev/null || true
+    done
+    if [[ -n $TARGET_CACHE && -d $TARGET_CACHE ]]; then
+        rm -rf -- "$TARGET_CACHE"
+    fi
+    if [[ -n $SCRATCH && -d $SCRATCH ]]; then
+        chmod -R u+w -- "$SCRATCH" 2>/dev/null || true
+        rm -rf -- "$SCRATCH"
+    fi
+}
+
+# Run a command; on failure, one error line naming it.
+run() {
+    local rc=0
+    "$@" || rc=$?
+    if ((rc != 0)); then
+        die "$1" "failed with exit status $rc (see the messages above)"
+    fi
+}
+
+# The fingerprint of a public key "name:base64": sha256 of the 32 raw key bytes, first 16 hex
+# digits in groups of four (mediabuilder.store.keys.PublicKey.fingerprint).
+key_fingerprint() {
+    local hex
+    hex=$(printf '%s' "${1#*:}" | base64 -d | sha256sum)
+    hex=${hex:0:16}
+    printf '%s:%s:%s:%s\n' "${hex:0:4}" "${hex:4:4}" "${hex:8:4}" "${hex:12:4}"
+}
+
+# The first line of a file, without trailing whitespace.
+first_line() {
+    local line=""
+    IFS= read -r line <"$1" || true
+    line=${line%$'\r'}
+    printf '%s' "${line%"${line##*[![:space:]]}"}"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+parse_args() {
+    local opt
+    while (($# > 0)); do
+        opt=$1
+        case $opt in
+            --help | -h)
+                usage
+                exit 0
+                ;;
+            --dry-run) DRY_RUN=1 ;;
+            --yes | -y) YES=1 ;;
+            --host | --root | --flake-dir | --expect-key | --media)
+                (($# >= 2)) || die "$opt" "needs a value (see --help)"
+                case $opt in
+                    --host) HOST=$2 ;;
+                    --root) ROOT=$2 ;;
+                    --flake-dir) FLAKE_DIR=$2 ;;
+                    --expect-key) EXPECT_KEY=$2 ;;
+                    --media) MEDIA=$2 ;;
+                esac
+                shift
+                ;;
+            --host=* | --root=* | --flake-dir=* | --expect-key=* | --media=*)
+                set -- "${opt%%=*}" "${opt#*=}" "${@:2}"
+                continue
+                ;;
+            *) die "$opt" "unknown option (see --help)" ;;
+        esac
+        shift
+    done
+    [[ $ROOT == /* ]] || die "$ROOT" "--root must be an absolute path"
+    [[ $FLAKE_DIR == /* ]] || die "$FLAKE_DIR" "--flake-dir must be an absolute path inside the target, e.g. /etc/nixos"
+    [[ /$FLAKE_DIR/ != */../* ]] || die "$FLAKE_DIR" "--flake-dir must not contain '..'"
+    ROOT=${ROOT%/}
+    [[ -n $ROOT ]] || die / "--root must not be the running system's root"
+    FLAKE_DIR=${FLAKE_DIR%/}
+    [[ -n $FLAKE_DIR ]] || die / "--flake-dir must not be the target's root"
+    if ((DRY_RUN)); then
+        step "installing from mediabuilder media (dry run: nothing will be changed)"
+    else
+        step "installing from mediabuilder media"
+    fi
+}
+
+locate_media() {
+    if [[ -z $MEDIA ]]; then
+        MEDIA=$(dirname -- "${BASH_SOURCE[0]}")
+    fi
+    [[ -d $MEDIA ]] || die "$MEDIA" "media directory not found (pass --media DIR)"
+    MEDIA=$(cd -- "$MEDIA" && pwd -P)
+    step "media at $MEDIA"
+    local f
+    for f in media-key.pub manifest.json manifest.storepath registry.json flake/repo.bundle cache/nix-cache-info; do
+        [[ -f $MEDIA/$f ]] || die "$f" "missing from the media (damaged or incomplete media; rebuild it)"
+    done
+    for f in cache/nar cache/log cache/realisations; do
+        [[ -d $MEDIA/$f ]] || die "$f/" "directory missing from the media (Nix needs it on read-only media; rebuild it)"
+    done
+    SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/mediabuilder-install.XXXXXXXX")
+}
+
+# The key, the signed manifest path and every file's hash.
+check_media() {
+    step "checking the media (key, signed manifest, sha256 of every file)"
+    local name b64 nbytes
+    KEY=$(first_line "$MEDIA/media-key.pub")
+    name=${KEY%%:*}
+    b64=${KEY#*:}
+    if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
+        ((nbytes != 32)); then
+        die media-key.pub "not a Nix public key 'name:base64' of 32 bytes (damaged media)"
+    fi
+    FINGERPRINT=$(key_fingerprint "$KEY")
+    info "media key: $name, fingerprint $FINGERPRINT"
+    if [[ -n $EXPECT_KEY ]]; then
+        if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
+            [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
+                die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        else
+            [[ $EXPECT_KEY == "$KEY" ]] ||
+                die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        fi
+        info "the media key is the expected one"
+    else
+        info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
+    fi
+    NIX_TRUST=(--extra-experimental-features 'nix-command flakes'
+        --option trusted-public-keys "$KEY" --option require-sigs true)
+
+    MANIFEST_PATH=$(first_line "$MEDIA/manifest.storepath")
+    [[ $MANIFEST_PATH =~ $MANIFEST_PATH_RE ]] ||
+        die manifest.storepath "not a /nix/store/<hash>-mediabuilder-manifest path (damaged media)"
+    local hashpart=${MANIFEST_PATH#/nix/store/}
+    hashpart=${hashpart:0:32}
+    [[ -f $MEDIA/cache/$hashpart.narinfo ]] ||
+        die "cache/$hashpart.narinfo" "missing: the signed manifest is not in the media cache (damaged media)"
+
+    # The signed manifest, into a scratch store, with only the media key trusted.
+    local store=$SCRATCH/store log=$SCRATCH/nix-copy.log
+    if ! nix copy "${NIX_TRUST[@]}" --option substituters '' \
+        --from "file://$MEDIA/cache" --to "local?root=$store" "$MANIFEST_PATH" 2>"$log"; then
+        cat "$log" >&2
+        if grep -q 'signature' "$log"; then
+            die "cache/$hashpart.narinfo" "the manifest is not signed by media-key.pub (forged or damaged media)"
+        fi
+        die "cache/$hashpart.narinfo" "Nix cannot copy the signed manifest (damaged media; see above)"
+    fi
+    local json
+    json=$(nix path-info "${NIX_TRUST[@]}" --store "local?root=$store" --json "$MANIFEST_PATH") ||
+        die "$MANIFEST_PATH" "nix path-info failed on the scratch store"
+    [[ $json == *'"narHash"'* ]] || die "$MANIFEST_PATH" "not valid in the scratch store after copying"
+    if grep -Eq '"ca"[[:space:]]*:[[:space:]]*("|\{)' <<<"$json"; then
+        die "cache/$hashpart.narinfo" "the manifest path is content-addressed, so its signature proves nothing (forged media)"
+    fi
+
+    TRUSTED=$store$MANIFEST_PATH
+    local f
+    for f in manifest.json sha256sums hosts store-paths key; do
+        [[ -f $TRUSTED/$f ]] || die "$MANIFEST_PATH/$f" "missing from the signed manifest (media made by an incompatible mediabuilder)"
+    done
+    cmp -s -- "$TRUSTED/manifest.json" "$MEDIA/manifest.json" ||
+        die manifest.json "differs from the signed copy in $MANIFEST_PATH (edited by hand or damaged)"
+    [[ $(first_line "$TRUSTED/key") == "$KEY" ]] ||
+        die media-key.pub "differs from the key recorded in the signed manifest (damaged or tampered media)"
+
+    check_sums
+}
+
+# sha256 of every file listed in the signed sha256sums, from the media root.
+check_sums() {
+    local sums=$SCRATCH/sha256sums line sum name count=0
+    : >"$sums"
+    while IFS= read -r line || [[ -n $line ]]; do
+        [[ -z $line || $line == '#'* ]] && continue
+        [[ $line =~ ^([0-9a-f]{64})\ [\ *](.+)$ ]] ||
+            die "$MANIFEST_PATH/sha256sums" "malformed line '$line' (media made by an incompatible mediabuilder)"
+        name=${BASH_REMATCH[2]}
+        [[ $name != /* && /$name/ != */../* && /$name/ != */./* ]] ||
+            die "$MANIFEST_PATH/sha256sums" "file name '$name' points outside the media (forged media)"
+        [[ -f $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media; rebuild or recopy it)"
+        printf '%s\n' "$line" >>"$sums"
+        count=$((count + 1))
+    done <"$TRUSTED/sha256sums"
+    for name in registry.json flake/repo.bundle; do
+        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$sums") ||
+            die "$MANIFEST_PATH/sha256sums" "does not list $name (media made by an incompatible mediabuilder)"
+    done
+    info "hashing $count files"
+    local out=$SCRATCH/sha256sum.out
+    if ! (cd -- "$MEDIA" && LC_ALL=C sha256sum -c --quiet -- "$sums") >"$out" 2>"$SCRATCH/sha256sum.err"; then
+        line=$(grep -m1 ': FAILED' "$out" || true)
+        name=${line%: FAILED*}
+        if [[ -z $line ]]; then
+            die "$MEDIA" "sha256sum failed: $(head -n1 "$SCRATCH/sha256sum.err")"
+        elif [[ $line == *'open or read'* ]]; then
+            [[ -e $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media)"
+            die "$name" "cannot be read (damaged media)"
+        fi
+        die "$name" "sha256 mismatch (damaged media)"
+    fi
+    # Split files: the parts were just checked; their whole is checked when reassembled.
+    sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
+}
+
+choose_host() {
+    local -a names=() toplevels=() bytes=()
+    local name toplevel nar rest
+    while IFS=$'\t' read -r name toplevel nar rest || [[ -n $name ]]; do
+        [[ -z $name ]] && continue
+        [[ -z $rest && $toplevel =~ $STORE_PATH_RE && $nar =~ ^[0-9]+$ ]] ||
+            die "$MANIFEST_PATH/hosts" "malformed line for '$name' (media made by an incompatible mediabuilder)"
+        names+=("$name")
+        toplevels+=("$toplevel")
+        bytes+=("$nar")
+    done <"$TRUSTED/hosts"
+    ((${#names[@]} > 0)) || die "$MANIFEST_PATH/hosts" "lists no host (nothing to install)"
+
+    local i pick=-1
+    if [[ -n $HOST ]]; then
+        for i in "${!names[@]}"; do
+            [[ ${names[i]} == "$HOST" ]] && pick=$i
+        done
+        ((pick >= 0)) || die "$HOST" "no such host on this medium (it has: ${names[*]})"
+    elif ((${#names[@]} == 1)); then
+        pick=0
+    elif ((YES)); then
+        die --host "several hosts on this medium, pass one of: ${names[*]}"
+    else
+        [[ -r /dev/tty ]] || die --host "several hosts and no terminal to ask on; pass one of: ${names[*]}"
+        printf 'Hosts on this medium:\n' >&2
+        for i in "${!names[@]}"; do
+            printf '  %d) %s\n' "$((i + 1))" "${names[i]}" >&2
+        done
+        local answer=""
+        printf 'Install which host? [1-%d] ' "${#names[@]}" >&2
+        IFS= read -r answer </dev/tty || true
+        if ! [[ $answer =~ ^[0-9]+$ ]] || ((answer < 1 || answer > ${#names[@]})); then
+            die /dev/tty "'$answer' is not a host number"
+        fi
+        pick=$((answer - 1))
+    fi
+    HOST=${names[pick]}
+    TOPLEVEL=${toplevels[pick]}
+    NAR_BYTES=${bytes[pick]}
+    step "host $HOST: $TOPLEVEL"
+
+    # Its store paths (closure, flake inputs, tools).
+    local line="" found=0 paths
+    while IFS= read -r line || [[ -n $line ]]; do
+        if [[ ${line%%$'\t'*} == "$HOST" && $line == *$'\t'* ]]; then
+            found=1
+            paths=${line#*$'\t'}
+            read -r -a HOST_PATHS <<<"$paths"
+            break
+        fi
+    done <"$TRUSTED/store-paths"
+    ((found)) || die "$MANIFEST_PATH/store-paths" "has no line for host $HOST (damaged media)"
+    local p has_toplevel=0
+    for p in "${HOST_PATHS[@]}"; do
+        [[ $p =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "'$p' is not a store path"
+        [[ $p == "$TOPLEVEL" ]] && has_toplevel=1
+    done
+    ((has_toplevel)) || die "$MANIFEST_PATH/store-paths" "the paths of $HOST do not include its toplevel"
+    info "${#HOST_PATHS[@]} store paths, $NAR_BYTES bytes unpacked"
+
+    # Every path's narinfo, and its NAR: on the media whole, or split (reassembled later).
+    local hash url listed=$SCRATCH/urls
+    : >"$listed"
+    for p in "${HOST_PATHS[@]}"; do
+        hash=${p#/nix/store/}
+        hash=${hash:0:32}
+        [[ -f $MEDIA/cache/$hash.narinfo ]] || die "cache/$hash.narinfo" "missing: $p is not on the media (damaged media)"
+        printf '%s\n' "$MEDIA/cache/$hash.narinfo" >>"$listed"
+    done
+    local -A whole=() seen=()
+    local sum
+    while read -r sum name; do
+        whole[$name]=$sum
+    done <"$SCRATCH/whole"
+    while IFS= read -r url; do
+        [[ -n ${seen[$url]:-} ]] && continue
+        seen[$url]=1
+        [[ $url != /* && /$url/ != */../* ]] || die "cache/$url" "narinfo URL points outside the cache (forged media)"
+        if [[ -f $MEDIA/cache/$url ]]; then
+            continue
+        elif [[ -n ${whole[cache/$url]:-} ]]; then
+            SPLIT_NEEDED+=("cache/$url")
+            for p in "$MEDIA/cache/$url".part[0-9][0-9][0-9]; do
+                [[ -f $p ]] || die "cache/$url.part000" "missing from the media (damaged media)"
+                SPLIT_BYTES=$((SPLIT_BYTES + $(stat -c %s -- "$p")))
+            done
+        else
+            die "cache/$url" "missing from the media (damaged media)"
+        fi
+    done < <(tr '\n' '\0' <"$listed" | xargs -0 sed -n 's/^URL: //p')
+    if ((${#SPLIT_NEEDED[@]} > 0)); then
+        info "${#SPLIT_NEEDED[@]} split NAR(s) to reassemble on the target ($SPLIT_BYTES bytes)"
+    fi
+}
+
+check_target() {
+    step "checking the target $ROOT"
+    [[ -d $ROOT ]] || die "$ROOT" "does not exist (mount the target file system there)"
+    mountpoint -q -- "$ROOT" || die "$ROOT" "is not a mount point (mount the target file system there)"
+    local owner mode
+    read -r owner mode < <(stat -c '%u %a' -- "$ROOT")
+    [[ $owner == 0 && $mode == 755 ]] ||
+        die "$ROOT" "owned by uid $owner with mode $mode; it must be root's with mode 755 (chown root:root $ROOT; chmod 755 $ROOT)"
+    local avail need
+    avail=$(df -B1 --output=avail -- "$ROOT" | tail -n1 | tr -d '[:space:]')
+    [[ $avail =~ ^[0-9]+$ ]] || die "$ROOT" "cannot read the free space (df printed '$avail')"
+    need=$((NAR_BYTES + NAR_BYTES / 10 + SPLIT_BYTES))
+    ((avail >= need)) ||
+        die "$ROOT" "only $avail bytes free, $HOST needs $need (its store plus 10%); use a bigger partition"
+    info "$avail bytes free, $need needed"
+    local dir=$ROOT$FLAKE_DIR
+    if [[ -e $dir || -L $dir ]]; then
+        [[ -d $dir && ! -L $dir ]] || die "$dir" "exists and is not a directory; remove it or pass another --flake-dir"
+        [[ -z $(ls -A -- "$dir") ]] || die "$dir" "is not empty; empty it or pass another --flake-dir"
+    fi
+    if ((!DRY_RUN)) && ((EUID != 0)); then
+        die "$ROOT" "installing needs root; run this script as root (sudo)"
+    fi
+    # The flake: the bundle's branch must be at the recorded commit (checked now when git is here).
+    read_flake_info
+    if have_git; then
+        local heads
+        heads=$(git bundle list-heads "$MEDIA/flake/repo.bundle" 2>/dev/null) ||
+            die flake/repo.bundle "git cannot read the bundle (damaged media)"
+        if [[ -n $BRANCH ]] && ! grep -Fqx -- "$REV refs/heads/$BRANCH" <<<"$heads"; then
+            die flake/repo.bundle "branch $BRANCH is not at the recorded commit $REV (media made from a changed repository)"
+        fi
+    fi
+}
+
+BRANCH=""
+REV=""
+REMOTE_NAMES=()
+REMOTE_URLS=()
+
+# Undo JSON string escapes of the simple kind; fails on \uXXXX.
+json_unescape() {
+    local s=$1 out=""
+    while [[ $s == *\\* ]]; do
+        out+=${s%%\\*}
+        s=${s#*\\}
+        case ${s:0:1} in
+            '"' | \\ | /) out+=${s:0:1} ;;
+            *) return 1 ;;
+        esac
+        s=${s:1}
+    done
+    printf '%s' "$out$s"
+}
+
+# branch, rev and remotes of the flake from the trusted manifest.json. No jq on the installer:
+# this relies on mediabuilder writing manifest.json with json.dumps(indent=2, sort_keys=True), so
+# the "flake" object starts at a line '  "flake": {', its own keys sit on lines indented by four
+# spaces, and each remote is alone on a line of the "remotes" object.
+read_flake_info() {
+    local block line in_remotes=0 name url
+    block=$(sed -n '/^  "flake": {$/,/^  }/p' "$TRUSTED/manifest.json")
+    [[ -n $block ]] || die "$MANIFEST_PATH/manifest.json" "has no \"flake\" object (media made by an incompatible mediabuilder)"
+    while IFS= read -r line; do
+        if ((in_remotes)); then
+            if [[ $line =~ ^\ {4}\},?$ ]]; then
+                in_remotes=0
+            elif [[ $line =~ ^\ {6}\"(([^\"\\]|\\.)*)\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
+                if name=$(json_unescape "${BASH_REMATCH[1]}") && url=$(json_unescape "${BASH_REMATCH[3]}"); then
+                    REMOTE_NAMES+=("$name")
+                    REMOTE_URLS+=("$url")
+                else
+                    warn "remote line '$line' has escapes this script does not read; restore it by hand"
+                fi
+            else
+                die "$MANIFEST_PATH/manifest.json" "cannot read the remotes line '$line'"
+            fi
+        elif [[ $line =~ ^\ {4}\"remotes\":\ \{\},?$ ]]; then
+            :
+        elif [[ $line =~ ^\ {4}\"remotes\":\ \{$ ]]; then
+            in_remotes=1
+        elif [[ $line =~ ^\ {4}\"rev\":\ \"([0-9a-f]{40}|[0-9a-f]{64})\",?$ ]]; then
+            REV=${BASH_REMATCH[1]}
+        elif [[ $line =~ ^\ {4}\"branch\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
+            BRANCH=$(json_unescape "${BASH_REMATCH[1]}") ||
+                die "$MANIFEST_PATH/manifest.json" "cannot read the branch name"
+        fi
+    done <<<"$block"
+    [[ -n $REV ]] || die "$MANIFEST_PATH/manifest.json" "has no flake \"rev\" (media made by an incompatible mediabuilder)"
+}
+
+confirm() {
+    local plan_cache="file://$MEDIA/cache"
+    ((${#SPLIT_NEEDED[@]} > 0)) && plan_cache="file://$ROOT/$TARGET_CACHE_NAME (media cache plus ${#SPLIT_NEEDED[@]} reassembled NAR(s))"
+    if ((DRY_RUN)); then
+        step "dry run: every check passed; the plan"
+        {
+            printf '    host:        %s\n' "$HOST"
+            printf '    toplevel:    %s\n' "$TOPLEVEL"
+            printf '    store paths: %s (%s bytes unpacked)\n' "${#HOST_PATHS[@]}" "$NAR_BYTES"
+            printf '    would run:   nix copy --from %s --to local?root=%s <%s paths>\n' "$plan_cache" "$ROOT" "${#HOST_PATHS[@]}"
+            printf '                 nix-env --store %s -p %s/nix/var/nix/profiles/system --set %s\n' "$ROOT" "$ROOT" "$TOPLEVEL"
+            printf '                 NIXOS_INSTALL_BOOTLOADER=1 %s/bin/switch-to-configuration boot (inside %s)\n' "$TOPLEVEL" "$ROOT"
+            printf '                 git clone flake/repo.bundle %s%s (branch %s, rev %s)\n' "$ROOT" "$FLAKE_DIR" "${BRANCH:-<detached>}" "$REV"
+            printf '                 write %s/var/lib/mediabuilder/registry.json and %s/root/.config/nix/nix.conf\n' "$ROOT" "$ROOT"
+        } >&2
+        exit 0
+    fi
+    if ((YES)); then
+        step "installing $HOST into $ROOT (--yes)"
+        return
+    fi
+    step "confirm"
+    [[ -r /dev/tty ]] || die /dev/tty "no terminal to ask on; pass --yes to install without asking"
+    local answer=""
+    printf 'Install %s into %s? [y/N] ' "$HOST" "$ROOT" >&2
+    IFS= read -r answer </dev/tty || true
+    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] || die "$ROOT" "not confirmed; nothing was written"
+}
+
+# Reassemble split NARs into a cache on the target disk that links to everything else.
+prepare_source_cache() {
+    SOURCE_CACHE=$MEDIA/cache
+    ((${#SPLIT_NEEDED[@]} > 0)) || return 0
+    local dir=$ROOT/$TARGET_CACHE_NAME
+    rm -rf -- "$dir"
+    TARGET_CACHE=$dir
+    mkdir -m 0700 -- "$dir"
+    # Symlinks to every file of the media cache (directories are made, files linked).
+    cp -rs -- "$MEDIA/cache/." "$dir/"
+    local rel sum got p
+    local -A whole=()
+    while read -r sum rel; do
+        whole[$rel]=$sum
+    done <"$SCRATCH/whole"
+    for rel in "${SPLIT_NEEDED[@]}"; do
+        info "reassembling $rel"
+        local -a parts=()
+        for p in "$MEDIA/$rel".part[0-9][0-9][0-9]; do
+            parts+=("$p")
+        done
+        # The parts must be part000, part001, ... with no gap.
+        local i
+        for i in "${!parts[@]}"; do
+            [[ ${parts[i]} == "$MEDIA/$rel.part$(printf '%03d' "$i")" ]] ||
+                die "$rel.part$(printf '%03d' "$i")" "missing from the media (damaged media)"
+        done
+        rm -f -- "$dir/${rel#cache/}"
+        got=$(cat -- "${parts[@]}" | tee -- "$dir/${rel#cache/}" | sha256sum) ||
+            die "$dir/${rel#cache/}" "cannot write the reassembled file (target disk full?)"
+        got=${got%% *}
+        [[ $got == "${whole[$rel]}" ]] || die "$rel" "sha256 mismatch of the reassembled parts (damaged media)"
+    done
+    SOURCE_CACHE=$dir
+}
+
+copy_closure() {
+    step "copying ${#HOST_PATHS[@]} store paths into $ROOT/nix/store"
+    prepare_source_cache
+    run nix copy "${NIX_TRUST[@]}" \
+        --option substitute true --option substituters "file://$SOURCE_CACHE" \
+        --from "file://$SOURCE_CACHE" --to "local?root=$ROOT" "${HOST_PATHS[@]}"
+}
+
+set_profile() {
+    step "setting the system profile to $TOPLEVEL"
+    mkdir -p -- "$ROOT/nix/var/nix/profiles"
+    # As nixos-install does: nix-env --store ROOT -p ROOT/nix/var/nix/profiles/system --set PATH
+    run nix-env --store "$ROOT" \
+        --option trusted-public-keys "$KEY" --option require-sigs true \
+        --option substitute true --option substituters "file://$SOURCE_CACHE" \
+        -p "$ROOT/nix/var/nix/profiles/system" --set "$TOPLEVEL"
+}
+
+install_bootloader() {
+    step "installing the boot loader (switch-to-configuration boot)"
+    mkdir -p -- "$ROOT/etc"
+    touch -- "$ROOT/etc/NIXOS"
+    if command -v nixos-enter >/dev/null; then
+        run env NIXOS_INSTALL_BOOTLOADER=1 nixos-enter --root "$ROOT" -- "$TOPLEVEL/bin/switch-to-configuration" boot
+    else
+        # What nixos-enter would provide: /dev, /proc and /sys inside the target.
+        local d
+        for d in dev proc sys; do
+            mkdir -p -- "$ROOT/$d"
+            if ! mountpoint -q -- "$ROOT/$d"; then
+                mount --rbind "/$d" "$ROOT/$d" || die "$ROOT/$d" "cannot bind-mount /$d for the chroot"
+                CHROOT_MOUNTS+=("$ROOT/$d")
+            fi
+        done
+        run env NIXOS_INSTALL_BOOTLOADER=1 chroot "$ROOT" "$TOPLEVEL/bin/switch-to-configuration" boot
+        local i
+        for ((i = ${#CHROOT_MOUNTS[@]} - 1; i >= 0; i--)); do
+            umount -R "${CHROOT_MOUNTS[i]}" || umount -lR "${CHROOT_MOUNTS[i]}" || warn "cannot unmount ${CHROOT_MOUNTS[i]}"
+        done
+        CHROOT_MOUNTS=()
+    fi
+}
+
+# Whether git on PATH runs (bash's `command -v` also names a non-executable match).
+have_git() {
+    local path
+    path=$(command -v git) && [[ -f $path && -x $path ]]
+}
+
+find_git() {
+    if have_git; then
+        GIT=(git)
+        return
+    fi
+    local line tool="" path=""
+    while IFS=$'\t' read -r line tool path; do
+        [[ $line == @tools && $tool == git ]] && break
+        path=""
+    done <"$TRUSTED/store-paths"
+    [[ $path =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "no git on this system and no '@tools<TAB>git' path on the media"
+    info "no git here: copying $path from the media into the live store"
+    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://$SOURCE_CACHE" "$path"
+    [[ -x $path/bin/git ]] || die "$path/bin/git" "not found after copying git from the media"
+    GIT=("$path/bin/git")
+}
+
+clone_flake() {
+    local dir=$ROOT$FLAKE_DIR bundle=$MEDIA/flake/repo.bundle
+    step "cloning the flake repository into $dir"
+    find_git
+    mkdir -p -- "$(dirname -- "$dir")"
+    run "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir"
+    local -a g=("${GIT[@]}" -C "$dir")
+    # Every branch of the bundle as a local branch (origin goes away below).
+    run "${g[@]}" fetch --quiet --update-head-ok -- "$bundle" '+refs/heads/*:refs/heads/*'
+    if [[ -n $BRANCH ]]; then
+        run "${g[@]}" checkout --quiet "$BRANCH"
+    else
+        run "${g[@]}" checkout --quiet --detach "$REV"
+    fi
+    local head
+    head=$("${g[@]}" rev-parse HEAD) || die "$dir" "git rev-parse HEAD failed"
+    [[ $head == "$REV" ]] ||
+        die "$dir" "HEAD is $head, not the recorded commit $REV of branch ${BRANCH:-<detached>} (media made from a changed repository)"
+    run "${g[@]}" remote remove origin
+    local i
+    for i in "${!REMOTE_NAMES[@]}"; do
+        run "${g[@]}" remote add -- "${REMOTE_NAMES[i]}" "${REMOTE_URLS[i]}"
+        info "remote ${REMOTE_NAMES[i]}: ${REMOTE_URLS[i]}"
+    done
+}
+
+configure_nix() {
+    step "configuring Nix in the target for offline flake evaluation"
+    local lib=$ROOT/var/lib/mediabuilder
+    mkdir -p -- "$lib"
+    install -m 0644 -- "$MEDIA/registry.json" "$lib/registry.json"
+    install -m 0644 -- "$MEDIA/manifest.json" "$lib/manifest.json"
+    install -m 0644 -- "$MEDIA/media-key.pub" "$lib/media-key.pub"
+    [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
+    mkdir -p -- "$ROOT/root/.config/nix"
+    printf '%s\n' \
+        '# Written by mediabuilder install.sh: evaluate the flake offline with the pinned registry.' \
+        'experimental-features = nix-command flakes' \
+        'flake-registry = /var/lib/mediabuilder/registry.json' >"$ROOT/root/.config/nix/nix.conf"
+}
+
+done_summary() {
+    if [[ -n $TARGET_CACHE ]]; then
+        rm -rf -- "$TARGET_CACHE"
+        TARGET_CACHE=""
+    fi
+    step "done: $HOST installed into $ROOT ($TOPLEVEL, ${#HOST_PATHS[@]} store paths, flake in $FLAKE_DIR at ${REV:0:12})"
+}
+
+main() {
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    parse_args "$@"
+    locate_media
+    check_media
+    choose_host
+    check_target
+    confirm
+    copy_closure
+    set_profile
+    install_bootloader
+    clone_flake
+    configure_nix
+    done_summary
+}
+
+if [[ -z ${INSTALL_SH_SOURCE_ONLY:-} ]]; then
+    main "$@"
+fi
