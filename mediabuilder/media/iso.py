@@ -1,0 +1,201 @@
+"""Writing the media tree as an ISO 9660 image with pycdlib.
+
+Interchange level 3 with Rock Ridge 1.09 (the real names, modes, executable bits, symlinks)
+and Joliet (names for Windows). The ISO 9660 names themselves are mangled to d-characters and
+made unique per directory; readers use the Rock Ridge or Joliet names.
+
+Files of 4 GiB or more would need multi-extent records, which several readers get wrong
+(`isoinfo -R -x` and pycdlib by Rock Ridge path return only the last extent; see
+docs/images.md). The media tree therefore splits such files for ISO too, and `write_iso`
+refuses them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pycdlib
+from pycdlib.pycdlibexception import PyCdlibException
+
+from mediabuilder import ui
+from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media.split import SINGLE_EXTENT_MAX
+
+# The biggest file written as a single extent; bigger ones must be split beforehand.
+ISO_MAX_FILE = SINGLE_EXTENT_MAX
+LABEL_MAX = 32
+JOLIET_MAX = 64
+ISO_NAME_MAX = 30  # name + extension, ECMA-119 level 2 and 3
+ISO_DIR_MAX = 31
+
+_LABEL_RE = re.compile(r"[A-Z0-9_]+")
+_NOT_D = re.compile(r"[^A-Z0-9_]")
+_NOT_JOLIET = re.compile(r"[*/:;?\\]")
+
+
+def validate_label(label: str) -> str:
+    """The volume label upper-cased, or InvalidInput saying what a label may contain."""
+    upper = label.upper()
+    if not upper or len(upper) > LABEL_MAX or not _LABEL_RE.fullmatch(upper):
+        raise InvalidInput(
+            f"--label/media.label: {label!r} is not a valid ISO 9660 volume label: "
+            f"use 1 to {LABEL_MAX} characters A-Z, 0-9 and _ (lower case is upper-cased)"
+        )
+    return upper
+
+
+@dataclass
+class _Names:
+    """Unique ISO 9660 and Joliet names of one directory's entries."""
+
+    iso: set[str] = field(default_factory=set)
+    joliet: set[str] = field(default_factory=set)
+
+    def iso_file(self, name: str) -> str:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or not stem:
+            stem, ext = name, ""
+        ext = _NOT_D.sub("_", ext.upper())[:8]
+        stem = _NOT_D.sub("_", stem.upper()) or "_"
+        return self._unique_iso(stem, ext, ISO_NAME_MAX - len(ext)) + ";1"
+
+    def iso_dir(self, name: str) -> str:
+        return self._unique_iso(_NOT_D.sub("_", name.upper()), "", ISO_DIR_MAX)
+
+    def _unique_iso(self, stem: str, ext: str, room: int) -> str:
+        for n in range(len(self.iso) + 1):
+            suffix = f"_{n}" if n else ""
+            candidate = stem[: room - len(suffix)] + suffix + (f".{ext}" if ext else "")
+            if candidate not in self.iso:
+                self.iso.add(candidate)
+                return candidate
+        raise AssertionError("unreachable")
+
+    def joliet_name(self, name: str) -> str:
+        clean = _NOT_JOLIET.sub("_", name)
+        stem, dot, ext = clean.rpartition(".")
+        if not dot or len(ext) > 8:
+            stem, dot, ext = clean, "", ""
+        for n in range(len(self.joliet) + 1):
+            suffix = f"~{n}" if n else ""
+            tail = suffix + dot + ext
+            fits = n == 0 and len(clean) <= JOLIET_MAX
+            candidate = clean if fits else stem[: JOLIET_MAX - len(tail)] + tail
+            if candidate.lower() not in self.joliet:
+                self.joliet.add(candidate.lower())
+                return candidate
+        raise AssertionError("unreachable")
+
+
+@dataclass
+class _Plan:
+    """What to add, in order: directories before their entries."""
+
+    iso: pycdlib.PyCdlib
+    names: dict[str, _Names] = field(default_factory=dict)
+    iso_paths: dict[str, str] = field(default_factory=lambda: {"": ""})
+    joliet_paths: dict[str, str] = field(default_factory=lambda: {"": ""})
+    files: int = 0
+    data_bytes: int = 0
+
+    def paths(self, rel: str, is_dir: bool) -> tuple[str, str]:
+        parent, _, name = rel.rpartition("/")
+        names = self.names.setdefault(parent, _Names())
+        iso_name = names.iso_dir(name) if is_dir else names.iso_file(name)
+        iso_path = f"{self.iso_paths[parent]}/{iso_name}"
+        joliet_path = f"{self.joliet_paths[parent]}/{names.joliet_name(name)}"
+        if is_dir:
+            self.iso_paths[rel] = iso_path
+            self.joliet_paths[rel] = joliet_path
+        return iso_path, joliet_path
+
+
+def _mode(st: os.stat_result) -> int:
+    kind = stat.S_IFMT(st.st_mode)
+    executable = st.st_mode & 0o111 or kind == stat.S_IFDIR
+    return kind | (0o755 if executable else 0o644)
+
+
+def _add_entry(plan: _Plan, path: Path, rel: str) -> None:
+    st = path.lstat()
+    name = path.name
+    if stat.S_ISLNK(st.st_mode):
+        iso_path, _ = plan.paths(rel, is_dir=False)
+        plan.iso.add_symlink(symlink_path=iso_path, rr_symlink_name=name, rr_path=os.readlink(path))
+    elif stat.S_ISDIR(st.st_mode):
+        iso_path, joliet_path = plan.paths(rel, is_dir=True)
+        plan.iso.add_directory(iso_path, rr_name=name, joliet_path=joliet_path, file_mode=_mode(st))
+    elif stat.S_ISREG(st.st_mode):
+        if st.st_size > ISO_MAX_FILE:
+            raise InternalError(
+                f"{path}: {st.st_size} bytes is more than ISO_MAX_FILE ({ISO_MAX_FILE}); "
+                "the media tree must split it before it is written to an ISO image"
+            )
+        iso_path, joliet_path = plan.paths(rel, is_dir=False)
+        plan.iso.add_file(
+            os.fspath(path), iso_path, rr_name=name, joliet_path=joliet_path, file_mode=_mode(st)
+        )
+        plan.files += 1
+        plan.data_bytes += st.st_size
+    else:
+        raise InternalError(f"{path}: not a regular file, directory or symlink; cannot put it on an ISO")
+
+
+def _plan(tree: Path, label: str) -> _Plan:
+    iso = pycdlib.PyCdlib()
+    iso.new(interchange_level=3, vol_ident=label, rock_ridge="1.09", joliet=3)
+    plan = _Plan(iso)
+    for top, dirnames, filenames in os.walk(tree):
+        dirnames.sort()
+        rel_top = Path(top).relative_to(tree).as_posix()
+        prefix = "" if rel_top == "." else f"{rel_top}/"
+        for name in dirnames + sorted(filenames):
+            path = Path(top, name)
+            try:
+                _add_entry(plan, path, prefix + name)
+            except PyCdlibException as e:
+                raise InternalError(f"{path}: pycdlib cannot add it to the ISO: {e}") from e
+    return plan
+
+
+def write_iso(tree: Path, output: Path, *, label: str) -> None:
+    """Write every file, directory and symlink under `tree` to the ISO image `output`.
+
+    The image is written to a temporary name next to `output` and renamed when complete; on
+    any failure the temporary file is removed.
+    """
+    label = validate_label(label)
+    if not tree.is_dir():
+        raise InternalError(f"{tree}: the media tree is not a directory")
+    plan = _plan(tree, label)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        with ui.progress(None, "Writing ISO image") as bar, tmp.open("wb") as out:
+
+            def advance(done: int, total: int, _opaque: object) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            plan.iso.write_fp(out, progress_cb=advance)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.rename(output)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InvalidInput(
+                f"{output}: no space left on device while writing the ISO image "
+                f"({ui.human_bytes(plan.data_bytes)} of file data)",
+                hint="free some space or write the image to another filesystem",
+            ) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plan.iso.close()

@@ -1,0 +1,99 @@
+"""Cutting files that a filesystem cannot hold into numbered parts, and joining them again.
+
+A file `NAME` bigger than the limit becomes `NAME.part000`, `NAME.part001`, ... each at most
+`limit` bytes; the parts are hashed while they are copied so the manifest can list them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from mediabuilder.errors import InternalError
+
+FAT32_MAX_FILE = 4 * 1024**3 - 1
+# The biggest file one ISO 9660 directory record (a single extent) holds, as pycdlib and
+# xorriso write it; bigger files become multi-extent files that some readers truncate.
+SINGLE_EXTENT_MAX = 4 * 1024**3 - 2048
+# The part size the media tree uses for every format: fits FAT32 and a single ISO extent.
+PART_SIZE = min(FAT32_MAX_FILE, SINGLE_EXTENT_MAX)
+CHUNK = 1024 * 1024
+PART_DIGITS = 3
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a split file: its file name (no directory), size in bytes and sha256 (hex)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+def needs_split(size: int, limit: int) -> bool:
+    return size > limit
+
+
+def part_names(name: str, count: int) -> list[str]:
+    """`NAME.part000`, `NAME.part001`, ... for `count` parts."""
+    if count < 1 or count > 10**PART_DIGITS:
+        raise InternalError(f"{name}: cannot split into {count} parts")
+    return [f"{name}.part{i:0{PART_DIGITS}d}" for i in range(count)]
+
+
+def part_count(size: int, limit: int) -> int:
+    return max(1, -(-size // limit))
+
+
+def split_file(src: Path, dest_dir: Path, limit: int) -> list[Part]:
+    """Copy `src` into `dest_dir` as parts of at most `limit` bytes each, streaming.
+
+    Each part is written under a temporary name and renamed once complete, so a part that
+    exists under its final name is whole.
+    """
+    if limit < 1:
+        raise InternalError(f"split limit must be positive, not {limit}")
+    size = src.stat().st_size
+    names = part_names(src.name, part_count(size, limit))
+    parts: list[Part] = []
+    with src.open("rb") as inp:
+        for name in names:
+            parts.append(_copy_part(inp, dest_dir / name, min(limit, size - limit * len(parts))))
+    if sum(p.size for p in parts) != size:
+        raise InternalError(f"{src}: changed size while it was being split")
+    return parts
+
+
+def _copy_part(inp: BinaryIO, dest: Path, size: int) -> Part:
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with tmp.open("wb") as out:
+            while written < size:
+                chunk = inp.read(min(CHUNK, size - written))
+                if not chunk:
+                    break
+                digest.update(chunk)
+                out.write(chunk)
+                written += len(chunk)
+        tmp.rename(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return Part(dest.name, written, digest.hexdigest())
+
+
+def join_parts(parts: Iterable[Path], out: BinaryIO) -> int:
+    """Append the parts, in the given order, to `out`; return the number of bytes written."""
+    total = 0
+    for path in parts:
+        with path.open("rb") as inp:
+            while chunk := inp.read(CHUNK):
+                out.write(chunk)
+                total += len(chunk)
+    return total

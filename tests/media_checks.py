@@ -1,0 +1,118 @@
+"""Shared checkers for media trees: exact file sets, sizes, hashes and directories.
+
+Not a test module. Used on the tree as written, on what independent readers extract from an
+image, and on what `open_source` reads back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+from mediabuilder.media.source import MediaSource
+
+CHUNK = 1024 * 1024
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def expected_tree(root: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (size, sha256) for every regular file under `root`."""
+    found = {}
+    for top, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(top, name)
+            if stat.S_ISREG(path.lstat().st_mode):
+                found[path.relative_to(root).as_posix()] = (path.stat().st_size, sha256_file(path))
+    return found
+
+
+def tree_dirs(root: Path) -> set[str]:
+    return {Path(top, d).relative_to(root).as_posix() for top, dirs, _ in os.walk(root) for d in dirs}
+
+
+def check_tree(root: Path, expected: dict[str, tuple[int, str]], dirs: set[str]) -> None:
+    """`root` holds exactly the expected files (sizes and hashes) and every expected directory."""
+    actual = expected_tree(root)
+    assert sorted(actual) == sorted(expected)
+    for rel, (size, digest) in expected.items():
+        assert actual[rel] == (size, digest), rel
+    missing = sorted(d for d in dirs if not (root / d).is_dir())
+    assert missing == []
+
+
+def check_source(source: MediaSource, expected: dict[str, tuple[int, str]], dirs: set[str]) -> None:
+    """The same check through `open_source`: listing, sizes, streamed hashes, directories."""
+    assert dict(source.files()).keys() == expected.keys()
+    assert {rel: size for rel, size in source.files()} == {rel: s for rel, (s, _) in expected.items()}
+    for rel, (_, digest) in expected.items():
+        h = hashlib.sha256()
+        with source.open(rel) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+        assert h.hexdigest() == digest, rel
+    assert set(source.dirs()) == dirs
+    assert source.size_total == sum(size for size, _ in expected.values())
+
+
+LONG_NAME = "0a1b2c3d4e5f6g7h8i9jakblcmdnfp0q-very-long-store-path-name-with-many-parts-1.2.3.narinfo"
+EMPTY_DIRS = {"cache/log", "cache/realisations", "deep/a/b/c/d/e/f/g/h/empty"}
+
+
+def nontrivial_bytes(size: int, seed: int = 0) -> bytes:
+    """Incompressible-looking data: sha256 in counter mode."""
+    out = bytearray()
+    counter = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:size])
+
+
+def make_tree(root: Path) -> tuple[dict[str, tuple[int, str]], set[str]]:
+    """A small media-like tree; returns (expected files, all directories)."""
+    (root / "cache" / "nar").mkdir(parents=True)
+    for d in EMPTY_DIRS:
+        (root / d).mkdir(parents=True)
+    (root / "cache" / "nix-cache-info").write_text("StoreDir: /nix/store\nWantMassQuery: 1\n")
+    (root / "empty-file").write_bytes(b"")
+    (root / "cache" / "nar" / "big.nar.zst").write_bytes(nontrivial_bytes(3 * 1000 * 1000))
+    script = root / "install.sh"
+    script.write_text("#!/bin/bash\necho hi\n")
+    script.chmod(0o755)
+    (root / "MixedCase.Json").write_text("{}\n")
+    (root / "manifest.json").write_text('{"version": 1}\n')
+    (root / "cache" / LONG_NAME).write_text("StorePath: /nix/store/x\n")
+    for i in range(300):
+        name = f"{hashlib.sha256(str(i).encode()).hexdigest()[:32]}.narinfo"
+        (root / "cache" / name).write_bytes(nontrivial_bytes(100 + i, seed=i))
+    return expected_tree(root), tree_dirs(root)
+
+
+def write_big_file(path: Path, size: int) -> str:
+    """`size` bytes of real binaries from /usr/bin, 4 MiB at a time, each chunk numbered so the
+    file is not periodic; returns its sha256. Fast enough for several GiB."""
+    chunk = bytearray()
+    for exe in sorted(Path("/usr/bin").iterdir()):
+        if len(chunk) >= 4 * CHUNK:
+            break
+        if exe.is_file() and not exe.is_symlink():
+            chunk += exe.read_bytes()[: 4 * CHUNK]
+    body = bytes(chunk[: 4 * CHUNK])
+    digest = hashlib.sha256()
+    written = 0
+    with path.open("wb") as f:
+        for counter in range(-(-size // (len(body) + 8))):
+            block = (counter.to_bytes(8, "little") + body)[: size - written]
+            f.write(block)
+            digest.update(block)
+            written += len(block)
+    return digest.hexdigest()

@@ -1,0 +1,218 @@
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from media_checks import check_source, check_tree, make_tree, write_big_file
+
+from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media.fat32 import (
+    MIB,
+    MIN_CLUSTERS,
+    Content,
+    Geometry,
+    auto_geometry,
+    fat_label,
+    image_geometry,
+    minimum_geometry,
+    mtools_image,
+    write_fat32,
+)
+from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
+from mediabuilder.media.source import detect, open_source
+from mediabuilder.media.split import FAT32_MAX_FILE, PART_SIZE, split_file
+from mediabuilder.run import run, stream
+
+Tree = tuple[Path, dict[str, tuple[int, str]], set[str]]
+
+
+def test_fat_label() -> None:
+    assert fat_label("nixos_offline_24") == "NIXOS_OFFLI"
+    with pytest.raises(InvalidInput):
+        fat_label("no-dashes")
+
+
+def test_geometry() -> None:
+    tiny = Content((1,), (64,))
+    small = minimum_geometry(tiny)
+    assert small.cluster == 512
+    assert small.clusters >= MIN_CLUSTERS
+    assert small.sectors * 512 == 33 * MIB
+    auto = auto_geometry(tiny)
+    assert (auto.cluster, auto.sectors * 512) == (512, 66 * MIB)
+    big = auto_geometry(Content((FAT32_MAX_FILE,) * 3, (4096,)))
+    assert (big.cluster, big.sectors) == (8192, 27842560)
+    assert big.clusters >= Content((FAT32_MAX_FILE,) * 3, (4096,)).clusters(8192)
+    assert Geometry(33 * MIB // 512, 512).clusters >= MIN_CLUSTERS
+
+
+def test_size_too_small() -> None:
+    content = Content((100 * MIB,), (64,))
+    with pytest.raises(InvalidInput, match=r"^--size 10M is too small: the content needs at least 102 MiB$"):
+        image_geometry(content, 10 * MIB, "none")
+    with pytest.raises(InvalidInput, match=r"needs at least 104 MiB$"):
+        image_geometry(content, 100 * MIB, "gpt")
+    assert image_geometry(content, 200 * MIB, "mbr")[0] == 200 * MIB
+
+
+def test_size_too_small_writes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    make_tree(root)
+    with pytest.raises(InvalidInput, match="--size 10M is too small"):
+        write_fat32(root, tmp_path / "x.img", label="X", size=10 * MIB)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_refuses_unsplit_big_file(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    with (root / "huge").open("wb") as f:
+        f.truncate(FAT32_MAX_FILE + 1)
+    with pytest.raises(InternalError, match="must split it"):
+        write_fat32(root, tmp_path / "x.img", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_refuses_case_clash(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "a.txt").write_text("1")
+    (root / "A.TXT").write_text("2")
+    with pytest.raises(InternalError, match="ignore case"):
+        write_fat32(root, tmp_path / "x.img", label="X")
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Tree:
+    root = tmp_path / "tree"
+    expected, dirs = make_tree(root)
+    return root, expected, dirs
+
+
+def partition_copy(image: Path, offset: int, dest: Path) -> Path:
+    """The filesystem alone, as fsck.fat wants it (no loop devices here)."""
+    if offset == 0:
+        return image
+    run(["dd", f"if={image}", f"of={dest}", "bs=1M", f"skip={offset // MIB}", "status=none"])
+    return dest
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("table", "offset"), [("none", 0), ("mbr", MIB), ("gpt", MIB)])
+def test_write_and_read_back(tmp_path: Path, tree: Tree, table: str, offset: int) -> None:
+    root, expected, dirs = tree
+    image = tmp_path / "media.img"
+    write_fat32(root, image, label="nixos_test", partition_table=table)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["media.img", "tree"]
+    assert detect(image) == ("fat32", offset)
+    assert image.stat().st_size == {"none": 69, "mbr": 70, "gpt": 71}[table] * MIB
+    if table != "none":
+        layout = run(["sfdisk", "--dump", image]).stdout.decode()
+        assert "start=        2048" in layout
+        assert ("type=c" if table == "mbr" else "type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7") in layout
+
+    with open_source(image) as source:
+        assert source.kind == "fat32"
+        check_source(source, expected, dirs)
+        assert 60 * MIB < source.free_bytes < 66 * MIB
+
+    mcopy_out = tmp_path / "mcopy"
+    mcopy_out.mkdir()
+    entries = run(["mdir", "-b", "-i", mtools_image(image, offset), "::/"]).stdout.decode().split()
+    run(["mcopy", "-s", "-n", "-i", mtools_image(image, offset), *entries, mcopy_out])
+    check_tree(mcopy_out, expected, dirs)
+
+    fs = partition_copy(image, offset, tmp_path / "fs.img")
+    proc = run(["fsck.fat", "-n", fs])
+    report = proc.stdout.decode()
+    assert proc.returncode == 0
+    assert f"{len(expected)} files" in report.splitlines()[-1] or "files" in report
+    assert "differ" not in report.lower() and "free cluster summary wrong" not in report.lower()
+    label = run(["fatlabel", fs]).stdout.decode().strip()
+    assert label == "NIXOS_TEST"
+
+
+@pytest.mark.integration
+def test_given_size(tmp_path: Path, tree: Tree) -> None:
+    root, expected, dirs = tree
+    image = tmp_path / "media.img"
+    write_fat32(root, image, label="X", size=40 * MIB, partition_table="mbr")
+    assert image.stat().st_size == 40 * MIB
+    with open_source(image) as source:
+        check_source(source, expected, dirs)
+
+
+@pytest.mark.integration
+def test_no_space_left(tmp_path: Path, tree: Tree) -> None:
+    root, _, _ = tree
+    full = tmp_path / "full"
+    full.mkdir()
+    snippet = f"""
+import os
+from pathlib import Path
+from mediabuilder.errors import InvalidInput
+from mediabuilder.media.fat32 import write_fat32
+try:
+    write_fat32(Path({str(root)!r}), Path({str(full)!r}) / "media.img", label="X")
+except InvalidInput as e:
+    print("InvalidInput:", e)
+print("left:", sorted(os.listdir({str(full)!r})))
+"""
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f'mount -t tmpfs -o size=2M tmpfs {full} && {sys.executable} -c "$SNIPPET"'],
+        env={**os.environ, "SNIPPET": snippet},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"InvalidInput: {full}/media.img: no space left on device" in proc.stdout, proc.stdout + proc.stderr
+    assert "left: []" in proc.stdout
+
+
+@pytest.mark.integration
+def test_big_file_split_for_fat32_and_iso(tmp_path: Path) -> None:
+    """A 4.5 GiB NAR is split into parts that fit FAT32 and one ISO extent; both images give
+    back the parts through independent readers (mcopy, bsdtar), and they rejoin exactly."""
+    size = 4608 * MIB
+    tree = tmp_path / "tree"
+    nar_dir = tree / "cache" / "nar"
+    nar_dir.mkdir(parents=True)
+    big = tmp_path / "big.nar.zst"
+    try:
+        want = write_big_file(big, size)
+        parts = split_file(big, nar_dir, PART_SIZE)
+        big.unlink()
+        assert [(p.name, p.size) for p in parts] == [
+            ("big.nar.zst.part000", PART_SIZE),
+            ("big.nar.zst.part001", size - PART_SIZE),
+        ]
+        assert all(p.size <= min(FAT32_MAX_FILE, ISO_MAX_FILE) for p in parts)
+
+        image = tmp_path / "media.img"
+        write_fat32(tree, image, label="BIG", partition_table="gpt")
+        digest = hashlib.sha256()
+        for part in parts:
+            with stream(["mcopy", "-n", "-i", mtools_image(image, MIB), f"::/cache/nar/{part.name}", "-"]) as out:
+                while chunk := out.read(MIB):
+                    digest.update(chunk)
+        assert digest.hexdigest() == want
+        image.unlink()
+
+        iso = tmp_path / "media.iso"
+        write_iso(tree, iso, label="BIG")
+        digest = hashlib.sha256()
+        for part in parts:
+            # not isoinfo: it extracts nothing from any file of 2 GiB or more (docs/images.md)
+            with stream(["bsdtar", "-xOf", iso, f"cache/nar/{part.name}"]) as out:
+                while chunk := out.read(MIB):
+                    digest.update(chunk)
+        assert digest.hexdigest() == want
+        with open_source(iso) as source:
+            assert dict(source.files()) == {f"cache/nar/{p.name}": p.size for p in parts}
+    finally:
+        for leftover in (big, tmp_path / "media.img", tmp_path / "media.iso", *nar_dir.glob("*")):
+            leftover.unlink(missing_ok=True)

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from media_checks import EMPTY_DIRS, LONG_NAME, check_source, check_tree, make_tree
+
+from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media.iso import ISO_MAX_FILE, validate_label, write_iso
+from mediabuilder.media.source import open_source
+from mediabuilder.run import run
+
+
+def test_validate_label() -> None:
+    assert validate_label("nixos_offline_24") == "NIXOS_OFFLINE_24"
+    assert validate_label("A" * 32) == "A" * 32
+    for bad in ("A" * 33, "", "nixos-offline", "ÄBC", "a b"):
+        with pytest.raises(InvalidInput, match=r"--label/media\.label: .*A-Z, 0-9 and _"):
+            validate_label(bad)
+
+
+def test_iso_max_file() -> None:
+    assert ISO_MAX_FILE == 0xFFFFF800
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, dict[str, tuple[int, str]], set[str]]:
+    root = tmp_path / "tree"
+    expected, dirs = make_tree(root)
+    return root, expected, dirs
+
+
+def test_write_and_read_back(tmp_path: Path, tree: tuple[Path, dict[str, tuple[int, str]], set[str]]) -> None:
+    root, expected, dirs = tree
+    iso = tmp_path / "media.iso"
+    write_iso(root, iso, label="nixos_test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["media.iso", "tree"]
+    with open_source(iso) as source:
+        assert source.kind == "iso"
+        assert source.free_bytes == 0
+        check_source(source, expected, dirs)
+        assert set(source.dirs()) >= EMPTY_DIRS
+        out = tmp_path / "x"
+        source.extract(f"cache/{LONG_NAME}", out)
+        assert out.read_bytes() == (root / "cache" / LONG_NAME).read_bytes()
+
+
+def test_refuses_unsplit_big_file(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    with (root / "huge").open("wb") as f:
+        f.truncate(ISO_MAX_FILE + 1)
+    with pytest.raises(InternalError, match="must split it"):
+        write_iso(root, tmp_path / "x.iso", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+@pytest.mark.integration
+def test_independent_readers(tmp_path: Path, tree: tuple[Path, dict[str, tuple[int, str]], set[str]]) -> None:
+    root, expected, dirs = tree
+    iso = tmp_path / "media.iso"
+    write_iso(root, iso, label="NIXOS_TEST")
+
+    xorriso_out = tmp_path / "xorriso"
+    run(["xorriso", "-osirrox", "on", "-indev", iso, "-extract", "/", xorriso_out])
+    check_tree(xorriso_out, expected, dirs)
+    assert os.access(xorriso_out / "install.sh", os.X_OK)
+    assert not os.access(xorriso_out / "manifest.json", os.X_OK)
+
+    bsdtar_out = tmp_path / "bsdtar"
+    bsdtar_out.mkdir()
+    run(["bsdtar", "-xf", iso, "-C", bsdtar_out])
+    check_tree(bsdtar_out, expected, dirs)
+    assert os.access(bsdtar_out / "install.sh", os.X_OK)
+
+    listing = run(["isoinfo", "-R", "-l", "-i", iso]).stdout.decode()
+    assert f" {LONG_NAME} " in listing + " "
+    assert re.search(r"-r-xr-xr-x .* install\.sh", listing) or re.search(r"-rwxr-xr-x .* install\.sh", listing)
+    assert "Directory listing of /cache/realisations/" in listing
+    joliet = run(["isoinfo", "-J", "-l", "-i", iso]).stdout.decode()
+    assert "MixedCase.Json" in joliet
+    assert "Directory listing of /cache/log/" in joliet
+    volume = run(["isoinfo", "-d", "-i", iso]).stdout.decode()
+    assert "Volume id: NIXOS_TEST" in volume
+
+
+@pytest.mark.integration
+def test_no_space_left(tmp_path: Path, tree: tuple[Path, dict[str, tuple[int, str]], set[str]]) -> None:
+    root, _, _ = tree
+    full = tmp_path / "full"
+    full.mkdir()
+    snippet = f"""
+import os, sys
+from pathlib import Path
+from mediabuilder.errors import InvalidInput
+from mediabuilder.media.iso import write_iso
+try:
+    write_iso(Path({str(root)!r}), Path({str(full)!r}) / "media.iso", label="X")
+except InvalidInput as e:
+    print("InvalidInput:", e)
+print("left:", sorted(os.listdir({str(full)!r})))
+"""
+    script = (
+        f"mount -t tmpfs -o size=2M tmpfs {full} && {sys.executable} -c \"$SNIPPET\""
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        env={**os.environ, "SNIPPET": snippet},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert f"InvalidInput: {full}/media.iso: no space left on device" in proc.stdout
+    assert "left: []" in proc.stdout
