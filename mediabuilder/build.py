@@ -23,9 +23,9 @@ from mediabuilder import run as runner
 from mediabuilder.cache.layout import CACHE_INFO, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
-from mediabuilder.media import flakerepo, registry
+from mediabuilder.media import fat32, flakerepo, fsinfo, iso, registry, split
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
-from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings
+from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
 from mediabuilder.store import nix32
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
@@ -54,6 +54,8 @@ class BuildRequest:
     force: bool = False
     allow_dirty: bool = False
     tools: tuple[str, ...] = ("git",)
+    # Extra store paths (with their closures) put on the media and installed with every host.
+    extra_paths: tuple[StorePath, ...] = ()
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -146,6 +148,7 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
 def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
     check_output(req.output, req.force)
+    check_media_settings(req.media)
     nixcli.ensure_available()
     runner.require("git")
     cache = BinaryCache(req.cache.dir)
@@ -187,7 +190,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         tools = build_tools(flake, req.tools)
         step.detail = ", ".join(tools) or "none"
     with ui.step("Reading closures") as step:
-        extra = [*input_paths, *tools.values()]
+        extra = [*input_paths, *tools.values(), *req.extra_paths]
         closures: dict[str, list[PathInfo]] = {h: nixcli.closure([t, *extra]) for h, t in toplevels.items()}
         union = {i.path: i for infos in closures.values() for i in infos}
         step.detail = f"{len(union)} paths, {ui.human_bytes(sum(i.nar_size for i in union.values()))} of NAR"
@@ -236,8 +239,12 @@ def build_media(req: BuildRequest) -> dict[str, str]:
                 tools={name: str(path) for name, path in tools.items()},
             )
             manifest.files = collect_files(tree, known=known)
+            limit = split_limit(req)
+            split = split_large_files(tree, manifest.files, limit) if limit else 0
             sign_manifest(manifest, tree, key, req.cache.compression.value)
             step.detail = f"{len(manifest.files)} files, key {key.public().fingerprint()}"
+            if split:
+                step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
             write_output(tree, staging, req)
             step.detail = str(req.output)
@@ -257,8 +264,46 @@ def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: s
     return path
 
 
+def split_limit(req: BuildRequest) -> int | None:
+    """The largest file the output can hold: images always split at one part size that every
+    reader handles (docs/images.md); a directory only when its filesystem needs it (FAT32)."""
+    if req.media.format is not MediaFormat.DIR:
+        return split.PART_SIZE
+    limit = fsinfo.max_file_size(req.output.resolve().parent)
+    return None if limit is None else min(limit, split.PART_SIZE)
+
+
+def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> int:
+    """Replace each file over `limit` by numbered parts beside it; record them in `files`."""
+    count = 0
+    for name, entry in sorted(files.items()):
+        if not split.needs_split(entry.size, limit):
+            continue
+        src = tree / name
+        parts = split.split_file(src, src.parent, limit)
+        src.unlink()
+        prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
+        files[name] = FileEntry(entry.size, entry.sha256, tuple((prefix + p.name, p.size, p.sha256) for p in parts))
+        count += 1
+    return count
+
+
+def check_media_settings(media: MediaSettings) -> None:
+    """What can be checked before any work: the label, the format's tools."""
+    if media.format is MediaFormat.ISO:
+        iso.validate_label(media.label)
+    elif media.format is MediaFormat.FAT32:
+        for tool in ("mkfs.fat", "mcopy", "mmd"):
+            runner.require(tool, "to write FAT32 images")
+        if media.partition_table is not PartitionTable.NONE:
+            runner.require("sfdisk", "to write a partition table")
+
+
 def write_output(tree: Path, staging: Path, req: BuildRequest) -> None:
     if req.media.format is MediaFormat.DIR:
         replace_output(tree, req.output)
-        return
-    raise InvalidInput(f"--format {req.media.format.value}: not supported yet")
+    elif req.media.format is MediaFormat.ISO:
+        iso.write_iso(tree, req.output, label=req.media.label)
+    else:
+        fat32.write_fat32(tree, req.output, label=req.media.label, size=req.media.size,
+                          partition_table=req.media.partition_table.value)

@@ -20,6 +20,7 @@ from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_cre
 from mediabuilder.cache.verify import Report, verify_cache
 from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, MediabuilderError
+from mediabuilder.media.iso import validate_label
 from mediabuilder.media.verify import verify_media
 from mediabuilder.profile import (
     Compression,
@@ -183,6 +184,8 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     refs = tuple(args.flake or profile.flake.hosts)
     if not refs:
         raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
+    if media.format is MediaFormat.ISO:
+        validate_label(media.label)
     if media.output is None:
         raise InvalidInput("no output given", hint="pass --output PATH or set media.output in the profile")
     request = BuildRequest(
@@ -192,6 +195,7 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         output=media.output,
         force=args.force,
         allow_dirty=args.allow_dirty or profile.flake.allow_dirty,
+        extra_paths=tuple(_store_path_arg(p) for p in args.store_path),
     )
     started = time.monotonic()
     toplevels = build_media(request)

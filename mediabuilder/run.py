@@ -47,7 +47,8 @@ def require(program: str, purpose: str | None = None) -> str:
 
 
 def _debian_package(program: str) -> str:
-    return {"nix": "nix-bin", "nix-store": "nix-bin", "mcopy": "mtools", "fsck.fat": "dosfstools"}.get(
+    return {"nix": "nix-bin", "nix-store": "nix-bin", "mcopy": "mtools", "mmd": "mtools", "mkfs.fat": "dosfstools",
+            "fsck.fat": "dosfstools", "sfdisk": "fdisk", "isoinfo": "genisoimage", "bsdtar": "libarchive-tools"}.get(
         program, program
     )
 
