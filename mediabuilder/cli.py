@@ -19,7 +19,7 @@ from mediabuilder.build import BuildRequest, build_media
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.verify import Report, verify_cache
 from mediabuilder.cache.writer import fill
-from mediabuilder.errors import InternalError, InvalidInput, MediabuilderError
+from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.media.iso import validate_label
 from mediabuilder.media.verify import verify_media
 from mediabuilder.profile import (
@@ -145,6 +145,52 @@ def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
         report = check(root, trusted, args.jobs or 0)
         ui.debug(f"verified in {time.monotonic() - started:.1f} s")
     return _print_report(report, target, args.json)
+
+
+def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
+    from mediabuilder.media.source import open_source
+
+    target = Path(args.target)
+    if not target.exists():
+        raise InvalidInput(f"{target}: no such file or directory")
+    with open_source(target) as source:
+        names = dict(source.files())
+        if "manifest.json" not in names:
+            raise InvalidMedia(f"{target}: no manifest.json: not mediabuilder media")
+        with source.open("manifest.json") as f:
+            try:
+                manifest = json.load(f)
+            except ValueError:
+                raise InvalidMedia(f"{target}/manifest.json: not valid JSON") from None
+        summary = {
+            "target": str(target),
+            "kind": source.kind,
+            "created": manifest.get("created"),
+            "mediabuilder": manifest.get("mediabuilder"),
+            "nix": manifest.get("nix"),
+            "key": manifest.get("key", {}),
+            "hosts": manifest.get("hosts", {}),
+            "flake": {k: manifest.get("flake", {}).get(k) for k in ("rev", "branch", "dirty", "remotes")},
+            "files": len(names),
+            "bytes": sum(names.values()),
+            "free_bytes": source.free_bytes,
+        }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{target}: {source.kind}, made {summary['created']} by mediabuilder {summary['mediabuilder']} "
+          f"(nix {summary['nix']})")
+    key = summary["key"]
+    print(f"key: {key.get('name')} ({key.get('fingerprint')})")
+    for host, entry in sorted(summary["hosts"].items()):
+        print(f"host {host}: {entry.get('toplevel')} ({entry.get('paths')} paths, "
+              f"{ui.human_bytes(entry.get('nar_bytes', 0))} of NAR)")
+    flake = summary["flake"]
+    dirty = " (dirty)" if flake["dirty"] else ""
+    print(f"flake: {flake['branch'] or 'detached'} at {str(flake['rev'])[:12]}{dirty}")
+    size, free = ui.human_bytes(summary["bytes"]), ui.human_bytes(summary["free_bytes"])
+    print(f"files: {summary['files']}, {size}; free: {free}")
+    return 0
 
 
 @contextlib.contextmanager
@@ -279,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-dirty", action="store_true",
                    help="ship uncommitted changes as a labelled commit on top (default: refuse a dirty tree)")
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("inspect", help="show what is on a medium (directory, ISO or FAT32 image)",
+                       description="Show the hosts, key, sizes and free space of a medium without mounting it.")
+    _add_common(p)
+    p.add_argument("target", metavar="MEDIA", help="a media directory, ISO image or FAT32 image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="verify media or a binary cache (no Nix needed)",
                        description="Check the signed manifest and every file of a medium (directory or image) "
