@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import PREPARE, assert_one_line_error, closure_of, make_nix_env, nix, run_cli
 
 pytestmark = pytest.mark.integration

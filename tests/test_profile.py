@@ -1,0 +1,148 @@
+"""Profiles: TOML parsed into frozen dataclasses; every mistake is one InvalidInput naming the
+file and the `section.key`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mediabuilder.errors import InvalidInput
+from mediabuilder.profile import (
+    CacheSettings,
+    Compression,
+    MediaFormat,
+    PartitionTable,
+    Profile,
+    load_profile,
+    override,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "p.toml") -> Path:
+    path = tmp_path / "profiles" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+VALID = """
+[flake]
+hosts = ["../machines#alpha", "/srv/flake#beta", "github:acme/fleet#gamma", ".#delta"]
+allow_dirty = true
+
+[cache]
+dir = "../cache"
+compression = "xz"
+key = "keys/media.sec"
+jobs = 4
+
+[media]
+format = "fat32"
+output = "/abs/out.img"
+label = "OFFLINE"
+size = "4G"
+partition_table = "gpt"
+
+[substituters]
+urls = ["file:///mnt/cache"]
+trusted_keys = ["media-1:AAAA"]
+
+[install]
+root = "/target"
+flake_dir = "/etc/nixos"
+"""
+
+
+def test_valid_profile(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    base = path.parent.resolve()
+    p = load_profile(path)
+    assert p.source == str(path)
+    assert p.flake.hosts == (
+        str(tmp_path.resolve() / "machines") + "#alpha",
+        "/srv/flake#beta",
+        "github:acme/fleet#gamma",
+        str(base) + "#delta",
+    )
+    assert p.flake.allow_dirty is True
+    assert p.cache.compression is Compression.XZ
+    assert p.cache.dir.resolve() == tmp_path.resolve() / "cache"
+    assert p.cache.key == base / "keys" / "media.sec"
+    assert p.cache.jobs == 4
+    assert p.media.format is MediaFormat.FAT32
+    assert p.media.output == Path("/abs/out.img")
+    assert p.media.label == "OFFLINE"
+    assert p.media.size == 4 * 1024**3
+    assert p.media.partition_table is PartitionTable.GPT
+    assert p.substituters.urls == ("file:///mnt/cache",)
+    assert p.substituters.trusted_keys == ("media-1:AAAA",)
+    assert p.install.root == "/target"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.cache.jobs = 1  # type: ignore[misc]
+
+
+def test_relative_paths_follow_the_profile_not_the_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[cache]\ndir = "c"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_profile(Path(path)).cache.dir == path.parent.resolve() / "c"
+
+
+def test_empty_profile_is_the_defaults(tmp_path: Path) -> None:
+    p = load_profile(write(tmp_path, ""))
+    assert dataclasses.replace(p, source="<defaults>") == Profile()
+    assert p.cache == CacheSettings()
+
+
+def test_bundled_example_profile() -> None:
+    p = load_profile(REPO / "profiles" / "example.toml")
+    assert p.cache.compression is Compression.ZSTD
+    assert p.media.format is MediaFormat.DIR
+    assert p.cache.dir == (REPO / "profiles").resolve() / "../cache"
+
+
+def test_override_keeps_none() -> None:
+    s = CacheSettings(jobs=3)
+    assert override(s, jobs=None, dir=None) is s
+    assert override(s, jobs=5, compression=Compression.NONE) == CacheSettings(jobs=5, compression=Compression.NONE)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[caches]\ndir = 'x'\n", "[caches]: unknown section (allowed: flake, cache, media, substituters, install)"),
+        ("[cache]\ndirectory = 'x'\n", "cache.directory: unknown key (allowed: compression, dir, jobs, key)"),
+        ("[media]\nformt = 'iso'\n", "media.formt: unknown key"),
+        ("[cache]\njobs = \"x\"\n", "cache.jobs: expected a non-negative integer, got 'x'"),
+        ("[cache]\njobs = -1\n", "cache.jobs: expected a non-negative integer, got -1"),
+        ("[cache]\njobs = true\n", "cache.jobs: expected a non-negative integer, got True"),
+        ("[flake]\nhosts = \"a#b\"\n", "flake.hosts: expected a list of strings, got 'a#b'"),
+        ("[flake]\nhosts = [1]\n", "flake.hosts: expected a list of strings, got [1]"),
+        ("[flake]\nallow_dirty = \"yes\"\n", "flake.allow_dirty: expected true or false, got 'yes'"),
+        ("[cache]\ndir = 3\n", "cache.dir: expected a path (string), got 3"),
+        ("[media]\nsize = \"lots\"\n", "media.size: expected a size such as 4096"),
+        ("[media]\nlabel = 7\n", "media.label: expected a string, got 7"),
+        ("cache = 3\n", "[cache] must be a table"),
+        ("[media]\nformat = \"fat\"\n", "media.format: 'fat' is not one of dir, iso, fat32"),
+        ("[cache]\ncompression = \"gzip\"\n", "cache.compression: 'gzip' is not one of zstd, xz, none"),
+        ("[media]\npartition_table = \"apm\"\n", "media.partition_table: 'apm' is not one of none, mbr, gpt"),
+        ("[cache\n", "not valid TOML"),
+    ],
+)
+def test_bad_profile(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidInput) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_profile(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="no such profile"):
+        load_profile(tmp_path / "nope.toml")
