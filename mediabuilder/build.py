@@ -151,10 +151,10 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     check_media_settings(req.media)
     nixcli.ensure_available()
     runner.require("git")
-    cache = BinaryCache(req.cache.dir)
-    cache.create()
     if req.cache.key is not None and not req.cache.key.is_file():
         raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+    cache = BinaryCache(req.cache.dir)
+    cache.create()
     key, created = load_or_create_key(cache, req.cache.key, default_key_name())
     if created:
         ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")

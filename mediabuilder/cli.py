@@ -69,10 +69,10 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
                            hint="pass --flake PATH#HOST, --store-path PATH or a profile with flake.hosts")
     nixcli.ensure_available()
     store_paths = [_store_path_arg(p) for p in args.store_path]
-    cache = BinaryCache(settings.dir)
-    cache.create()
     if settings.key is not None and not settings.key.is_file():
         raise InvalidInput(f"{settings.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+    cache = BinaryCache(settings.dir)
+    cache.create()
     ui.info(f"Filling binary cache {settings.dir}")
     key, created = load_or_create_key(cache, settings.key, default_key_name())
     if created:
@@ -365,6 +365,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
