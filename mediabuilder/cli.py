@@ -302,8 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="export hosts' closures into a signed local binary cache",
                        description="Build each host and export its closure into a signed file:// binary "
-                                   "cache, incrementally and in parallel.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "cache, incrementally and in parallel.")
     _add_common(p)
     _add_cache_flags(p)
     p.set_defaults(func=cmd_cache)
@@ -311,8 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build offline install media for one or more hosts",
                        description="Build the hosts, fill the signed cache and write the media: the cache, "
                                    "the flake repository with its history, the pinned registry, the manifest "
-                                   "and install.sh.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "and install.sh.")
     _add_common(p)
     _add_cache_flags(p)
     p.add_argument("--format", choices=[f.value for f in MediaFormat], help="output format (default: dir)")
