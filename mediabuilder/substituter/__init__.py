@@ -1,0 +1,1 @@
+"""Prefetching closures from binary caches (file://, http(s)://), copied as they are."""

@@ -1,0 +1,416 @@
+"""One binary cache to download from (`file://`, `http://`, `https://`): its narinfos and NARs.
+
+HTTP requests share one pooled session, each has a timeout, and connection errors, timeouts and
+5xx answers are retried with exponential backoff. A NAR is streamed into the destination cache's
+`nar/` under a deterministic partial name, checked against FileSize and FileHash as it arrives,
+resumed with `Range` after a dropped connection or a killed run, and renamed when complete. It is
+stored as the substituter compressed it: never recompressed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote, urlsplit
+
+import requests
+import requests.adapters
+import urllib3.exceptions
+
+from mediabuilder import __version__
+from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
+from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
+from mediabuilder.store.hashes import Hash
+from mediabuilder.store.keys import PublicKey
+from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.storepath import STORE_DIR, StorePath
+
+DEFAULT_PRIORITY = 50
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+TRIES = 5
+BACKOFF = 0.2  # seconds before the second try; doubled for each further one
+CHUNK = 1 << 20
+PARTIAL_PREFIX = ".partial-"
+_EXTENSION = re.compile(r"\.nar(\.[A-Za-z0-9]+)?$")
+
+T = TypeVar("T")
+
+# What a retry can cure: the network, the server's temporary trouble.
+_TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    urllib3.exceptions.ProtocolError,
+    urllib3.exceptions.TimeoutError,
+    urllib3.exceptions.DecodeError,
+)
+
+
+class Cancelled(Exception):
+    """A download stopped because the caller asked (another download failed)."""
+
+
+class _ServerError(Exception):
+    """A 5xx answer: retried like a dropped connection."""
+
+
+@dataclass(frozen=True)
+class CacheInfo:
+    """What `nix-cache-info` says."""
+
+    store_dir: str
+    priority: int
+    want_mass_query: bool
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A NAR now in the destination cache: its URL there, FileHash and FileSize, and whether an
+    earlier partial download was resumed (or the file was already complete)."""
+
+    url: str
+    file_hash: str
+    file_size: int
+    resumed: bool = False
+    reused: bool = False
+
+
+def local_url(info: NarInfo) -> str:
+    """Where `info`'s NAR goes in our cache: `nar/<nix32 FileHash><extension>`, the extension
+    taken from the upstream URL (the file is not recompressed), else from Compression."""
+    return f"nar/{_file_id(info)}{_extension(info)}"
+
+
+def partial_name(info: NarInfo) -> str:
+    """The deterministic name a download of `info` is kept under until it is complete."""
+    return f"{PARTIAL_PREFIX}{_file_id(info)}{_extension(info)}"
+
+
+def _file_id(info: NarInfo) -> str:
+    if info.file_hash is not None and info.file_hash.startswith("sha256:"):
+        return info.file_hash.removeprefix("sha256:")
+    # No FileHash upstream: name the partial after the NAR hash; the final name is computed.
+    return "nar-" + info.nar_hash.removeprefix("sha256:")
+
+
+def _extension(info: NarInfo) -> str:
+    name = unquote(urlsplit(info.url).path).rsplit("/", 1)[-1]
+    match = _EXTENSION.search(name)
+    if match:
+        return match.group(0)
+    return EXTENSIONS.get(info.compression, f".nar.{re.sub(r'[^A-Za-z0-9]', '', info.compression)}")
+
+
+class Substituter:
+    """A binary cache to prefetch from, and the keys whose signatures it is trusted with."""
+
+    def __init__(self, url: str, trusted_keys: Sequence[PublicKey], jobs: int = 8,
+                 tries: int = TRIES, backoff: float = BACKOFF) -> None:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("file", "http", "https"):
+            raise InvalidInput(f"substituter {url!r}: only file://, http:// and https:// URLs are supported")
+        self.url = url.rstrip("/")
+        self.trusted_keys = tuple(trusted_keys)
+        self.tries = max(1, tries)
+        self.backoff = backoff
+        self._local = Path(unquote(urlsplit(self.url).path)) if scheme == "file" else None
+        self._session: requests.Session | None = None
+        if self._local is None:
+            self._session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(jobs, 10), max_retries=0)
+            self._session.mount("http://", adapter)
+            self._session.mount("https://", adapter)
+            self._session.headers["User-Agent"] = f"mediabuilder/{__version__}"
+        self._info: CacheInfo | None = None
+        self._info_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Substituter({self.url!r})"
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+
+    # nix-cache-info
+    @property
+    def info(self) -> CacheInfo:
+        """`nix-cache-info`, read once; its StoreDir must be /nix/store."""
+        with self._info_lock:
+            if self._info is None:
+                self._info = self._read_cache_info()
+            return self._info
+
+    @property
+    def priority(self) -> int:
+        return self.info.priority
+
+    def _read_cache_info(self) -> CacheInfo:
+        text = self._get_text("nix-cache-info")
+        if text is None:
+            raise InvalidInput(f"{self.url}: no nix-cache-info: this is not a Nix binary cache",
+                               hint="check the --substituter URL")
+        fields: dict[str, str] = {}
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        store_dir = fields.get("StoreDir", STORE_DIR)
+        if store_dir != STORE_DIR:
+            raise InvalidInput(f"{self.url}: its StoreDir is {store_dir}, not {STORE_DIR}")
+        priority = fields.get("Priority", str(DEFAULT_PRIORITY))
+        if not priority.isdigit():
+            raise FormatError(f"{self.url}/nix-cache-info: Priority {priority!r} is not a number")
+        return CacheInfo(store_dir, int(priority), fields.get("WantMassQuery") == "1")
+
+    # narinfo
+    def narinfo(self, path: StorePath) -> NarInfo | None:
+        """The narinfo of `path`, or None when this cache does not have it. Raises FormatError
+        (InvalidMedia) when it does not parse or describes another path."""
+        name = f"{path.hash_part}.narinfo"
+        text = self._get_text(name)
+        if text is None:
+            return None
+        info = NarInfo.parse(text, source=f"{self.url}/{name}")
+        if info.store_path != path:
+            raise FormatError(f"{self.url}/{name}: describes {info.store_path}, not {path}")
+        return info
+
+    def _get_text(self, name: str) -> str | None:
+        if self._local is not None:
+            try:
+                return (self._local / name).read_text()
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError) as e:
+                raise InvalidInput(f"{self.url}/{name}: cannot read: {e}") from None
+        url = f"{self.url}/{name}"
+
+        def get() -> str | None:
+            assert self._session is not None
+            response = self._session.get(url, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+            if response.status_code in (403, 404, 410):  # S3 answers 403 for a missing key
+                return None
+            self._check_status(response, url)
+            return response.text
+
+        return self._retrying(get, url)
+
+    # NARs
+    def download_nar(self, info: NarInfo, dest: Path, on_bytes: Callable[[int], None] = lambda n: None,
+                     cancel: threading.Event | None = None) -> Downloaded:
+        """Download `info`'s NAR into the cache directory `dest` as `local_url(info)`.
+
+        Resumes `nar/.partial-*` left by an interrupted download; checks FileSize and FileHash;
+        `on_bytes(n)` reports progress (bytes already on disk count too)."""
+        nar_dir = dest / "nar"
+        partial = nar_dir / partial_name(info)
+        final = dest / local_url(info)
+        if info.file_hash is not None and final.is_file() and self._complete(final, info):
+            on_bytes(info.file_size or final.stat().st_size)
+            return Downloaded(local_url(info), info.file_hash, final.stat().st_size, reused=True)
+        resumed = partial.exists() and partial.stat().st_size > 0
+        try:
+            try:
+                file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+            except InvalidMedia:
+                if not resumed:
+                    raise
+                # The old partial file may be what is wrong: once more, from scratch.
+                partial.unlink(missing_ok=True)
+                on_bytes(-(info.file_size or 0))
+                file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+            if info.file_hash is None:
+                self._check_nar_hash(info, partial)
+                final = dest / f"nar/{file_hash.removeprefix('sha256:')}{_extension(info)}"
+        except InvalidMedia:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, final)
+        return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
+
+    def _fetch_checked(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
+                       cancel: threading.Event | None) -> tuple[str, int]:
+        sha, size = self._fetch_into(info, partial, on_bytes, cancel)
+        file_hash = Hash("sha256", sha).nix32()
+        if (info.file_size is not None and size != info.file_size) or \
+                (info.file_hash is not None and file_hash != info.file_hash):
+            raise self._mismatch(info, f"got {size} bytes hashing to {file_hash}; the narinfo says "
+                                       f"FileSize {info.file_size}, FileHash {info.file_hash}")
+        return file_hash, size
+
+    def _complete(self, file: Path, info: NarInfo) -> bool:
+        if info.file_size is not None and file.stat().st_size != info.file_size:
+            return False
+        return Hash("sha256", _sha256_file(file)[0].digest()).nix32() == info.file_hash
+
+    def _mismatch(self, info: NarInfo, detail: str) -> InvalidMedia:
+        return InvalidMedia(f"{info.store_path}: the NAR from {self.url} ({info.url}) is damaged: {detail}",
+                            hint="the substituter serves a corrupt file; try again later or use another one")
+
+    def _check_nar_hash(self, info: NarInfo, file: Path) -> None:
+        """No FileHash to check against: decompress and check NarHash and NarSize instead."""
+        try:
+            with open(file, "rb") as f:
+                sha, size = _sha256_stream(decompressing_reader(info.compression, f, info.url))
+        except (OSError, EOFError, ValueError, FormatError) as e:
+            raise self._mismatch(info, f"does not decompress as {info.compression}: {e}") from None
+        if size != info.nar_size or Hash("sha256", sha).nix32() != info.nar_hash:
+            raise self._mismatch(info, "the NAR inside does not match NarHash and NarSize")
+
+    def _fetch_into(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
+                    cancel: threading.Event | None) -> tuple[bytes, int]:
+        """Append the rest of the file to `partial` (retrying, resuming); its sha256 and size."""
+        expected = info.file_size
+        if partial.exists() and expected is not None and partial.stat().st_size > expected:
+            partial.unlink()
+        failures = 0
+        while True:
+            sha, size = _sha256_file(partial) if partial.exists() else (hashlib.sha256(), 0)
+            on_bytes(size)
+            try:
+                if expected is None or size < expected:
+                    sha, size = self._append(info, partial, sha, size, on_bytes, cancel)
+                return sha.digest(), size
+            except (*_TRANSIENT, _ServerError) as e:
+                failures += 1
+                on_bytes(-partial.stat().st_size if partial.exists() else 0)  # counted again next try
+                if failures >= self.tries:
+                    raise self._unreachable(info.url, e) from None
+                time.sleep(self.backoff * 2 ** (failures - 1))
+
+    def _append(self, info: NarInfo, partial: Path, sha: hashlib._Hash, size: int,
+                on_bytes: Callable[[int], None], cancel: threading.Event | None) -> tuple[hashlib._Hash, int]:
+        expected = info.file_size
+        with open(partial, "ab") as out, self._open_nar(info, size) as (start, chunks):
+            if start != size:  # the server sent the whole file: start over with it
+                on_bytes(-size)
+                out.truncate(0)
+                sha = hashlib.sha256()
+                size = 0
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                size += len(chunk)
+                if expected is not None and size > expected:
+                    raise self._mismatch(info, f"more than FileSize {expected} bytes")
+                sha.update(chunk)
+                out.write(chunk)
+                on_bytes(len(chunk))
+        return sha, size
+
+    @contextlib.contextmanager
+    def _open_nar(self, info: NarInfo, offset: int) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """The NAR file's bytes from `offset`, or from 0 when the server ignores Range: (start, chunks)."""
+        if self._local is not None:
+            try:
+                f = open(self._nar_file(info), "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                raise self._no_nar(info) from None
+            with f:
+                f.seek(offset)
+                yield offset, iter(lambda: f.read(CHUNK), b"")
+            return
+        assert self._session is not None
+        url = self._nar_url(info)
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        with self._session.get(url, headers=headers, stream=True, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as r:
+            if r.status_code in (403, 404, 410):
+                raise self._no_nar(info)
+            if r.status_code == 416:  # the partial file is no prefix of this one
+                raise _ServerError("HTTP 416: range not satisfiable")
+            self._check_status(r, url)
+            start = 0
+            if offset and r.status_code == 206:
+                if not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
+                    raise _ServerError(f"HTTP 206 with Content-Range {r.headers.get('Content-Range')!r}")
+                start = offset
+            yield start, _read_all(r)
+
+    def _no_nar(self, info: NarInfo) -> InvalidMedia:
+        return InvalidMedia(f"{info.store_path}: {self.url} has its narinfo but not its NAR {info.url}")
+
+    def _nar_url(self, info: NarInfo) -> str:
+        if re.match(r"^https?://", info.url):
+            return info.url
+        return f"{self.url}/{info.url}"
+
+    def _nar_file(self, info: NarInfo) -> Path:
+        assert self._local is not None
+        if info.url.startswith("/") or ".." in info.url.split("/") or "://" in info.url:
+            raise FormatError(f"{self.url}/{info.store_path.hash_part}.narinfo: URL {info.url!r} points outside "
+                              "the cache")
+        return self._local / info.url
+
+    # HTTP plumbing
+    def _check_status(self, response: requests.Response, url: str) -> None:
+        if response.status_code >= 500:
+            raise _ServerError(f"HTTP {response.status_code} {response.reason}")
+        if response.status_code >= 400:
+            raise InvalidInput(f"{url}: HTTP {response.status_code} {response.reason}",
+                               hint="check the --substituter URL and its access rights")
+
+    def _retrying(self, attempt: Callable[[], T], url: str) -> T:
+        for number in range(1, self.tries + 1):
+            try:
+                return attempt()
+            except (*_TRANSIENT, _ServerError) as e:
+                if number == self.tries:
+                    raise self._unreachable(url, e) from None
+                time.sleep(self.backoff * 2 ** (number - 1))
+        raise AssertionError("unreachable")
+
+    def _unreachable(self, what: str, error: Exception) -> InvalidInput:
+        name = what.removeprefix(self.url + "/")
+        return InvalidInput(f"{self.url}: cannot download {name} after {self.tries} tries: {_reason(error)}",
+                            hint="check the network and the --substituter URL, then run again (downloads resume)")
+
+
+def _reason(error: Exception) -> str:
+    """A few words for the user instead of urllib3's nested reprs."""
+    if isinstance(error, _ServerError):
+        return str(error)
+    if isinstance(error, requests.Timeout | urllib3.exceptions.TimeoutError):
+        return "timed out"
+    if isinstance(error, requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError):
+        return "the connection closed in the middle of the file"
+    errno = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(error))
+    return errno.group(1).strip() if errno else "cannot connect"
+
+
+def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
+    sha = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha, size
+
+
+def _sha256_stream(stream: object) -> tuple[bytes, int]:
+    sha = hashlib.sha256()
+    size = 0
+    read = stream.read  # type: ignore[attr-defined]
+    while chunk := read(CHUNK):
+        sha.update(chunk)
+        size += len(chunk)
+    return sha.digest(), size
+
+
+def _read_all(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives, undecoded; a connection that closes early raises ProtocolError."""
+    while chunk := response.raw.read1(CHUNK, decode_content=False):
+        yield chunk
+    if response.raw.length_remaining:
+        raise urllib3.exceptions.ProtocolError(f"connection closed with {response.raw.length_remaining} bytes to go")
