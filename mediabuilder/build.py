@@ -27,10 +27,12 @@ from mediabuilder.media import fat32, flakerepo, fsinfo, iso, registry, split
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
 from mediabuilder.store import nix32
-from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
 from mediabuilder.store.storepath import StorePath
+from mediabuilder.substituter.client import Substituter
+from mediabuilder.substituter.prefetch import prefetch
 
 README = """\
 This medium installs a NixOS system with no network.
@@ -56,6 +58,10 @@ class BuildRequest:
     tools: tuple[str, ...] = ("git",)
     # Extra store paths (with their closures) put on the media and installed with every host.
     extra_paths: tuple[StorePath, ...] = ()
+    # Prebuilt systems (host name, toplevel): no evaluation, no local Nix needed.
+    systems: tuple[tuple[str, StorePath], ...] = ()
+    substituters: tuple[str, ...] = ()
+    substituter_keys: tuple[str, ...] = ()
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -145,11 +151,29 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
     return known
 
 
+@dataclass(frozen=True)
+class Source:
+    """What the flake gives the media: systems, repository, inputs, pins and tools."""
+
+    toplevels: dict[str, StorePath]
+    repo: flakerepo.FlakeRepo
+    flake_dir: Path
+    input_paths: tuple[StorePath, ...]
+    pins: registry.Registry
+    self_source: str | None
+    tools: dict[str, StorePath]
+
+
 def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
     check_output(req.output, req.force)
     check_media_settings(req.media)
-    nixcli.ensure_available()
+    have_nix = shutil.which("nix") is not None
+    if have_nix:
+        nixcli.ensure_available()
+    elif not req.systems:
+        raise InvalidInput("could not find `nix`, which is needed to evaluate the flake's hosts",
+                           hint="install nix-bin, or pass --system NAME=/nix/store/... with --substituter URL")
     runner.require("git")
     if req.cache.key is not None and not req.cache.key.is_file():
         raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
@@ -160,51 +184,23 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")
 
     ui.info(f"Building media {req.output} ({req.media.format.value})")
-    with ui.step("Resolving hosts") as step:
-        hosts = nixcli.resolve_hosts(req.refs)
-        flakes = sorted({h.flake for h in hosts})
-        if len(flakes) != 1:
-            raise InvalidInput("all hosts on one medium must come from one flake", hint=f"got {', '.join(flakes)}")
-        flake = flakes[0]
-        step.detail = ", ".join(h.host for h in hosts)
-    with ui.step("Checking the repository") as step:
-        local_dir = hosts[0].local_path
-        if local_dir is None:
-            raise InvalidInput(f"{flake}: only a local git checkout of a flake can be put on media",
-                               hint="clone the flake and pass --flake PATH#HOST")
-        repo = flakerepo.open_repo(local_dir)
-        if repo.dirty and not req.allow_dirty:
-            raise InvalidInput(f"{repo.top}: the git tree has uncommitted changes",
-                               hint="commit them, or pass --allow-dirty to ship them as a labelled commit on top")
-        step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
-    with ui.step("Building toplevels") as step:
-        toplevels = nixcli.build_toplevels(hosts)
-        step.detail = f"{len(toplevels)} system(s)"
-    with ui.step("Archiving flake inputs") as step:
-        archive = nixcli.flake_archive(flake)
-        input_paths = [StorePath.parse(p) for p in registry.archived_paths(archive)]
-        pins = registry.from_lock(local_dir / "flake.lock", archive) if (local_dir / "flake.lock").exists() \
-            else registry.Registry(())
-        step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
-    with ui.step("Adding install tools") as step:
-        tools = build_tools(flake, req.tools)
-        step.detail = ", ".join(tools) or "none"
+    source = resolve_source(req, have_nix)
+    extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
+    roots = {host: [toplevel, *extra] for host, toplevel in source.toplevels.items()}
+    fill_cache(req, cache, key, sorted({p for r in roots.values() for p in r}), have_nix)
     with ui.step("Reading closures") as step:
-        extra = [*input_paths, *tools.values(), *req.extra_paths]
-        closures: dict[str, list[PathInfo]] = {h: nixcli.closure([t, *extra]) for h, t in toplevels.items()}
-        union = {i.path: i for infos in closures.values() for i in infos}
-        step.detail = f"{len(union)} paths, {ui.human_bytes(sum(i.nar_size for i in union.values()))} of NAR"
-    with ui.step("Filling binary cache") as step:
-        result = fill(cache, union.values(), key, req.cache.compression.value, req.cache.jobs)
-        step.detail = f"{result.exported} exported, {result.present} already present"
+        closures = {host: cache_closure(cache, r) for host, r in roots.items()}
+        union = sorted({i.store_path for infos in closures.values() for i in infos})
+        nar_bytes = sum(cache.read_narinfo(p).nar_size for p in union)
+        step.detail = f"{len(union)} paths, {ui.human_bytes(nar_bytes)} of NAR"
 
     with staging_dir(req.output) as staging:
         tree = staging / "media"
         tree.mkdir()
         with ui.step("Assembling the media tree") as step:
-            known = assemble_cache(cache, tree, sorted(union))
-            shipped = flakerepo.write_bundle(repo, tree / "flake" / "repo.bundle", req.allow_dirty)
-            (tree / "registry.json").write_text(pins.render())
+            known = assemble_cache(cache, tree, union)
+            shipped = flakerepo.write_bundle(source.repo, tree / "flake" / "repo.bundle", req.allow_dirty)
+            (tree / "registry.json").write_text(source.pins.render())
             (tree / "media-key.pub").write_text(key.public().render() + "\n")
             install_sh = tree / "install.sh"
             install_sh.write_bytes(resources.files("mediabuilder.media").joinpath("install.sh").read_bytes())
@@ -212,32 +208,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
             (tree / "README.txt").write_text(README)
             step.detail = f"{len(known)} NAR files"
         with ui.step("Signing the manifest") as step:
-            manifest = Manifest(
-                mediabuilder=__version__,
-                nix=nixcli.version(),
-                created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                key={"name": key.name, "public": key.public().render(), "fingerprint": key.public().fingerprint()},
-                hosts={
-                    h.host: HostEntry(
-                        toplevel=str(toplevels[h.host]),
-                        flake_attr=f"nixosConfigurations.{h.host}",
-                        store_paths=tuple(sorted(str(i.path) for i in closures[h.host])),
-                        nar_bytes=sum(i.nar_size for i in closures[h.host]),
-                    )
-                    for h in hosts
-                },
-                flake={
-                    "bundle": "flake/repo.bundle",
-                    "rev": shipped.rev,
-                    "branch": shipped.branch,
-                    "dirty": shipped.dirty,
-                    "subdir": shipped.subdir,
-                    "remotes": shipped.remotes,
-                    "source": archive.get("path"),
-                    "inputs": {p.id: {"path": p.path, "narHash": p.nar_hash} for p in pins.pins},
-                },
-                tools={name: str(path) for name, path in tools.items()},
-            )
+            manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none")
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req)
             split = split_large_files(tree, manifest.files, limit) if limit else 0
@@ -248,7 +219,125 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         with ui.step("Writing the medium") as step:
             write_output(tree, staging, req)
             step.detail = str(req.output)
-    return {h: str(t) for h, t in toplevels.items()}
+    return {h: str(t) for h, t in source.toplevels.items()}
+
+
+def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
+    """Hosts, repository, inputs and tools: evaluated with the local Nix, or, without Nix, from
+    `--system` toplevels and the flake's lock file."""
+    with ui.step("Resolving hosts") as step:
+        if req.systems:
+            flake_dirs = {nixcli.parse_flake_ref(r)[0] for r in req.refs}
+            hosts: list[nixcli.HostRef] = []
+        else:
+            hosts = nixcli.resolve_hosts(req.refs)
+            flake_dirs = {h.flake for h in hosts}
+        if len(flake_dirs) != 1:
+            raise InvalidInput("the media needs exactly one flake (its repository goes on the media)",
+                               hint=f"got {', '.join(sorted(flake_dirs)) or 'none'}: pass --flake PATH")
+        flake = flake_dirs.pop()
+        local_dir = nixcli.HostRef(flake, "").local_path
+        if local_dir is None:
+            raise InvalidInput(f"{flake}: only a local git checkout of a flake can be put on media",
+                               hint="clone the flake and pass --flake PATH#HOST")
+        step.detail = ", ".join(dict(req.systems) if req.systems else (h.host for h in hosts))
+    with ui.step("Checking the repository") as step:
+        repo = flakerepo.open_repo(local_dir)
+        if repo.dirty and not req.allow_dirty:
+            raise InvalidInput(f"{repo.top}: the git tree has uncommitted changes",
+                               hint="commit them, or pass --allow-dirty to ship them as a labelled commit on top")
+        step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
+    if req.systems:
+        toplevels = dict(req.systems)
+    else:
+        with ui.step("Building toplevels") as step:
+            toplevels = nixcli.build_toplevels(hosts)
+            step.detail = f"{len(toplevels)} system(s)"
+    with ui.step("Archiving flake inputs") as step:
+        lock = local_dir / "flake.lock"
+        archive = nixcli.flake_archive(flake) if have_nix else registry.archive_from_lock(lock)
+        input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
+        pins = registry.from_lock(lock, archive) if lock.exists() else registry.Registry(())
+        step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
+    tools: dict[str, StorePath] = {}
+    if have_nix:
+        with ui.step("Adding install tools") as step:
+            tools = build_tools(flake, req.tools)
+            step.detail = ", ".join(tools) or "none"
+    return Source(toplevels, repo, local_dir, input_paths, pins, archive.get("path"), tools)
+
+
+def fill_cache(req: BuildRequest, cache: BinaryCache, key: SecretKey, roots: list[StorePath], have_nix: bool) -> None:
+    """Every root's closure into the local cache: from the substituters as they are, and what
+    they lack from the local store."""
+    local = roots
+    if req.substituters:
+        with ui.step("Prefetching from substituters") as step:
+            trusted = [PublicKey.parse(k, source="--trusted-key") for k in req.substituter_keys]
+            subs = [Substituter(url, trusted) for url in req.substituters]
+            try:
+                result = prefetch(roots, subs, cache, key, req.cache.jobs)
+            finally:
+                for sub in subs:
+                    sub.close()
+            local = list(result.missing)
+            step.detail = (f"{result.downloaded} downloaded ({ui.human_bytes(result.file_bytes)}), "
+                           f"{result.present} already present, {len(local)} not on any substituter")
+    if not local:
+        return
+    if not have_nix:
+        listed = "\n  ".join(str(p) for p in local)
+        raise InvalidInput(f"{len(local)} path(s) are on no substituter and there is no local Nix:\n  {listed}",
+                           hint="add a --substituter that has them, or build on a machine with Nix")
+    with ui.step("Filling binary cache") as step:
+        infos = nixcli.closure(local)
+        result_fill = fill(cache, infos, key, req.cache.compression.value, req.cache.jobs)
+        step.detail = f"{result_fill.exported} exported, {result_fill.present} already present"
+
+
+def cache_closure(cache: BinaryCache, roots: list[StorePath]) -> list[NarInfo]:
+    """The closure of `roots` as the cache's narinfos describe it."""
+    seen: dict[StorePath, NarInfo] = {}
+    todo = list(roots)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        info = cache.read_narinfo(path)
+        seen[path] = info
+        todo.extend(r for r in info.reference_paths() if r not in seen)
+    return [seen[p] for p in sorted(seen)]
+
+
+def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[str, list[NarInfo]],
+                  key: SecretKey, nix_version: str) -> Manifest:
+    public = key.public()
+    return Manifest(
+        mediabuilder=__version__,
+        nix=nix_version,
+        created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        key={"name": key.name, "public": public.render(), "fingerprint": public.fingerprint()},
+        hosts={
+            host: HostEntry(
+                toplevel=str(toplevel),
+                flake_attr=f"nixosConfigurations.{host}",
+                store_paths=tuple(str(i.store_path) for i in closures[host]),
+                nar_bytes=sum(i.nar_size for i in closures[host]),
+            )
+            for host, toplevel in source.toplevels.items()
+        },
+        flake={
+            "bundle": "flake/repo.bundle",
+            "rev": shipped.rev,
+            "branch": shipped.branch,
+            "dirty": shipped.dirty,
+            "subdir": shipped.subdir,
+            "remotes": shipped.remotes,
+            "source": source.self_source,
+            "inputs": {p.id: {"path": p.path, "narHash": p.nar_hash} for p in source.pins.pins},
+        },
+        tools={name: str(path) for name, path in source.tools.items()},
+    )
 
 
 def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str) -> StorePath:

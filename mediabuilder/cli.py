@@ -97,14 +97,25 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
     return 0
 
 
-def _store_path_arg(text: str) -> StorePath:
+def _store_path_arg(text: str, must_exist: bool = True) -> StorePath:
     try:
         path = StorePath.parse(os.path.realpath(text) if os.path.islink(text) else text)
     except MediabuilderError:
         raise InvalidInput(f"{text}: not a store path", hint="pass /nix/store/HASH-NAME") from None
-    if not os.path.exists(path.full):
+    if must_exist and not os.path.exists(path.full):
         raise InvalidInput(f"{text}: not in the local Nix store", hint="build or copy it first")
     return path
+
+
+def _system_arg(text: str, must_exist: bool) -> tuple[str, StorePath]:
+    name, sep, path = text.partition("=")
+    if not sep or not name:
+        raise InvalidInput(f"--system {text}: expected NAME=/nix/store/...", hint="e.g. --system laptop=/nix/store/...")
+    return name, _store_path_arg(path, must_exist)
+
+
+def _key_text(text: str) -> str:
+    return trusted_key(text).render()
 
 
 def _print_report(report: Report, target: Path, as_json: bool) -> int:
@@ -230,6 +241,8 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     refs = tuple(args.flake or profile.flake.hosts)
     if not refs:
         raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
+    substituters = tuple(args.substituter or profile.substituters.urls)
+    local_only = not substituters  # without substituters, every path must be in the local store
     if media.format is MediaFormat.ISO:
         validate_label(media.label)
     if media.output is None:
@@ -241,7 +254,10 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         output=media.output,
         force=args.force,
         allow_dirty=args.allow_dirty or profile.flake.allow_dirty,
-        extra_paths=tuple(_store_path_arg(p) for p in args.store_path),
+        extra_paths=tuple(_store_path_arg(p, local_only) for p in args.store_path),
+        systems=tuple(_system_arg(s, local_only) for s in args.system),
+        substituters=substituters,
+        substituter_keys=tuple(_key_text(k) for k in (args.trusted_key or profile.substituters.trusted_keys)),
     )
     started = time.monotonic()
     toplevels = build_media(request)
@@ -319,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", help="image size, e.g. 8G (fat32; default: content plus headroom)")
     p.add_argument("--partition-table", choices=[t.value for t in PartitionTable],
                    help="wrap a fat32 image in a partition table (default: none)")
+    p.add_argument("--system", action="append", default=[], metavar="NAME=PATH",
+                   help="a prebuilt system toplevel for host NAME, e.g. one CI built and pushed: no evaluation, "
+                        "no local Nix needed (repeatable; --flake PATH then only gives the repository)")
+    p.add_argument("--substituter", action="append", metavar="URL",
+                   help="binary cache to prefetch from, http(s):// or file:// (repeatable); NARs are copied as "
+                        "they are, and what no substituter has comes from the local store")
+    p.add_argument("--trusted-key", action="append", metavar="KEY",
+                   help="public key (NAME:BASE64 or a file) trusted for the substituters (repeatable)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-dirty", action="store_true",
                    help="ship uncommitted changes as a labelled commit on top (default: refuse a dirty tree)")

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mediabuilder import run as runner
 from mediabuilder.errors import ExternalError, InvalidInput
@@ -129,10 +130,10 @@ def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
     return parse_path_info_json(proc.stdout)
 
 
-def flake_archive(flake: str) -> dict[str, object]:
+def flake_archive(flake: str) -> dict[str, Any]:
     """`nix flake archive --json`: the flake's own source path and its inputs, recursively."""
     proc = runner.run([*NIX, "flake", "archive", "--json", flake])
-    data: dict[str, object] = json.loads(proc.stdout)
+    data: dict[str, Any] = json.loads(proc.stdout)
     return data
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from mediabuilder.errors import InvalidInput
+from mediabuilder.store.hashes import Hash
+from mediabuilder.store.storepath import make_store_path
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,34 @@ def from_lock(lock_file: Path, archive: dict[str, Any]) -> Registry:
         pins.append(Pin(name, archived[name]["path"], locked["narHash"], extra))
     pins.sort(key=lambda p: (p.id != "nixpkgs", p.id))
     return Registry(tuple(pins))
+
+
+def archive_from_lock(lock_file: Path) -> dict[str, Any]:
+    """What `nix flake archive --json` would say, computed from flake.lock alone (no Nix): each
+    locked input's `-source` path follows from its narHash (a recursive sha256 content address).
+    Nested inputs are flattened; the flake's own source is unknown without Nix."""
+    try:
+        lock = json.loads(lock_file.read_text())
+        nodes: dict[str, Any] = lock["nodes"]
+        root = lock["root"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidInput(f"{lock_file}: cannot read the flake's lock file ({e})",
+                           hint="run `nix flake lock` and commit flake.lock") from None
+    inputs: dict[str, Any] = {}
+    for name, node in nodes.items():
+        nar_hash = node.get("locked", {}).get("narHash") if name != root else None
+        if nar_hash:
+            path = make_store_path("source", Hash.parse(nar_hash).digest, "source")
+            inputs[name] = {"path": str(path), "inputs": {}}
+    # The root's input names, as `nix flake archive` keys them.
+    named = {}
+    for input_name, node_name in nodes[root].get("inputs", {}).items():
+        if isinstance(node_name, str) and node_name in inputs:
+            named[input_name] = inputs[node_name]
+    for node_name, entry in inputs.items():
+        if entry not in named.values():
+            named[f"{node_name}"] = entry
+    return {"inputs": named}
 
 
 def archived_paths(archive: dict[str, Any]) -> list[str]:
