@@ -23,6 +23,7 @@ from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, Media
 from mediabuilder.media.iso import validate_label
 from mediabuilder.media.verify import verify_media
 from mediabuilder.profile import (
+    CacheSettings,
     Compression,
     MediaFormat,
     PartitionTable,
@@ -55,14 +56,19 @@ def cmd_keygen(args: argparse.Namespace, profile: Profile) -> int:
     return 0
 
 
-def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
-    settings = override(
+def cache_settings(args: argparse.Namespace, profile: Profile) -> CacheSettings:
+    """The profile's [cache] with the command line's flags over it."""
+    return override(
         profile.cache,
         dir=Path(args.cache) if args.cache else None,
         compression=Compression(args.compression) if args.compression else None,
         key=Path(args.key) if args.key else None,
         jobs=args.jobs,
     )
+
+
+def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
+    settings = cache_settings(args, profile)
     refs = args.flake or ([] if args.store_path else list(profile.flake.hosts))
     if not refs and not args.store_path:
         raise InvalidInput("no host given",
@@ -223,13 +229,7 @@ def open_target(target: Path) -> Iterator[Path]:
 
 
 def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
-    cache = override(
-        profile.cache,
-        dir=Path(args.cache) if args.cache else None,
-        compression=Compression(args.compression) if args.compression else None,
-        key=Path(args.key) if args.key else None,
-        jobs=args.jobs,
-    )
+    cache = cache_settings(args, profile)
     media = override(
         profile.media,
         format=MediaFormat(args.format) if args.format else None,

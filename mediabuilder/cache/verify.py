@@ -7,7 +7,6 @@ and FileSize, the NAR inside matches NarHash and NarSize, and every reference is
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.writer import default_jobs
 from mediabuilder.errors import MediabuilderError
 from mediabuilder.store import contentaddress
-from mediabuilder.store.hashes import Hash
+from mediabuilder.store.hashes import Hash, sha256_stream
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import STORE_DIR
@@ -55,14 +54,6 @@ class _Checked:
     faults: tuple[Fault, ...]
 
 
-def _hash_stream(stream: object) -> tuple[bytes, int]:
-    sha = hashlib.sha256()
-    size = 0
-    read = stream.read  # type: ignore[attr-defined]
-    while chunk := read(CHUNK):
-        sha.update(chunk)
-        size += len(chunk)
-    return sha.digest(), size
 
 
 def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
@@ -112,7 +103,7 @@ def check_path(root: str, narinfo_file: str, trusted_keys: list[str]) -> _Checke
     try:
         file = cache.file_path(info.url)
         with open(file, "rb") as f:
-            file_sha, file_size = _hash_stream(f)
+            file_sha, file_size = sha256_stream(f)
     except FileNotFoundError:
         faults.append(f"NAR file {info.url} is missing")
         return _Checked(hash_part, label, refs, info.nar_size, tuple(Fault(label, m) for m in faults))
@@ -126,7 +117,7 @@ def check_path(root: str, narinfo_file: str, trusted_keys: list[str]) -> _Checke
     else:
         try:
             with open(file, "rb") as f:
-                nar_sha, nar_size = _hash_stream(decompressing_reader(info.compression, f, info.url))
+                nar_sha, nar_size = sha256_stream(decompressing_reader(info.compression, f, info.url))
         except (OSError, EOFError, MediabuilderError, ValueError) as e:
             faults.append(f"{info.url} does not decompress as {info.compression}: {e}")
         else:

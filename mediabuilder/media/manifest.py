@@ -3,7 +3,6 @@ store path that lets `install.sh` trust it with nothing but Nix (see docs/media-
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,7 +13,7 @@ from typing import Any
 
 from mediabuilder.errors import InvalidMedia
 from mediabuilder.store import nar
-from mediabuilder.store.hashes import Hash
+from mediabuilder.store.hashes import Hash, sha256_stream
 from mediabuilder.store.storepath import StorePath, make_store_path
 
 VERSION = 1
@@ -122,13 +121,9 @@ def trust_path(directory: Path) -> tuple[StorePath, Hash, int]:
 
 
 def hash_file(path: Path) -> FileEntry:
-    sha = hashlib.sha256()
-    size = 0
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return FileEntry(size, sha.hexdigest())
+        digest, size = sha256_stream(f)
+    return FileEntry(size, digest.hex())
 
 
 def collect_files(root: Path, skip: Iterable[str] = SELF_CHECKED, known: dict[str, FileEntry] | None = None,

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
+from typing import IO
 
 from mediabuilder.errors import FormatError
 from mediabuilder.store import nix32
@@ -79,3 +80,13 @@ class Hash:
 
     def __str__(self) -> str:
         return self.nix32()
+
+
+def sha256_stream(stream: IO[bytes], chunk: int = 1 << 20) -> tuple[bytes, int]:
+    """sha256 digest and length of everything `stream` yields, read in chunks."""
+    sha = hashlib.sha256()
+    size = 0
+    while data := stream.read(chunk):
+        sha.update(data)
+        size += len(data)
+    return sha.digest(), size

@@ -28,7 +28,7 @@ import urllib3.exceptions
 from mediabuilder import __version__
 from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
-from mediabuilder.store.hashes import Hash
+from mediabuilder.store.hashes import Hash, sha256_stream
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import STORE_DIR, StorePath
@@ -260,7 +260,7 @@ class Substituter:
         """No FileHash to check against: decompress and check NarHash and NarSize instead."""
         try:
             with open(file, "rb") as f:
-                sha, size = _sha256_stream(decompressing_reader(info.compression, f, info.url))
+                sha, size = sha256_stream(decompressing_reader(info.compression, f, info.url))
         except (OSError, EOFError, ValueError, FormatError) as e:
             raise self._mismatch(info, f"does not decompress as {info.compression}: {e}") from None
         if size != info.nar_size or Hash("sha256", sha).nix32() != info.nar_hash:
@@ -398,14 +398,6 @@ def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
     return sha, size
 
 
-def _sha256_stream(stream: object) -> tuple[bytes, int]:
-    sha = hashlib.sha256()
-    size = 0
-    read = stream.read  # type: ignore[attr-defined]
-    while chunk := read(CHUNK):
-        sha.update(chunk)
-        size += len(chunk)
-    return sha.digest(), size
 
 
 def _read_all(response: requests.Response) -> Iterator[bytes]:
