@@ -77,9 +77,9 @@ def check_output(output: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(output: Path) -> Iterator[Path]:
-    """A temporary directory beside `output`, removed unless the build renamed it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.resolve().parent))
+def staging_dir(output: Path, where: Path) -> Iterator[Path]:
+    """A temporary directory in `where`, removed unless the build renamed it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=where))
     try:
         yield tmp
     finally:
@@ -194,7 +194,23 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         nar_bytes = sum(cache.read_narinfo(p).nar_size for p in union)
         step.detail = f"{len(union)} paths, {ui.human_bytes(nar_bytes)} of NAR"
 
-    with staging_dir(req.output) as staging:
+    try:
+        write_media(req, cache, key, source, closures, union, have_nix)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InvalidInput(f"{req.output}: no space left on device while writing the media",
+                               hint="free some space or choose another --output") from None
+        raise
+    return {h: str(t) for h, t in source.toplevels.items()}
+
+
+def write_media(req: BuildRequest, cache: BinaryCache, key: SecretKey, source: Source,
+                closures: dict[str, list[NarInfo]], union: list[StorePath], have_nix: bool) -> None:
+    """Assemble the tree beside the output, sign its manifest, and write it in the output format."""
+    # A directory is assembled beside the output and renamed into place; an image's tree is
+    # assembled beside the cache (hard links, no copies) so the output's disk holds only the image.
+    where = req.output.resolve().parent if req.media.format is MediaFormat.DIR else cache.root
+    with staging_dir(req.output, where) as staging:
         tree = staging / "media"
         tree.mkdir()
         with ui.step("Assembling the media tree") as step:
@@ -219,7 +235,6 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         with ui.step("Writing the medium") as step:
             write_output(tree, staging, req)
             step.detail = str(req.output)
-    return {h: str(t) for h, t in source.toplevels.items()}
 
 
 def resolve_source(req: BuildRequest, have_nix: bool) -> Source:

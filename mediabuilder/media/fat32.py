@@ -239,13 +239,21 @@ def write_fat32(
             raise _no_space(output, image_size) from e
         raise
     except ExternalError as e:
+        # mkfs.fat says only "failed whilst writing FAT"; ask the filesystem before freeing it.
+        full = "No space left on device" in str(e) or _nearly_full(output.parent)
         tmp.unlink(missing_ok=True)
-        if "No space left on device" in str(e):
+        if full:
             raise _no_space(output, image_size) from e
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _nearly_full(directory: Path) -> bool:
+    """Less than 1 MiB left for us: a failed write there was most likely a full disk."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize < MIB
 
 
 def _no_space(output: Path, image_size: int) -> InvalidInput:

@@ -1,0 +1,304 @@
+#!/usr/bin/env python3
+"""Benchmark the image writers against the reference tools, measured in the same run.
+
+    python scripts/bench_images.py
+
+On a media-like tree (the binary cache `scripts/bench.py` filled, hard-linked, when it exists:
+~2,200 narinfo and NAR files; otherwise ~1,200 files / ~800 MB built from this machine's
+/usr binaries and libraries), prints:
+
+  1. ISO: ours (`write_iso`) / `xorriso -as mkisofs -R -J -o X TREE` + fsync of X (target <= 1.1);
+  2. FAT32: ours (`write_fat32`, no partition table) / `mkfs.fat -F 32` + `mcopy -s` into an
+     image of the same size and cluster size + fsync (target <= 1.1);
+  3. peak RSS of each writer writing a tree holding one 4.5 GiB file (as the two parts the
+     media tree splits it into), from RUSAGE_CHILDREN of a dedicated wrapper process, so it
+     covers the writer and every tool it runs (target <= 256 MiB).
+
+Ours fsyncs the image before renaming it into place, so the references are timed with an
+fsync of their image too (`sync FILE`); the table shows the reference's time without it as
+well. Each timing is the best of ROUNDS runs, alternating reference and ours, page cache warm.
+
+Data lives under $MEDIABUILDER_BENCH_DIR/images (default /var/tmp/mediabuilder-bench/images),
+never in the repository; images are deleted as soon as they are measured. No wall-clock
+assertions: this prints numbers; the exit status is 0 unless something failed to run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mediabuilder.media import fat32  # noqa: E402
+from mediabuilder.media.split import PART_SIZE, split_file  # noqa: E402
+
+BENCH_DIR = Path(os.environ.get("MEDIABUILDER_BENCH_DIR", "/var/tmp/mediabuilder-bench"))
+WORK = BENCH_DIR / "images"
+SOURCES = (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/bin"))
+MiB = 1024**2
+GiB = 1024**3
+SYNTH_FILES = 1200
+SYNTH_BYTES = 800 * 1000 * 1000
+BIG_FILE = 4 * GiB + GiB // 2
+ROUNDS = 2
+LABEL = "NIXOS_BENCH"
+
+# Runs argv, then prints its wall time and the peak RSS of the process tree it waited for.
+WRAPPER = r"""
+import json, resource, subprocess, sys, time
+argv = sys.argv[1:]
+t = time.monotonic()
+proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True)
+wall = time.monotonic() - t
+print(json.dumps({"rc": proc.returncode, "wall": wall, "err": proc.stderr.decode(errors="replace")[-2000:],
+                  "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+OURS_ISO = ("import sys; from pathlib import Path; from mediabuilder.media.iso import write_iso; "
+            "write_iso(Path(sys.argv[1]), Path(sys.argv[2]), label=sys.argv[3])")
+OURS_FAT32 = ("import sys; from pathlib import Path; from mediabuilder.media.fat32 import write_fat32; "
+              "write_fat32(Path(sys.argv[1]), Path(sys.argv[2]), label=sys.argv[3])")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def measured(name: str, argv: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of argv in a dedicated wrapper; exits when it fails."""
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *argv], env=env(), check=True,
+                          capture_output=True, text=True)
+    result = json.loads(proc.stdout)
+    if result["rc"] != 0:
+        sys.exit(f"bench: {name} failed with exit status {result['rc']}:\n{result['err']}")
+    return result["wall"], result["maxrss_kib"] * 1024
+
+
+def fsynced(path: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(["sync", str(path)], check=True)
+    return time.monotonic() - started
+
+
+# The trees
+
+
+def place(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def media_skeleton(root: Path) -> None:
+    """The small files every medium has besides its cache."""
+    (root / "cache" / "nar").mkdir(parents=True, exist_ok=True)
+    for sub in ("log", "realisations"):
+        (root / "cache" / sub).mkdir(exist_ok=True)
+    (root / "flake").mkdir(exist_ok=True)
+    script = root / "install.sh"
+    script.write_bytes((REPO / "mediabuilder" / "media" / "install.sh").read_bytes())
+    script.chmod(0o755)
+    for name, text in (("README.txt", "bench\n"), ("manifest.json", "{}\n"), ("registry.json", "{}\n"),
+                       ("media-key.pub", "bench-1:AAAA\n"), ("manifest.storepath", "/nix/store/x\n"),
+                       ("flake/repo.bundle", "# v2 git bundle\n")):
+        (root / name).write_text(text)
+
+
+def from_bench_cache(root: Path) -> str | None:
+    """The binary cache `scripts/bench.py` filled, hard-linked into a media tree; None if absent."""
+    cache = BENCH_DIR / "cache-ours"
+    if not (cache / "nar").is_dir() or len(list(cache.glob("*.narinfo"))) < 1000:
+        return None
+    media_skeleton(root)
+    for path in cache.iterdir():
+        if path.is_file():
+            place(path, root / "cache" / path.name)
+    for path in (cache / "nar").iterdir():
+        place(path, root / "cache" / "nar" / path.name)
+    return f"scripts/bench.py's binary cache ({cache})"
+
+
+def source_files() -> list[Path]:
+    files = []
+    for top in SOURCES:
+        for dirpath, _, names in os.walk(top):
+            for n in names:
+                p = Path(dirpath) / n
+                if not p.is_symlink() and p.is_file() and 0 < p.stat().st_size <= 6 * MiB and os.access(p, os.R_OK):
+                    files.append(p)
+    files.sort()
+    if not files:
+        sys.exit("bench: no files in /usr/bin and /usr/lib/x86_64-linux-gnu to build the tree from")
+    return files
+
+
+def synthetic(root: Path) -> str:
+    """~1,200 files / ~800 MB: half narinfo-sized text, half NAR-sized concatenations of binaries."""
+    media_skeleton(root)
+    rng = random.Random(20231101)
+    files = source_files()
+    nars = SYNTH_FILES // 2
+    per_nar = SYNTH_BYTES // nars
+    cursor = 0
+    for i in range(nars):
+        digest = hashlib.sha256(str(i).encode()).hexdigest()
+        (root / "cache" / f"{digest[:32]}.narinfo").write_text(f"StorePath: /nix/store/{digest[:32]}-p{i}\n" * 8)
+        budget = int(per_nar * rng.uniform(0.2, 1.8))
+        with (root / "cache" / "nar" / f"{digest}.nar.zst").open("wb") as out:
+            written = 0
+            while written < budget:
+                data = files[cursor % len(files)].read_bytes()[: budget - written]
+                cursor += 1
+                out.write(data)
+                written += len(data)
+    return "synthetic, from /usr binaries and libraries"
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def warm(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                while f.read(8 * MiB):
+                    pass
+
+
+def big_tree(root: Path) -> None:
+    """A media skeleton plus one 4.5 GiB NAR of AES-CTR keystream, split as the media tree does."""
+    media_skeleton(root)
+    whole = root.parent / "big.nar"
+    with whole.open("wb") as out:
+        gen = subprocess.Popen(["openssl", "enc", "-aes-128-ctr", "-pass", "pass:bench", "-nosalt", "-pbkdf2",
+                                "-in", "/dev/zero"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert gen.stdout is not None
+        subprocess.run(["head", "-c", str(BIG_FILE)], stdin=gen.stdout, stdout=out, check=True)
+        gen.stdout.close()
+        gen.wait()
+    split_file(whole, root / "cache" / "nar", PART_SIZE)
+    whole.unlink()
+
+
+# The measurements
+
+
+def reference_fat32(tree: Path, image: Path, size: int, cluster: int) -> list[str]:
+    entries = [str(p) for p in sorted(tree.iterdir())]
+    script = ('set -e; img=$1; size=$2; spc=$3; shift 3; rm -f "$img"; truncate -s "$size" "$img"; '
+              'mkfs.fat -F 32 -S 512 -s "$spc" -n BENCH "$img" >/dev/null; mcopy -s -i "$img" "$@" ::/')
+    return ["bash", "-c", script, "ref", str(image), str(size), str(cluster // 512), *entries]
+
+
+def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
+    """format -> (ours s, reference s without fsync, reference s with fsync), best of ROUNDS."""
+    content = fat32.scan(tree)
+    size, geometry = fat32.image_geometry(content, None, "none")
+    image = WORK / "out.img"
+    results: dict[str, tuple[float, float, float]] = {}
+    for fmt in ("iso", "fat32"):
+        ours_best = ref_best = ref_sync_best = float("inf")
+        for rnd in range(ROUNDS):
+            say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: reference ...")
+            if fmt == "iso":
+                ref_argv = ["xorriso", "-as", "mkisofs", "-R", "-J", "-quiet", "-o", str(image), str(tree)]
+            else:
+                ref_argv = reference_fat32(tree, image, size, geometry.cluster)
+            image.unlink(missing_ok=True)
+            wall, _ = measured(f"ref-{fmt}", ref_argv)
+            sync = fsynced(image)
+            ref_best = min(ref_best, wall)
+            ref_sync_best = min(ref_sync_best, wall + sync)
+            image.unlink()
+            say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: ours ...")
+            code = OURS_ISO if fmt == "iso" else OURS_FAT32
+            wall, _ = measured(f"ours-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
+            ours_best = min(ours_best, wall)
+            image.unlink()
+        results[fmt] = (ours_best, ref_best, ref_sync_best)
+    return results
+
+
+def peak_rss(tree: Path) -> dict[str, tuple[float, int]]:
+    image = WORK / "big.out"
+    out: dict[str, tuple[float, int]] = {}
+    for fmt, code in (("iso", OURS_ISO), ("fat32", OURS_FAT32)):
+        say(f"  {fmt}: ours, 4.5 GiB file ...")
+        image.unlink(missing_ok=True)
+        out[fmt] = measured(f"rss-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
+        image.unlink()
+    return out
+
+
+def main() -> int:
+    for tool in ("xorriso", "mkfs.fat", "mcopy", "mmd", "openssl", "sync"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench: {tool} is not installed")
+    WORK.mkdir(parents=True, exist_ok=True)
+    if REPO in WORK.resolve().parents:
+        sys.exit(f"bench: {WORK} is inside the repository; choose another MEDIABUILDER_BENCH_DIR")
+    tree = WORK / "tree"
+    shutil.rmtree(tree, ignore_errors=True)
+    say("preparing the tree ...")
+    origin = from_bench_cache(tree) or synthetic(tree)
+    count, nbytes = tree_size(tree)
+    warm(tree)
+    say(f"tree: {count} files, {nbytes / MiB:.0f} MiB ({origin})")
+    times = compare(tree)
+    shutil.rmtree(tree)
+
+    big = WORK / "big-tree"
+    shutil.rmtree(big, ignore_errors=True)
+    say("preparing the 4.5 GiB tree ...")
+    big_tree(big)
+    try:
+        rss = peak_rss(big)
+    finally:
+        shutil.rmtree(big, ignore_errors=True)
+
+    rows: list[tuple[str, str, str, str]] = [
+        ("tree", f"{count} files, {nbytes / MiB:.0f} MiB", "", ""),
+    ]
+    for fmt, ref_name in (("iso", "xorriso -as mkisofs -R -J"), ("fat32", "mkfs.fat -F 32 + mcopy -s")):
+        ours, ref, ref_sync = times[fmt]
+        ratio = ours / ref_sync
+        rows += [
+            (f"{fmt}: ours (write_{fmt})", f"{ours:.2f} s", "", ""),
+            (f"{fmt}: {ref_name}", f"{ref:.2f} s, {ref_sync:.2f} s with fsync", "", ""),
+            (f"{fmt}: ours / reference (with fsync)", f"{ratio:.3f} (without: {ours / ref:.3f})", "<= 1.1",
+             "ok" if ratio <= 1.1 else "MISSED"),
+        ]
+    for fmt in ("iso", "fat32"):
+        wall, peak = rss[fmt]
+        rows.append((f"peak RSS, write_{fmt}, 4.5 GiB file", f"{peak / MiB:.0f} MiB ({wall:.1f} s)",
+                     "<= 256 MiB", "ok" if peak <= 256 * MiB else "MISSED"))
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':<{vwidth}}  {'target':<10}  verdict")
+    print("-" * (width + vwidth + 24))
+    for name, value, target, verdict in rows:
+        print(f"{name:<{width}}  {value:<{vwidth}}  {target:<10}  {verdict}")
+    print(f"\nbest of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
