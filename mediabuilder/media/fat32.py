@@ -13,8 +13,10 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mediabuilder import ui
 from mediabuilder.errors import ExternalError, InternalError, InvalidInput
@@ -36,7 +38,6 @@ PARTITION_TABLES = ("none", "mbr", "gpt")
 PARTITION_TYPES = {"mbr": "c", "gpt": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
 HEADROOM_FRACTION = 0.10
 HEADROOM_BYTES = 64 * MIB
-BATCH_FILES = 256  # paths per mmd/mcopy call
 _FAT_FORBIDDEN = re.compile(r'[\x00-\x1f"*/:<>?\\|]')
 
 TOOLS = {
@@ -293,26 +294,33 @@ def mtools_image(image: Path, offset: int) -> str:
 
 
 def _copy(tree: Path, image: Path, offset: int, content: Content) -> None:
-    """Make every directory (empty ones too) with `mmd`, then copy files with `mcopy`, a batch
-    of files of one directory per call.
+    """Copy the whole tree with one `mcopy -s` (it makes every directory, empty ones too).
 
-    `mcopy -b` (batch mode) is not used: mtools 4.0.32 fails with "size too big" with it.
+    One call, because every mtools call reads and writes back the whole FAT: per-batch calls
+    cost that again and again on a big image. Progress comes from the image's allocated blocks
+    (the image is sparse). `mcopy -b` (batch mode) is not used: mtools 4.0.32 fails with
+    "size too big" with it.
     """
     target = mtools_image(image, offset)
-    dirs: list[str] = []
-    batches: list[tuple[str, list[Path], int]] = []
-    for top, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
-        rel = Path(top).relative_to(tree).as_posix()
-        dest = "::/" if rel == "." else f"::/{rel}/"
-        dirs.extend(f"{dest}{name}" for name in dirnames)
-        files = [Path(top, name) for name in sorted(filenames)]
-        for i in range(0, len(files), BATCH_FILES):
-            batch = files[i : i + BATCH_FILES]
-            batches.append((dest, batch, sum(p.stat().st_size for p in batch)))
-    for i in range(0, len(dirs), BATCH_FILES):
-        run(["mmd", "-i", target, *dirs[i : i + BATCH_FILES]])
+    entries = sorted(tree.iterdir())
+    if not entries:
+        return
+    start = image.stat().st_blocks * 512
+    done = threading.Event()
+
+    def watch(bar: Any) -> None:
+        seen = 0
+        while not done.wait(0.5):
+            now = image.stat().st_blocks * 512 - start
+            if now > seen:
+                bar.update(min(now, content.file_bytes) - min(seen, content.file_bytes))
+                seen = now
+
     with ui.progress(content.file_bytes, "Writing FAT32 image") as bar:
-        for dest, batch, nbytes in batches:
-            run(["mcopy", "-Q", "-m", "-i", target, *batch, dest])
-            bar.update(nbytes)
+        watcher = threading.Thread(target=watch, args=(bar,), daemon=True)
+        watcher.start()
+        try:
+            run(["mcopy", "-s", "-Q", "-m", "-i", target, *entries, "::/"])
+        finally:
+            done.set()
+            watcher.join()
