@@ -31,8 +31,7 @@ test-fast: setup
 lint: setup
     pytest -q tests/test_lint.py
 
-# Speed against the reference tools, as ratios measured in the same run: cache filling,
-# image writing, prefetching from a substituter.
+# Speed ratios against the reference tools (cache, images, substituter), measured in one run.
 bench: setup
     python scripts/bench.py
     python scripts/bench_images.py
