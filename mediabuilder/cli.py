@@ -15,13 +15,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mediabuilder import __version__, nixcli, ui
-from mediabuilder.build import BuildRequest, build_media
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.verify import Report, verify_cache
 from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, MediabuilderError
-from mediabuilder.media.iso import validate_label
-from mediabuilder.media.verify import verify_media
 from mediabuilder.profile import (
     CacheSettings,
     Compression,
@@ -146,6 +143,8 @@ def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
     if not target.exists():
         raise InvalidInput(f"{target}: no such file or directory")
     with open_target(target) as root:
+        from mediabuilder.media.verify import verify_media
+
         is_media = (root / "manifest.json").is_file()
         trusted = [trusted_key(k) for k in args.trusted_key]
         if not trusted:
@@ -229,6 +228,10 @@ def open_target(target: Path) -> Iterator[Path]:
 
 
 def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
+    # Imported here: image writers and the HTTP client cost a start-up that `cache` need not pay.
+    from mediabuilder.build import BuildRequest, build_media
+    from mediabuilder.media.iso import validate_label
+
     cache = cache_settings(args, profile)
     media = override(
         profile.media,
