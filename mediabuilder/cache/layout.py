@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
 from mediabuilder.store.keys import PublicKey, SecretKey
@@ -39,6 +41,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
+            lock(f)
             f.write(data)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -48,14 +51,22 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
+def lock(f: IO[bytes]) -> None:
+    """Mark a temporary file as being written: the lock lasts as long as the writer's process
+    (unlike a pid, which a zombie keeps and a new process may reuse)."""
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _abandoned(path: Path) -> bool:
+    """True when no living process holds the write lock of temporary file `path`."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(path, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+    except BlockingIOError:
         return False
-    except PermissionError:
-        return True
-    return True
+    except FileNotFoundError:
+        return False
 
 
 class BinaryCache:
@@ -98,12 +109,10 @@ class BinaryCache:
         removed = 0
         for directory in (self.root, self.root / "nar"):
             for entry in directory.glob(f"{TMP_PREFIX}*"):
-                pid = entry.name[len(TMP_PREFIX):].split("-", 1)[0]
-                if pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid():
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
-                    removed += 1
+                if _abandoned(entry):
+                    with contextlib.suppress(FileNotFoundError):
+                        entry.unlink()
+                        removed += 1
         return removed
 
     # Reading

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mediabuilder import ui
 from mediabuilder.cache.compression import EXTENSIONS, Compressor
-from mediabuilder.cache.layout import BinaryCache, temp_name
+from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidMedia, MediabuilderError
 from mediabuilder.store import nar, nix32
 from mediabuilder.store.hashes import Hash
@@ -45,6 +45,7 @@ class _HashingFile:
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        lock(self._file)
         self.sha256 = hashlib.sha256()
         self.size = 0
 
