@@ -5,7 +5,8 @@ from __future__ import annotations
 from mediabuilder.errors import FormatError
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
-_VALUES = {c: i for i, c in enumerate(ALPHABET)}
+_CHARS = frozenset(ALPHABET)
+_TO_BASE32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 
 
 def encoded_length(size: int) -> int:
@@ -25,12 +26,11 @@ def decode(text: str) -> bytes:
     size = len(text) * 5 // 8
     if encoded_length(size) != len(text):
         raise FormatError(f"nix32 string {text!r} has an impossible length {len(text)}")
-    value = 0
-    for c in text:
-        digit = _VALUES.get(c)
-        if digit is None:
-            raise FormatError(f"nix32 string {text!r} contains invalid character {c!r}")
-        value = (value << 5) | digit
+    if not _CHARS.issuperset(text):
+        bad = next(c for c in text if c not in _CHARS)
+        raise FormatError(f"nix32 string {text!r} contains invalid character {bad!r}")
+    # Most significant digit first, as int() reads base 32 (its digits 0-9a-v): in C, not a loop.
+    value = int(text.translate(_TO_BASE32), 32) if text else 0
     if value >> (8 * size):
         raise FormatError(f"nix32 string {text!r} has bits set beyond {size} bytes")
     return value.to_bytes(size, "little")
