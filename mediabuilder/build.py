@@ -135,7 +135,6 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
         (root / sub).mkdir()
     (root / "nix-cache-info").write_text(CACHE_INFO)
     known: dict[str, FileEntry] = {}
-    total = 0
     infos: list[NarInfo] = [local.read_narinfo(p) for p in paths]
     with ui.progress(sum(i.file_size or 0 for i in infos), "copying cache") as bar:
         for info in infos:
@@ -146,7 +145,6 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
             assert info.file_hash is not None and info.file_size is not None
             digest = nix32.decode(info.file_hash.removeprefix("sha256:"))
             known[f"cache/{info.url}"] = FileEntry(info.file_size, digest.hex())
-            total += info.file_size
             bar.update(info.file_size)
     return known
 
