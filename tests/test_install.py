@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -303,3 +304,35 @@ def test_build_refuses_non_empty_output(built: Built, tmp_path: Path) -> None:
     proc = run_cli("build", f"--flake={built.flake}#alpha", "--output", out, "--cache", built.cache)
     assert_one_line_error(proc, str(out), "not empty")
     assert (out / "precious").read_text() == "keep me"
+
+
+def _on_a_terminal(media: Path, root: Path, answers: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """install.sh with a real terminal (script(1) gives it a pty as /dev/tty); `answers` typed."""
+    root.chmod(0o755)
+    install = shlex.join(["bash", str(media / "install.sh"), "--media", str(media), "--root", str(root), *args])
+    command = f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))} && {install}"
+    env = make_nix_env()
+    env.pop("NIX_CONFIG")
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "setsid", "script", "-qec", command,
+                           "/dev/null"], input=answers, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+
+
+def test_host_menu_on_a_terminal(built: Built, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = _on_a_terminal(built.media, root, "2\n", "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "1) alpha" in out and "2) beta" in out, out
+    assert built.toplevels["beta"] in out and built.toplevels["alpha"] not in out.split("2) beta", 1)[1]
+    assert tree_state(root) == []
+
+
+def test_confirmation_declined_writes_nothing(built: Built, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = _on_a_terminal(built.media, root, "n\n", "--host", "alpha")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not confirmed" in proc.stdout + proc.stderr
+    assert tree_state(root) == []
