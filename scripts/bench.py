@@ -203,6 +203,16 @@ def fresh(name: str) -> Path:
     return d
 
 
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    """measure / value / target / verdict, aligned (shared by every bench script)."""
+    width = max(len(r[0]) for r in rows)
+    vwidth = max(len(r[1]) for r in rows)
+    print(f"{'measure':<{width}}  {'value':<{vwidth}}  {'target':<10}  verdict")
+    print("-" * (width + vwidth + 24))
+    for name, value, target, verdict in rows:
+        print(f"{name:<{width}}  {value:<{vwidth}}  {target:<10}  {verdict}")
+
+
 def main() -> int:
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     if REPO in BENCH_DIR.resolve().parents or BENCH_DIR.resolve() == REPO:
@@ -263,12 +273,7 @@ def main() -> int:
          f"({big_nar / GiB:.2f} GiB NAR in {big_wall:.1f} s)", "<= 256 MiB",
          "ok" if big_rss <= 256 * MiB else "MISSED"),
     ]
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':<{vwidth}}  {'target':<10}  verdict")
-    print("-" * (width + vwidth + 24))
-    for name, value, target, verdict in rows:
-        print(f"{name:<{width}}  {value:<{vwidth}}  {target:<10}  {verdict}")
+    print_table(rows)
     print(f"\ncores: {os.cpu_count()}, nix: {check_output(['nix', '--version']).strip()}, data: {BENCH_DIR}")
     return 0
 

@@ -37,6 +37,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402  (scripts/bench.py: its table printer)
 
 from mediabuilder.media import fat32  # noqa: E402
 from mediabuilder.media.split import PART_SIZE, split_file  # noqa: E402
@@ -290,12 +293,7 @@ def main() -> int:
         wall, peak = rss[fmt]
         rows.append((f"peak RSS, write_{fmt}, 4.5 GiB file", f"{peak / MiB:.0f} MiB ({wall:.1f} s)",
                      "<= 256 MiB", "ok" if peak <= 256 * MiB else "MISSED"))
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':<{vwidth}}  {'target':<10}  verdict")
-    print("-" * (width + vwidth + 24))
-    for name, value, target, verdict in rows:
-        print(f"{name:<{width}}  {value:<{vwidth}}  {target:<10}  {verdict}")
+    bench.print_table(rows)
     print(f"\nbest of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
     return 0
 

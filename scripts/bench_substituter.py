@@ -261,12 +261,7 @@ def main() -> int:
         ("mediabuilder cache (local store, zstd)", f"{loc:.2f} s ({rounds}: {runs(local)})", "", ""),
         ("(2) prefetch / local-store cache", f"{our / loc:.3f} (local store / prefetch: {loc / our:.2f})", "", ""),
     ]
-    width = max(len(r[0]) for r in rows)
-    vwidth = max(len(r[1]) for r in rows)
-    print(f"{'measure':<{width}}  {'value':<{vwidth}}  {'target':<7}  verdict")
-    print("-" * (width + vwidth + 20))
-    for name, value, target, verdict in rows:
-        print(f"{name:<{width}}  {value:<{vwidth}}  {target:<7}  {verdict}")
+    bench.print_table(rows)
     print(f"\ncores: {os.cpu_count()} (affinity {len(os.sched_getaffinity(0))}; default jobs = min(8, 4 x cores) "
           f"= {jobs}; server, client and curl share them), loopback 127.0.0.1, "
           f"nix: {bench.check_output(['nix', '--version']).strip()}, data: {BENCH_DIR}")
