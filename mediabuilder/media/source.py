@@ -107,7 +107,30 @@ class DirSource(MediaSource):
         return shutil.disk_usage(self.path).free
 
 
-class IsoSource(MediaSource):
+class _IndexedSource(MediaSource):
+    """An image read through an index built when it is opened: relative path → (the reader's
+    own path for the file, size), and the directories."""
+
+    _files: dict[str, tuple[str, int]]
+    _dirs: list[str]
+
+    def files(self) -> Iterator[tuple[str, int]]:
+        for rel, (_, size) in sorted(self._files.items()):
+            yield rel, size
+
+    def dirs(self) -> Iterator[str]:
+        yield from sorted(self._dirs)
+
+    def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
+        if relpath not in self._files:
+            raise self._missing(relpath)
+        return self._open_native(self._files[relpath][0])
+
+    @abstractmethod
+    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]: ...
+
+
+class IsoSource(_IndexedSource):
     """An ISO 9660 image, by Rock Ridge names if it has them, else Joliet, else ISO 9660."""
 
     kind = "iso"
@@ -161,17 +184,8 @@ class IsoSource(MediaSource):
             return record.rock_ridge.name().decode(), ident
         return ident.split(";")[0], ident
 
-    def files(self) -> Iterator[tuple[str, int]]:
-        for rel, (_, size) in sorted(self._files.items()):
-            yield rel, size
-
-    def dirs(self) -> Iterator[str]:
-        yield from sorted(self._dirs)
-
-    def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
-        if relpath not in self._files:
-            raise self._missing(relpath)
-        stream = self._iso.open_file_from_iso(**{self._key: self._files[relpath][0]})
+    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]:
+        stream = self._iso.open_file_from_iso(**{self._key: native})
         return cast(AbstractContextManager[BinaryIO], stream)
 
     def close(self) -> None:
@@ -179,7 +193,7 @@ class IsoSource(MediaSource):
             self._iso.close()
 
 
-class FatSource(MediaSource):
+class FatSource(_IndexedSource):
     """A FAT32 filesystem at `offset` bytes into an image file, read with pyfatfs."""
 
     kind = "fat32"
@@ -210,17 +224,8 @@ class FatSource(MediaSource):
             else:
                 self._files[child_rel] = (child_fs_path, int(entry.filesize))
 
-    def files(self) -> Iterator[tuple[str, int]]:
-        for rel, (_, size) in sorted(self._files.items()):
-            yield rel, size
-
-    def dirs(self) -> Iterator[str]:
-        yield from sorted(self._dirs)
-
-    def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
-        if relpath not in self._files:
-            raise self._missing(relpath)
-        return cast(AbstractContextManager[BinaryIO], self._fs.openbin(self._files[relpath][0], "r"))
+    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]:
+        return cast(AbstractContextManager[BinaryIO], self._fs.openbin(native, "r"))
 
     @property
     def free_bytes(self) -> int:
