@@ -20,7 +20,11 @@ HTTP/1.1 keep-alive, TCP_NODELAY, in a subprocess stopped at the end), and the s
      reads the local store and recompresses).
 
 Each measure is the median of ROUNDS rounds (one round when a run takes >= 60 s), reference and
-ours alternating, page cache warm, dirty pages flushed before each run. No wall-clock
+ours alternating, page cache warm, dirty pages flushed before each run. A run's output is moved
+aside, not deleted, until the end: ext4 skips inodes deleted in the last 30 s (300 s while their
+inode table block is dirty) when it allocates new ones (`recently_deleted()` in ialloc.c), so
+deleting 2,000 files makes the next run that creates 2,000 pay a scan on each create (perf: a
+quarter of its CPU time), whichever run that is. No wall-clock
 assertions: this prints numbers; the exit status is 0 unless something failed to run.
 """
 
@@ -55,6 +59,7 @@ UPSTREAM = BENCH_DIR / "upstream"
 MARKER = UPSTREAM / ".bench-upstream.json"
 ROUNDS = 3
 SLOW = 60.0  # seconds: one round only when a run takes this long
+TRASH = BENCH_DIR / "trash"
 CURL_BATCH = 16
 MiB = 1024**2
 GiB = 1024**3
@@ -148,6 +153,16 @@ def fresh(name: str) -> Path:
     return d
 
 
+def discard(d: Path) -> None:
+    """Move a run's output aside (see the module's docstring); `empty_trash()` deletes it."""
+    TRASH.mkdir(exist_ok=True)
+    d.rename(TRASH / f"{d.name}-{time.monotonic_ns()}")
+
+
+def empty_trash() -> None:
+    shutil.rmtree(TRASH, ignore_errors=True)
+
+
 def run_reference(url: str, files: list[str], jobs: int) -> tuple[float, float, int]:
     """xargs -P jobs -n 16 curl of every file, then sync: (seconds, seconds without sync, bytes)."""
     dest = fresh("dl-reference")
@@ -165,7 +180,7 @@ def run_reference(url: str, files: list[str], jobs: int) -> tuple[float, float, 
     if len(got) != len(files):
         sys.exit(f"bench: the reference download got {len(got)} files, expected {len(files)}")
     size = sum(e.stat().st_size for e in got)
-    shutil.rmtree(dest)
+    discard(dest)
     return wall, downloaded, size
 
 
@@ -182,7 +197,7 @@ def run_ours(url: str, roots: list[StorePath], trusted: PublicKey, media_key: Se
     if result.missing or result.downloaded != len(roots):
         sys.exit(f"bench: prefetch downloaded {result.downloaded} paths of {len(roots)}, "
                  f"{len(result.missing)} missing")
-    shutil.rmtree(dest)
+    discard(dest)
     return wall, result.file_bytes
 
 
@@ -192,7 +207,7 @@ def run_local(paths: list[str], key: Path) -> float:
     argv = [*bench.MEDIABUILDER, "cache", "--cache", str(dest), "--compression", "zstd", "--key", str(key),
             *[a for p in paths for a in ("--store-path", p)]]
     wall, _, _ = bench.measured("substituter-local-cache", argv)
-    shutil.rmtree(dest)
+    discard(dest)
     return wall
 
 
@@ -206,6 +221,7 @@ def main() -> int:
     nar = bench.nar_total(paths)
     if len(paths) < 1000 or nar < 1.5 * GiB:
         sys.exit(f"bench: the synthetic set is too small ({len(paths)} paths, {nar / GiB:.2f} GiB)")
+    empty_trash()  # left by a run that was stopped
     key, key_pub = bench_key()
     made = upstream_cache(paths, key, key_pub)
     files = upstream_files(paths)
@@ -237,6 +253,7 @@ def main() -> int:
                 break
     finally:
         stop_server(server)
+        empty_trash()
     if server.returncode is None:
         sys.exit("bench: the HTTP server did not stop")
 
