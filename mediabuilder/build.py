@@ -32,6 +32,7 @@ from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
 from mediabuilder.store.storepath import StorePath
 from mediabuilder.substituter.client import Substituter
+from mediabuilder.substituter.prefetch import default_jobs as download_jobs
 from mediabuilder.substituter.prefetch import prefetch
 
 README = """\
@@ -287,9 +288,10 @@ def fill_cache(req: BuildRequest, cache: BinaryCache, key: SecretKey, roots: lis
     if req.substituters:
         with ui.step("Prefetching from substituters") as step:
             trusted = [PublicKey.parse(k, source="--trusted-key") for k in req.substituter_keys]
-            subs = [Substituter(url, trusted) for url in req.substituters]
+            jobs = req.cache.jobs or download_jobs()
+            subs = [Substituter(url, trusted, jobs=jobs) for url in req.substituters]
             try:
-                result = prefetch(roots, subs, cache, key, req.cache.jobs)
+                result = prefetch(roots, subs, cache, key, jobs)
             finally:
                 for sub in subs:
                     sub.close()

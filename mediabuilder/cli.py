@@ -299,7 +299,9 @@ def _add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="NAR compression (default: zstd)")
     p.add_argument("--key", metavar="FILE",
                    help="secret signing key (default: the cache's own, created when missing)")
-    p.add_argument("--jobs", "-j", type=int, metavar="N", help="parallel workers (default: one per core)")
+    p.add_argument("--jobs", "-j", type=int, metavar="N",
+                   help="parallel workers: exports (default: one per core) and downloads from "
+                        "substituters (default: 4 per core, at most 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:

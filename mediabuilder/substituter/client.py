@@ -138,7 +138,8 @@ class Substituter:
         self._local = Path(unquote(urlsplit(self.url).path)) if scheme == "file" else None
         self._http: urllib3.PoolManager | None = None
         if self._local is None:
-            self.url, self._http = _pool_manager(self.url, max(jobs, 10))
+            # The walk's lookups and the downloads each use up to `jobs` connections at once.
+            self.url, self._http = _pool_manager(self.url, max(2 * jobs, 10))
         self._info: CacheInfo | None = None
         self._info_lock = threading.Lock()
 

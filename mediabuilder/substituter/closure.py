@@ -9,6 +9,7 @@ the caller may take them from the local store.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -57,10 +58,12 @@ def lookup(path: StorePath, substituters: list[Substituter]) -> _Lookup:
     return _Lookup(path, None, tuple(refusals))
 
 
-def walk_closure(roots: list[StorePath], substituters: list[Substituter], jobs: int = 8) -> Closure:
+def walk_closure(roots: list[StorePath], substituters: list[Substituter], jobs: int = 8,
+                 on_found: Callable[[NarInfo, Substituter], None] | None = None) -> Closure:
     """Every path `roots` reference, directly or not, with its narinfo and substituter.
 
-    Raises InvalidMedia when a path is offered only with narinfos that cannot be trusted."""
+    `on_found` is called (on this thread) with each trusted narinfo as soon as it is in. Raises
+    InvalidMedia when a path is offered only with narinfos that cannot be trusted."""
     ordered = by_priority(substituters)
     closure = Closure()
     refused: dict[StorePath, tuple[str, ...]] = {}
@@ -77,6 +80,8 @@ def walk_closure(roots: list[StorePath], substituters: list[Substituter], jobs: 
                         closure.missing.append(result.path)
                     continue
                 closure.found[result.path] = result.found
+                if on_found is not None:
+                    on_found(*result.found)
                 following.update(r for r in result.found[0].reference_paths() if r not in seen)
             seen |= following
             level = sorted(following)

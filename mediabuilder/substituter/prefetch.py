@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from mediabuilder import ui
@@ -18,8 +18,8 @@ from mediabuilder.errors import MediabuilderError
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
-from mediabuilder.substituter.client import PARTIAL_PREFIX, Downloaded, Substituter, partial_name
-from mediabuilder.substituter.closure import Closure, walk_closure
+from mediabuilder.substituter.client import PARTIAL_PREFIX, Cancelled, Downloaded, Substituter, partial_name
+from mediabuilder.substituter.closure import walk_closure
 
 
 @dataclass
@@ -73,77 +73,122 @@ def prefetch(
     key: SecretKey,
     jobs: int = 0,
 ) -> PrefetchResult:
-    """Put the closure of `roots` from `substituters` into `cache`, signed by `key` as well."""
+    """Put the closure of `roots` from `substituters` into `cache`, signed by `key` as well.
+
+    Each NAR starts downloading as soon as the walk has found and trusted its path: over a real
+    network the walk is a chain of round trips as long as the closure is deep, and the downloads
+    use the bandwidth meanwhile."""
     jobs = jobs or default_jobs()
     cache.create()
     cache.remove_stale_temporaries()
-    closure = walk_closure(roots, substituters, jobs)
-    result = PrefetchResult(missing=tuple(closure.missing), paths=tuple(sorted(closure.found)))
-    todo = _plan(cache, closure, key, result)
-    _remove_foreign_partials(cache, {partial_name(info) for info, _ in todo})
-    if todo:
-        _download_all(cache, todo, key, jobs, result)
+    result = PrefetchResult()
+    with _Downloads(cache, key, jobs, result) as downloads:
+        closure = walk_closure(roots, substituters, jobs, on_found=downloads.add)
+        _remove_foreign_partials(cache, set(downloads.files))
+        downloads.finish()
+    result.missing = tuple(closure.missing)
+    result.paths = tuple(sorted(closure.found))
+    if downloads.files:
         os.sync()
     return result
 
 
-def _plan(cache: BinaryCache, closure: Closure, key: SecretKey,
-          result: PrefetchResult) -> list[tuple[NarInfo, Substituter]]:
-    """What must be downloaded; a complete path only lacking our signature is signed in place."""
-    todo: list[tuple[NarInfo, Substituter]] = []
-    public = key.public()
-    for path in sorted(closure.found):
-        info, substituter = closure.found[path]
-        ours = _present(cache, info)
-        if ours is None:
-            todo.append((info, substituter))
-            continue
-        result.present += 1
-        if not any(public.verify(ours.fingerprint(), s) for s in ours.sigs):
-            others = tuple(s for s in ours.sigs if not s.startswith(key.name + ":"))
-            cache.write_narinfo(ours.with_sigs((*others, key.sign(ours.fingerprint()))))
-    # Biggest first, so one large NAR does not finish alone at the end.
-    todo.sort(key=lambda item: item[0].file_size or item[0].nar_size, reverse=True)
-    return todo
+@dataclass
+class _File:
+    """One NAR file to download, and every path whose narinfo points at it (identical contents
+    share one file); `downloaded` once it is complete."""
+
+    infos: list[NarInfo]
+    substituter: Substituter
+    future: Future[Downloaded] | None = None
+    downloaded: Downloaded | None = None
 
 
-def _download_all(cache: BinaryCache, todo: list[tuple[NarInfo, Substituter]], key: SecretKey, jobs: int,
-                  result: PrefetchResult) -> None:
-    # Paths with identical contents share one NAR file: download it once.
-    groups: dict[str, list[tuple[NarInfo, Substituter]]] = {}
-    for item in todo:
-        groups.setdefault(partial_name(item[0]), []).append(item)
-    total = sum(items[0][0].file_size or items[0][0].nar_size for items in groups.values())
-    cancel = threading.Event()
-    lock = threading.Lock()
-    with ui.progress(total, "downloading NARs") as bar:
+class _Downloads:
+    """NAR downloads in a thread pool, added while the walk goes on; each path's narinfo is
+    written when its file is complete (last: the path is then in the cache). The first failure
+    cancels the rest."""
 
-        def on_bytes(n: int) -> None:
-            with lock:
-                bar.update(n)
+    def __init__(self, cache: BinaryCache, key: SecretKey, jobs: int, result: PrefetchResult) -> None:
+        self.cache = cache
+        self.key = key
+        self.public = key.public()
+        self.result = result
+        self.files: dict[str, _File] = {}  # by partial name
+        self.total = 0  # bytes, growing as the walk finds paths
+        self.cancel = threading.Event()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=jobs)
+        self.bar = ui.progress(0, "downloading NARs")
 
-        def one(items: list[tuple[NarInfo, Substituter]]) -> Downloaded:
-            info, substituter = items[0]
-            downloaded = substituter.download_nar(info, cache.root, on_bytes, cancel)
-            for same, _ in items:  # last: the path is now in the cache
-                cache.write_narinfo(signed(same, downloaded, key))
-            return downloaded
+    def __enter__(self) -> _Downloads:
+        return self
 
-        with ThreadPoolExecutor(max_workers=min(jobs, len(groups))) as pool:
-            futures = {pool.submit(one, items): items for items in groups.values()}
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in done if f.exception() is not None), None)
-            if failed is not None:
-                cancel.set()
-                for future in pending:
-                    future.cancel()
-                wait(pending)
-                error = failed.exception()
-                assert error is not None
-                raise error
-        for future, items in futures.items():
-            downloaded = future.result()
-            result.downloaded += len(items)
-            result.resumed += downloaded.resumed
-            result.file_bytes += downloaded.file_size
-            result.nar_bytes += sum(info.nar_size for info, _ in items)
+    def __exit__(self, *exc: object) -> None:
+        self.cancel.set()  # a no-op after finish(): everything is done by then
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.bar.close()
+
+    def add(self, info: NarInfo, substituter: Substituter) -> None:
+        """A path the walk found (called on the walking thread)."""
+        self._raise_first_error()
+        ours = _present(self.cache, info)
+        if ours is not None:
+            self.result.present += 1
+            if not any(self.public.verify(ours.fingerprint(), s) for s in ours.sigs):
+                others = tuple(s for s in ours.sigs if not s.startswith(self.key.name + ":"))
+                self.cache.write_narinfo(ours.with_sigs((*others, self.key.sign(ours.fingerprint()))))
+            return
+        name = partial_name(info)
+        with self.lock:
+            file = self.files.get(name)
+            if file is None:
+                file = self.files[name] = _File([info], substituter)
+                self.total += info.file_size or info.nar_size
+                self.bar.total = self.total
+                self.bar.refresh()
+                file.future = self.pool.submit(self._download, file)
+                file.future.add_done_callback(self._stop_all_on_error)
+                return
+            file.infos.append(info)
+            downloaded = file.downloaded
+        if downloaded is not None:  # the file came in before this path was found
+            self.cache.write_narinfo(signed(info, downloaded, self.key))
+
+    def finish(self) -> None:
+        """Wait for every download; raise the first error."""
+        wait([f.future for f in self.files.values() if f.future is not None])
+        self._raise_first_error()
+        for file in self.files.values():
+            assert file.downloaded is not None
+            self.result.downloaded += len(file.infos)
+            self.result.resumed += file.downloaded.resumed
+            self.result.file_bytes += file.downloaded.file_size
+            self.result.nar_bytes += sum(info.nar_size for info in file.infos)
+
+    def _download(self, file: _File) -> Downloaded:
+        downloaded = file.substituter.download_nar(file.infos[0], self.cache.root, self._progress, self.cancel)
+        with self.lock:
+            file.downloaded = downloaded
+            infos = list(file.infos)
+        for info in infos:
+            self.cache.write_narinfo(signed(info, downloaded, self.key))
+        return downloaded
+
+    def _progress(self, n: int) -> None:
+        with self.lock:
+            self.bar.update(n)
+
+    def _stop_all_on_error(self, future: Future[Downloaded]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.cancel.set()
+
+    def _raise_first_error(self) -> None:
+        """The first download that failed for a reason of its own (not cancelled by another)."""
+        if not self.cancel.is_set():
+            return
+        errors = [f.future.exception() for f in self.files.values()
+                  if f.future is not None and f.future.done() and not f.future.cancelled()]
+        error = next((e for e in errors if e is not None and not isinstance(e, Cancelled)), None)
+        if error is not None:
+            raise error
