@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import urllib3
@@ -70,6 +70,12 @@ _TRANSIENT = (
 
 class Cancelled(Exception):
     """A download stopped because the caller asked (another download failed)."""
+
+
+class Cancel(Protocol):
+    """What stops a download: a threading.Event, or a multiprocessing one across processes."""
+
+    def is_set(self) -> bool: ...
 
 
 class _ServerError(Exception):
@@ -136,12 +142,19 @@ class Substituter:
         self.tries = max(1, tries)
         self.backoff = backoff
         self._local = Path(unquote(urlsplit(self.url).path)) if scheme == "file" else None
+        self._given_url = self.url
+        self._connections = max(jobs, 10)
         self._http: urllib3.PoolManager | None = None
         if self._local is None:
-            # The walk's lookups and the downloads each use up to `jobs` connections at once.
-            self.url, self._http = _pool_manager(self.url, max(2 * jobs, 10))
+            self.url, self._http = _pool_manager(self._given_url, self._connections)
         self._info: CacheInfo | None = None
         self._info_lock = threading.Lock()
+
+    def reopen(self) -> None:
+        """New connections, for a forked process: the parent's sockets are the parent's."""
+        self._info_lock = threading.Lock()
+        if self._local is None:
+            self.url, self._http = _pool_manager(self._given_url, self._connections)
 
     def __repr__(self) -> str:
         return f"Substituter({self.url!r})"
@@ -216,7 +229,7 @@ class Substituter:
 
     # NARs
     def download_nar(self, info: NarInfo, dest: Path, on_bytes: Callable[[int], None] = lambda n: None,
-                     cancel: threading.Event | None = None) -> Downloaded:
+                     cancel: Cancel | None = None) -> Downloaded:
         """Download `info`'s NAR into the cache directory `dest` as `local_url(info)`.
 
         Resumes `nar/.partial-*` left by an interrupted download; checks FileSize and FileHash;
@@ -248,7 +261,7 @@ class Substituter:
         return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
 
     def _fetch_checked(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
-                       cancel: threading.Event | None) -> tuple[str, int]:
+                       cancel: Cancel | None) -> tuple[str, int]:
         sha, size = self._fetch_into(info, partial, on_bytes, cancel)
         file_hash = Hash("sha256", sha).nix32()
         if (info.file_size is not None and size != info.file_size) or \
@@ -277,7 +290,7 @@ class Substituter:
             raise self._mismatch(info, "the NAR inside does not match NarHash and NarSize")
 
     def _fetch_into(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
-                    cancel: threading.Event | None) -> tuple[bytes, int]:
+                    cancel: Cancel | None) -> tuple[bytes, int]:
         """Append the rest of the file to `partial` (retrying, resuming); its sha256 and size."""
         expected = info.file_size
         if partial.exists() and expected is not None and partial.stat().st_size > expected:
@@ -298,7 +311,7 @@ class Substituter:
                 time.sleep(self.backoff * 2 ** (failures - 1))
 
     def _append(self, info: NarInfo, partial: Path, sha: hashlib._Hash, size: int,
-                on_bytes: Callable[[int], None], cancel: threading.Event | None) -> tuple[hashlib._Hash, int]:
+                on_bytes: Callable[[int], None], cancel: Cancel | None) -> tuple[hashlib._Hash, int]:
         expected = info.file_size
         with open(partial, "ab") as out, self._open_nar(info, size) as (start, chunks):
             if start != size:  # the server sent the whole file: start over with it
