@@ -7,9 +7,10 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @dataclass
@@ -74,6 +75,8 @@ def step(title: str) -> Iterator[Step]:
 def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any) -> tqdm:
     """A progress bar on stderr; bytes by default (scaled, with rate and ETA). Hidden when quiet
     or when stderr is not a terminal."""
+    from tqdm import tqdm  # here: importing it takes 25-80 ms, and most commands draw no bar
+
     disable = state.quiet or not sys.stderr.isatty()
     return tqdm(
         total=total,

@@ -278,7 +278,7 @@ def test_path_no_substituter_has_is_missing(server: FakeCache, upstream_key: Sec
 # A killed run
 
 
-KILLED_RUN = """
+PREFETCH_RUN = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {repo!r})
@@ -296,7 +296,7 @@ def test_killed_prefetch_resumes(server: FakeCache, upstream: Path, upstream_key
                                  toplevel: str, tmp_path: Path) -> None:
     dest = tmp_path / "cache"
     server.faults.bytes_per_second = 64 * 1024
-    script = KILLED_RUN.format(repo=str(REPO), url=server.url, pub=upstream_key.public().render(), top=toplevel,
+    script = PREFETCH_RUN.format(repo=str(REPO), url=server.url, pub=upstream_key.public().render(), top=toplevel,
                                dest=str(dest), sec=media_key.render())
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -327,3 +327,20 @@ def test_killed_prefetch_resumes(server: FakeCache, upstream: Path, upstream_key
     assert partial_after_kill <= resumed
     assert {p for p, _ in server.ranges} == partial_after_kill
     assert sum(first.values()) + sum(second.values()) == len(nars) + len(resumed)
+
+
+def test_two_runs_into_one_cache_at_once(server: FakeCache, upstream: Path, upstream_key: SecretKey,
+                                         media_key: SecretKey, toplevel: str, tmp_path: Path) -> None:
+    """Two builds sharing a cache: each NAR is downloaded once; neither removes the other's partial files."""
+    dest = tmp_path / "cache"
+    server.faults.bytes_per_second = 512 * 1024
+    script = PREFETCH_RUN.format(repo=str(REPO), url=server.url, pub=upstream_key.public().render(), top=toplevel,
+                                 dest=str(dest), sec=media_key.render())
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+
+    assert nar_files(dest) == nar_files(upstream)
+    assert verify_cache(dest, [media_key.public()], jobs=2).ok
+    assert server.nar_requests() == {f"nar/{name}": 1 for name in nar_files(upstream)}

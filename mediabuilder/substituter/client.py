@@ -15,6 +15,7 @@ recompressed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import netrc
 import os
@@ -234,31 +235,43 @@ class Substituter:
 
         Resumes `nar/.partial-*` left by an interrupted download; checks FileSize and FileHash;
         `on_bytes(n)` reports progress (bytes already on disk count too)."""
-        nar_dir = dest / "nar"
-        partial = nar_dir / partial_name(info)
+        partial = dest / "nar" / partial_name(info)
         final = dest / local_url(info)
-        if info.file_hash is not None and final.is_file() and self._complete(final, info):
-            on_bytes(info.file_size or final.stat().st_size)
-            return Downloaded(local_url(info), info.file_hash, final.stat().st_size, reused=True)
-        resumed = partial.exists() and partial.stat().st_size > 0
-        try:
+        reused = self._reused(info, final, on_bytes)
+        if reused is not None:
+            return reused
+        with _claimed(partial, cancel):
+            reused = self._reused(info, final, on_bytes)  # another process may have completed it
+            if reused is not None:
+                partial.unlink()
+                return reused
+            resumed = partial.stat().st_size > 0
             try:
-                file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                try:
+                    file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                except InvalidMedia:
+                    if not resumed:
+                        raise
+                    # The old partial file may be what is wrong: once more, from scratch.
+                    os.truncate(partial, 0)
+                    on_bytes(-(info.file_size or 0))
+                    file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                if info.file_hash is None:
+                    self._check_nar_hash(info, partial)
+                    final = dest / f"nar/{file_hash.removeprefix('sha256:')}{_extension(info)}"
             except InvalidMedia:
-                if not resumed:
-                    raise
-                # The old partial file may be what is wrong: once more, from scratch.
                 partial.unlink(missing_ok=True)
-                on_bytes(-(info.file_size or 0))
-                file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
-            if info.file_hash is None:
-                self._check_nar_hash(info, partial)
-                final = dest / f"nar/{file_hash.removeprefix('sha256:')}{_extension(info)}"
-        except InvalidMedia:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, final)
+                raise
+            os.replace(partial, final)
         return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
+
+    def _reused(self, info: NarInfo, final: Path, on_bytes: Callable[[int], None]) -> Downloaded | None:
+        """The NAR file already complete in the cache, if it is."""
+        if info.file_hash is None or not final.is_file() or not self._complete(final, info):
+            return None
+        size = final.stat().st_size
+        on_bytes(size)
+        return Downloaded(local_url(info), info.file_hash, size, reused=True)
 
     def _fetch_checked(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
                        cancel: Cancel | None) -> tuple[str, int]:
@@ -293,11 +306,11 @@ class Substituter:
                     cancel: Cancel | None) -> tuple[bytes, int]:
         """Append the rest of the file to `partial` (retrying, resuming); its sha256 and size."""
         expected = info.file_size
-        if partial.exists() and expected is not None and partial.stat().st_size > expected:
-            partial.unlink()
+        if expected is not None and partial.stat().st_size > expected:
+            os.truncate(partial, 0)
         failures = 0
         while True:
-            sha, size = _sha256_file(partial) if partial.exists() else (hashlib.sha256(), 0)
+            sha, size = _sha256_file(partial)
             on_bytes(size)
             try:
                 if expected is None or size < expected:
@@ -423,6 +436,50 @@ def _reason(error: Exception) -> str:
         return "the connection closed in the middle of the file"
     errno = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(error))
     return errno.group(1).strip() if errno else "cannot connect"
+
+
+@contextlib.contextmanager
+def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
+    """Hold the lock of the partial file (created empty when missing) while downloading into it.
+
+    Another process downloading the same NAR into this cache (a second build beside this one)
+    waits here and then finds the file complete; `held()` tells a cleanup to leave it alone. The
+    lock goes with the process, so a killed run's partial file is free again at once."""
+    while True:
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if cancel is not None and cancel.is_set():
+                        raise Cancelled() from None
+                    time.sleep(0.1)
+            try:
+                ours = os.fstat(fd).st_ino == os.stat(partial).st_ino
+            except FileNotFoundError:
+                ours = False  # the holder completed (renamed) or refused (deleted) it: look again
+            if ours:
+                yield
+                return
+        finally:
+            os.close(fd)
+
+
+def held(partial: Path) -> bool:
+    """Whether a download (in any process) holds `partial` now."""
+    try:
+        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:

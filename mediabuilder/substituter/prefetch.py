@@ -25,7 +25,15 @@ from mediabuilder.errors import MediabuilderError
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
-from mediabuilder.substituter.client import PARTIAL_PREFIX, Cancel, Cancelled, Downloaded, Substituter, partial_name
+from mediabuilder.substituter.client import (
+    PARTIAL_PREFIX,
+    Cancel,
+    Cancelled,
+    Downloaded,
+    Substituter,
+    held,
+    partial_name,
+)
 from mediabuilder.substituter.closure import walk_closure
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -70,9 +78,10 @@ def _present(cache: BinaryCache, info: NarInfo) -> NarInfo | None:
 
 
 def _remove_foreign_partials(cache: BinaryCache, wanted: set[str]) -> None:
-    """Partial downloads this closure does not need would otherwise stay on the media."""
+    """Partial downloads this closure does not need would otherwise stay on the media (but one
+    that another process is downloading into now is its own)."""
     for entry in (cache.root / "nar").glob(f"{PARTIAL_PREFIX}*"):
-        if entry.name not in wanted:
+        if entry.name not in wanted and not held(entry):
             entry.unlink(missing_ok=True)
 
 
