@@ -443,7 +443,7 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
     """Hold the lock of the partial file (created empty when missing) while downloading into it.
 
     Another process downloading the same NAR into this cache (a second build beside this one)
-    waits here and then finds the file complete; `held()` tells a cleanup to leave it alone. The
+    waits here and then finds the file complete; `remove_unless_held()` leaves it alone. The
     lock goes with the process, so a killed run's partial file is free again at once."""
     while True:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -467,17 +467,19 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
             os.close(fd)
 
 
-def held(partial: Path) -> bool:
-    """Whether a download (in any process) holds `partial` now."""
+def remove_unless_held(partial: Path) -> None:
+    """Delete `partial` unless a download (in any process) holds it; deleted under its lock, so
+    a download that claims it meanwhile sees it gone and starts a new one."""
     try:
         fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        if os.fstat(fd).st_ino == os.stat(partial).st_ino:
+            partial.unlink()
+    except (BlockingIOError, FileNotFoundError):
+        pass
     finally:
         os.close(fd)
 

@@ -31,8 +31,8 @@ from mediabuilder.substituter.client import (
     Cancelled,
     Downloaded,
     Substituter,
-    held,
     partial_name,
+    remove_unless_held,
 )
 from mediabuilder.substituter.closure import walk_closure
 
@@ -81,8 +81,8 @@ def _remove_foreign_partials(cache: BinaryCache, wanted: set[str]) -> None:
     """Partial downloads this closure does not need would otherwise stay on the media (but one
     that another process is downloading into now is its own)."""
     for entry in (cache.root / "nar").glob(f"{PARTIAL_PREFIX}*"):
-        if entry.name not in wanted and not held(entry):
-            entry.unlink(missing_ok=True)
+        if entry.name not in wanted:
+            remove_unless_held(entry)
 
 
 def prefetch(
