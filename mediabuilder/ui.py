@@ -72,19 +72,44 @@ def step(title: str) -> Iterator[Step]:
     info(f"  {title} … {detail}{elapsed}")
 
 
-def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any) -> tqdm:
-    """A progress bar on stderr; bytes by default (scaled, with rate and ETA). Hidden when quiet
-    or when stderr is not a terminal."""
-    from tqdm import tqdm  # here: importing it takes 25-80 ms, and most commands draw no bar
+class Bar:
+    """What the code asks of a progress bar; `progress()` returns a tqdm bar or this hidden one."""
 
-    disable = state.quiet or not sys.stderr.isatty()
+    disable = True
+
+    def __init__(self, total: float | None = None) -> None:
+        self.total = total
+        self.n = 0
+
+    def update(self, n: float = 1) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any) -> Bar | tqdm:
+    """A progress bar on stderr; bytes by default (scaled, with rate and ETA). Hidden when quiet
+    or when stderr is not a terminal: then tqdm is not even imported (25-80 ms)."""
+    if state.quiet or not sys.stderr.isatty():
+        return Bar(total)
+    from tqdm import tqdm
+
     return tqdm(
         total=total,
         desc=f"  {description}",
         unit=unit,
         unit_scale=unit == "B",
         unit_divisor=1024 if unit == "B" else 1000,
-        disable=disable,
         file=sys.stderr,
         leave=False,
         mininterval=0.5,

@@ -16,7 +16,8 @@ On a media-like tree (the binary cache `scripts/bench.py` filled, hard-linked, w
 
 Ours fsyncs the image before renaming it into place, so the references are timed with an
 fsync of their image too (`sync FILE`); the table shows the reference's time without it as
-well. Each timing is the best of ROUNDS runs, alternating reference and ours, page cache warm.
+well. Each timing is the median of ROUNDS runs, alternating reference and ours, page cache warm
+(a run takes about a second, and on a shared machine the best of two was often one lucky run).
 
 Data lives under $MEDIABUILDER_BENCH_DIR/images (default /var/tmp/mediabuilder-bench/images),
 never in the repository; images are deleted as soon as they are measured. No wall-clock
@@ -30,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -52,7 +54,7 @@ GiB = 1024**3
 SYNTH_FILES = 1200
 SYNTH_BYTES = 800 * 1000 * 1000
 BIG_FILE = 4 * GiB + GiB // 2
-ROUNDS = 2
+ROUNDS = 5
 LABEL = "NIXOS_BENCH"
 
 # Runs argv, then prints its wall time and the peak RSS of the process tree it waited for.
@@ -212,13 +214,15 @@ def reference_fat32(tree: Path, image: Path, size: int, cluster: int) -> list[st
 
 
 def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
-    """format -> (ours s, reference s without fsync, reference s with fsync), best of ROUNDS."""
+    """format -> (ours s, reference s without fsync, reference s with fsync), medians of ROUNDS."""
     content = fat32.scan(tree)
     size, geometry = fat32.image_geometry(content, None, "none")
     image = WORK / "out.img"
     results: dict[str, tuple[float, float, float]] = {}
     for fmt in ("iso", "fat32"):
-        ours_best = ref_best = ref_sync_best = float("inf")
+        ours: list[float] = []
+        refs: list[float] = []
+        refs_sync: list[float] = []
         for rnd in range(ROUNDS):
             say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: reference ...")
             if fmt == "iso":
@@ -228,15 +232,15 @@ def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
             image.unlink(missing_ok=True)
             wall, _ = measured(f"ref-{fmt}", ref_argv)
             sync = fsynced(image)
-            ref_best = min(ref_best, wall)
-            ref_sync_best = min(ref_sync_best, wall + sync)
+            refs.append(wall)
+            refs_sync.append(wall + sync)
             image.unlink()
             say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: ours ...")
             code = OURS_ISO if fmt == "iso" else OURS_FAT32
             wall, _ = measured(f"ours-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
-            ours_best = min(ours_best, wall)
+            ours.append(wall)
             image.unlink()
-        results[fmt] = (ours_best, ref_best, ref_sync_best)
+        results[fmt] = (statistics.median(ours), statistics.median(refs), statistics.median(refs_sync))
     return results
 
 
@@ -294,7 +298,7 @@ def main() -> int:
         rows.append((f"peak RSS, write_{fmt}, 4.5 GiB file", f"{peak / MiB:.0f} MiB ({wall:.1f} s)",
                      "<= 256 MiB", "ok" if peak <= 256 * MiB else "MISSED"))
     bench.print_table(rows)
-    print(f"\nbest of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
+    print(f"\nmedians of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
     return 0
 
 
