@@ -244,14 +244,16 @@ def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
     return results
 
 
-def peak_rss(tree: Path) -> dict[str, tuple[float, int]]:
-    image = WORK / "big.out"
+def peak_rss(tree: Path, image: Path) -> dict[str, tuple[float, int]]:
+    """format -> (wall seconds, peak RSS bytes) of our writer writing `tree` to `image` (deleted after)."""
     out: dict[str, tuple[float, int]] = {}
     for fmt, code in (("iso", OURS_ISO), ("fat32", OURS_FAT32)):
-        say(f"  {fmt}: ours, 4.5 GiB file ...")
+        say(f"  write_{fmt} ...")
         image.unlink(missing_ok=True)
-        out[fmt] = measured(f"rss-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
-        image.unlink()
+        try:
+            out[fmt] = measured(f"rss-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
+        finally:
+            image.unlink(missing_ok=True)
     return out
 
 
@@ -277,7 +279,7 @@ def main() -> int:
     say("preparing the 4.5 GiB tree ...")
     big_tree(big)
     try:
-        rss = peak_rss(big)
+        rss = peak_rss(big, WORK / "big.out")
     finally:
         shutil.rmtree(big, ignore_errors=True)
 

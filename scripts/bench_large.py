@@ -68,20 +68,6 @@ def tree(root: Path, count: int, total: int, big: int, seed: int) -> tuple[int, 
     return files + 1, nbytes
 
 
-def peaks(root: Path) -> dict[str, tuple[float, int]]:
-    image = WORK / "out.img"
-    out: dict[str, tuple[float, int]] = {}
-    for fmt, code in (("iso", images.OURS_ISO), ("fat32", images.OURS_FAT32)):
-        images.say(f"  write_{fmt} ...")
-        image.unlink(missing_ok=True)
-        try:
-            out[fmt] = images.measured(f"large-{fmt}", [sys.executable, "-c", code, str(root), str(image),
-                                                         images.LABEL])
-        finally:
-            image.unlink(missing_ok=True)
-    return out
-
-
 def main() -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(WORK).free
@@ -94,7 +80,7 @@ def main() -> int:
         images.say(f"{label} tree: {count} NARs, {total / GiB:.0f} GiB ...")
         files, nbytes = tree(root, count, total, images.BIG_FILE if label == "large" else 64 * MiB, seed=count)
         try:
-            results[label] = (files, nbytes, peaks(root))
+            results[label] = (files, nbytes, images.peak_rss(root, WORK / "out.img"))
         finally:
             shutil.rmtree(root, ignore_errors=True)
     for label, (files, nbytes, measured) in results.items():

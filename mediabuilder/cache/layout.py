@@ -57,16 +57,24 @@ def lock(f: IO[bytes]) -> None:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def _abandoned(path: Path) -> bool:
-    """True when no living process holds the write lock of temporary file `path`."""
+def remove_unless_locked(path: Path) -> bool:
+    """Delete `path` unless a living process holds its write lock (see `lock`); whether it was
+    deleted. The deletion happens under the lock, after checking that `path` still names the
+    locked file, so a writer that claims the name meanwhile sees it gone and starts afresh."""
     try:
-        with open(path, "rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-    except BlockingIOError:
-        return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != os.stat(path).st_ino:
+            return False
+        path.unlink()
+        return True
+    except (BlockingIOError, FileNotFoundError):
+        return False
+    finally:
+        os.close(fd)
 
 
 class BinaryCache:
@@ -109,10 +117,7 @@ class BinaryCache:
         removed = 0
         for directory in (self.root, self.root / "nar"):
             for entry in directory.glob(f"{TMP_PREFIX}*"):
-                if _abandoned(entry):
-                    with contextlib.suppress(FileNotFoundError):
-                        entry.unlink()
-                        removed += 1
+                removed += remove_unless_locked(entry)
         return removed
 
     # Reading

@@ -443,7 +443,7 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
     """Hold the lock of the partial file (created empty when missing) while downloading into it.
 
     Another process downloading the same NAR into this cache (a second build beside this one)
-    waits here and then finds the file complete; `remove_unless_held()` leaves it alone. The
+    waits here and then finds the file complete; `remove_unless_locked()` leaves it alone. The
     lock goes with the process, so a killed run's partial file is free again at once."""
     while True:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -465,23 +465,6 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
                 return
         finally:
             os.close(fd)
-
-
-def remove_unless_held(partial: Path) -> None:
-    """Delete `partial` unless a download (in any process) holds it; deleted under its lock, so
-    a download that claims it meanwhile sees it gone and starts a new one."""
-    try:
-        fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.fstat(fd).st_ino == os.stat(partial).st_ino:
-            partial.unlink()
-    except (BlockingIOError, FileNotFoundError):
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:

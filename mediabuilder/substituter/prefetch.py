@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mediabuilder import ui
-from mediabuilder.cache.layout import BinaryCache
+from mediabuilder.cache.layout import BinaryCache, remove_unless_locked
 from mediabuilder.errors import MediabuilderError
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
@@ -32,7 +32,6 @@ from mediabuilder.substituter.client import (
     Downloaded,
     Substituter,
     partial_name,
-    remove_unless_held,
 )
 from mediabuilder.substituter.closure import walk_closure
 
@@ -82,7 +81,7 @@ def _remove_foreign_partials(cache: BinaryCache, wanted: set[str]) -> None:
     that another process is downloading into now is its own)."""
     for entry in (cache.root / "nar").glob(f"{PARTIAL_PREFIX}*"):
         if entry.name not in wanted:
-            remove_unless_held(entry)
+            remove_unless_locked(entry)
 
 
 def prefetch(
