@@ -298,10 +298,13 @@ def test_killed_prefetch_resumes(server: FakeCache, upstream: Path, upstream_key
     server.faults.bytes_per_second = 64 * 1024
     script = PREFETCH_RUN.format(repo=str(REPO), url=server.url, pub=upstream_key.public().render(), top=toplevel,
                                dest=str(dest), sec=media_key.render())
+    # Kill while the biggest NAR is on its way: at this rate it takes seconds, so it is still partial
+    # when the kill lands (a small one could complete in between).
+    biggest = dest / "nar" / f".partial-{max((upstream / 'nar').iterdir(), key=lambda f: f.stat().st_size).name}"
     proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not any(f.stat().st_size > 0 for f in (dest / "nar").glob(".partial-*")):
+        while not (biggest.exists() and biggest.stat().st_size > 0):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline, "no partial download appeared"
             time.sleep(0.02)
