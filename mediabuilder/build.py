@@ -24,6 +24,7 @@ from mediabuilder.cache.layout import CACHE_INFO, SUBDIRS, BinaryCache, default_
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
 from mediabuilder.media import fat32, flakerepo, fsinfo, iso, registry, split
+from mediabuilder.media.label import validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
 from mediabuilder.store import nix32
@@ -394,13 +395,10 @@ def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> in
 
 def check_media_settings(media: MediaSettings) -> None:
     """What can be checked before any work: the label, the format's tools."""
-    if media.format is MediaFormat.ISO:
-        iso.validate_label(media.label)
-    elif media.format is MediaFormat.FAT32:
-        for tool in ("mkfs.fat", "mcopy", "mmd"):
-            runner.require(tool, "to write FAT32 images")
-        if media.partition_table is not PartitionTable.NONE:
-            runner.require("sfdisk", "to write a partition table")
+    if media.format in (MediaFormat.ISO, MediaFormat.FAT32):
+        validate_label(media.label)
+    if media.format is MediaFormat.FAT32 and media.partition_table is not PartitionTable.NONE:
+        runner.require("sfdisk", "to write a partition table")
 
 
 def write_output(tree: Path, staging: Path, req: BuildRequest) -> None:

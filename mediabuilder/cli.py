@@ -230,7 +230,7 @@ def open_target(target: Path) -> Iterator[Path]:
 def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     # Imported here: image writers and the HTTP client cost a start-up that `cache` need not pay.
     from mediabuilder.build import BuildRequest, build_media
-    from mediabuilder.media.iso import validate_label
+    from mediabuilder.media.label import validate_label
 
     cache = cache_settings(args, profile)
     media = override(

@@ -215,7 +215,7 @@ def reference_fat32(tree: Path, image: Path, size: int, cluster: int) -> list[st
 
 def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
     """format -> (ours s, reference s without fsync, reference s with fsync), medians of ROUNDS."""
-    content = fat32.scan(tree)
+    content = fat32.scan(tree).content
     size, geometry = fat32.image_geometry(content, None, "none")
     image = WORK / "out.img"
     results: dict[str, tuple[float, float, float]] = {}

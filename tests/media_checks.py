@@ -116,3 +116,8 @@ def write_big_file(path: Path, size: int) -> str:
             digest.update(block)
             written += len(block)
     return digest.hexdigest()
+
+
+def mtools_image(image: Path, offset: int) -> str:
+    """The `-i` argument of mtools for a filesystem at `offset` bytes in `image`."""
+    return f"{image}@@{offset}" if offset else os.fspath(image)

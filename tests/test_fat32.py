@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from media_checks import check_source, check_tree, make_tree, write_big_file
+from media_checks import check_source, check_tree, make_tree, mtools_image, write_big_file
 
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media.fat32 import (
@@ -19,7 +19,6 @@ from mediabuilder.media.fat32 import (
     fat_label,
     image_geometry,
     minimum_geometry,
-    mtools_image,
     write_fat32,
 )
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso

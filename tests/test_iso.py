@@ -10,7 +10,8 @@ import pytest
 from media_checks import EMPTY_DIRS, LONG_NAME, check_source, check_tree, make_tree
 
 from mediabuilder.errors import InternalError, InvalidInput
-from mediabuilder.media.iso import ISO_MAX_FILE, validate_label, write_iso
+from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
+from mediabuilder.media.label import validate_label
 from mediabuilder.media.source import open_source
 from mediabuilder.run import run
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Example, assert_one_line_error, make_nix_env, nix, run_cli
-from media_checks import expected_tree, tree_dirs
+from media_checks import expected_tree, mtools_image, tree_dirs
 from test_install import install_offline
 
 pytestmark = pytest.mark.integration
@@ -197,7 +197,7 @@ def fsck_fat(image: Path, offset: int, scratch: Path) -> None:
 
 def mcopy_extract(image: Path, offset: int, dest: Path) -> Path:
     dest.mkdir()
-    spec = f"{image}@@{offset}" if offset else str(image)
+    spec = mtools_image(image, offset)
     run("mcopy", "-s", "-n", "-m", "-i", spec, "::/*", dest)
     return dest
 

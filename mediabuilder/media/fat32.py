@@ -1,7 +1,13 @@
-"""Writing the media tree as a FAT32 image with dosfstools and mtools.
+"""Writing the media tree as a FAT32 image, laid out in one pass.
 
-pyfatfs takes time quadratic in a directory's size to create files (docs/images.md), so the
-image is formatted by `mkfs.fat` and filled by `mcopy`; pyfatfs only reads (see `source`).
+The whole tree is known before anything is written, so every directory and file gets one run
+of contiguous clusters (directories first, then files, in the order of a breadth-first walk),
+the boot sectors, both FATs and every directory are written from that plan (`fatfs`), and file
+data is copied into place. No FAT is read back and no free cluster is searched for, so the
+writer runs at the speed of the copy. `fsck.fat`, mtools and pyfatfs check the result in the
+tests. (pyfatfs creates files in time quadratic in a directory's size, and `mkfs.fat` + `mcopy`
+is slower than this: see docs/images.md.)
+
 The image is a bare filesystem ("superfloppy") or carries an MBR or GPT partition table
 written by `sfdisk`, with one partition starting at 1 MiB.
 """
@@ -14,14 +20,14 @@ import math
 import os
 import re
 import stat
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mediabuilder import ui
 from mediabuilder.errors import ExternalError, InternalError, InvalidInput
-from mediabuilder.media.iso import validate_label
+from mediabuilder.media import fatfs
+from mediabuilder.media.label import validate_label
 from mediabuilder.media.split import FAT32_MAX_FILE
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
@@ -31,6 +37,7 @@ MIB = 1024 * 1024
 PARTITION_START = MIB
 RESERVED_SECTORS = 32
 FAT_COPIES = 2
+FAT_ALIGN = 8  # sectors: each FAT a multiple of 4 KiB
 # Fewer clusters than this and Windows (which goes by the cluster count) calls it FAT16.
 MIN_CLUSTERS = 65525 + 16
 MAX_CLUSTERS = 0x0FFFFFF5 - 16
@@ -41,12 +48,7 @@ HEADROOM_FRACTION = 0.10
 HEADROOM_BYTES = 64 * MIB
 _FAT_FORBIDDEN = re.compile(r'[\x00-\x1f"*/:<>?\\|]')
 
-TOOLS = {
-    "mkfs.fat": "to format FAT32 images",
-    "mcopy": "to copy files into FAT32 images",
-    "mmd": "to make directories in FAT32 images",
-    "sfdisk": "to write partition tables on FAT32 images",
-}
+COPY_CHUNK = MIB  # bytes per read and write when copying files in
 
 
 def fat_label(label: str) -> str:
@@ -76,7 +78,7 @@ class Content:
 
     def clusters(self, cluster: int) -> int:
         files = sum(-(-size // cluster) for size in self.file_sizes)
-        dirs = sum(max(1, -(-size // cluster)) for size in self.dir_entry_bytes)
+        dirs = sum(_dir_clusters(size, cluster) for size in self.dir_entry_bytes)
         return files + dirs
 
     @property
@@ -84,29 +86,53 @@ class Content:
         return sum(self.file_sizes)
 
 
-def _entry_bytes(name: str) -> int:
-    """Directory bytes for one entry: a short entry plus long-name entries (13 UTF-16 units each)."""
-    units = len(name.encode("utf-16-le")) // 2
-    return 32 * (1 + -(-units // 13))
+def _dir_clusters(entry_bytes: int, cluster: int) -> int:
+    return max(1, -(-entry_bytes // cluster))
 
 
-def scan(tree: Path) -> Content:
-    """Sizes of the tree's files and directories, refusing what FAT32 cannot hold. One lstat per
+@dataclass(eq=False)
+class Node:
+    """A file or directory of the tree, as it goes on the filesystem."""
+
+    name: str
+    path: Path
+    size: int  # a file's bytes; a directory's entry bytes (dot entries or volume label included)
+    mtime: float
+    parent: Node | None = None
+    children: list[Node] | None = None  # directories only, sorted by name
+    cluster: int = 0  # the first cluster, once allocated (0: an empty file)
+
+
+@dataclass
+class Listing:
+    """The tree: directories breadth first from the root, then files in the same order."""
+
+    dirs: list[Node] = field(default_factory=list)
+    files: list[Node] = field(default_factory=list)
+
+    @property
+    def content(self) -> Content:
+        return Content(tuple(f.size for f in self.files), tuple(d.size for d in self.dirs))
+
+
+def scan(tree: Path) -> Listing:
+    """Every file and directory under `tree`, refusing what FAT32 cannot hold. One lstat per
     entry: this runs before every image is written, on trees of thousands of files."""
-    sizes: list[int] = []
-    dir_bytes: list[int] = []
-    pending = [(tree, 0)]
-    while pending:
-        directory, dots = pending.pop(0)
-        with os.scandir(directory) as listing:
-            entries = sorted(listing, key=lambda e: e.name)
+    root = Node("", tree, 0, tree.lstat().st_mtime, children=[])
+    listing = Listing([root])
+    for directory in listing.dirs:  # grows as subdirectories are found
+        with os.scandir(directory.path) as scanned:
+            entries = sorted(scanned, key=lambda e: e.name)
         seen: dict[str, str] = {}
+        assert directory.children is not None
         for entry in entries:
             path = Path(entry.path)
             _check_name(path, entry.name, seen)
             st = entry.stat(follow_symlinks=False)
+            node = Node(entry.name, path, 0, st.st_mtime, parent=directory)
             if stat.S_ISDIR(st.st_mode):
-                pending.append((path, 64))
+                node.children = []
+                listing.dirs.append(node)
             elif not stat.S_ISREG(st.st_mode):
                 raise InternalError(f"{path}: FAT32 holds only regular files and directories")
             elif st.st_size > FAT32_MAX_FILE:
@@ -115,14 +141,26 @@ def scan(tree: Path) -> Content:
                     "the media tree must split it before it is written to a FAT32 image"
                 )
             else:
-                sizes.append(st.st_size)
-        dir_bytes.append(dots + sum(_entry_bytes(entry.name) for entry in entries))
-    return Content(tuple(sizes), tuple(dir_bytes))
+                node.size = st.st_size
+                listing.files.append(node)
+            directory.children.append(node)
+        # The root holds the volume label; every other directory "." and "..".
+        entry_count = (1 if directory.parent is None else 2) + sum(fatfs.entry_count(e.name) for e in entries)
+        if entry_count > fatfs.MAX_DIR_ENTRIES:
+            raise InvalidInput(
+                f"{directory.path}: {len(entries)} names take {entry_count} directory entries, and a FAT32 "
+                f"directory holds at most {fatfs.MAX_DIR_ENTRIES}",
+                hint="use --format iso, or --format dir onto a stick formatted exFAT or ext4",
+            )
+        directory.size = entry_count * fatfs.ENTRY
+    return listing
 
 
 def _check_name(path: Path, name: str, seen: dict[str, str]) -> None:
     if _FAT_FORBIDDEN.search(name) or name.endswith((".", " ")):
         raise InternalError(f"{path}: the name cannot be stored on FAT32")
+    if len(name.encode("utf-16-le")) // 2 > fatfs.MAX_NAME_UNITS:
+        raise InternalError(f"{path}: the name is longer than FAT32's {fatfs.MAX_NAME_UNITS} characters")
     other = seen.setdefault(name.lower(), name)
     if other != name:
         raise InternalError(f"{path}: FAT32 names ignore case, and {other!r} is in the same directory")
@@ -140,17 +178,26 @@ class Geometry:
         return self.cluster // SECTOR
 
     @property
+    def fat_sectors(self) -> int:
+        """Sectors of one FAT: an entry for every cluster the data area could hold (a few more
+        than fit beside the FATs), rounded up to 4 KiB so that the data area and its clusters
+        start on page boundaries."""
+        return _fat_sectors((self.sectors - RESERVED_SECTORS) // self.sectors_per_cluster)
+
+    @property
     def clusters(self) -> int:
-        spc = self.sectors_per_cluster
-        data = self.sectors - RESERVED_SECTORS
-        fat_sectors = -(-(data // spc + 2) * 4 // SECTOR)
-        return (data - FAT_COPIES * fat_sectors) // spc
+        data = self.sectors - RESERVED_SECTORS - FAT_COPIES * self.fat_sectors
+        return data // self.sectors_per_cluster
 
     @classmethod
     def for_clusters(cls, clusters: int, cluster: int) -> Geometry:
-        fat_sectors = -(-(clusters + 2) * 4 // SECTOR)
-        sectors = RESERVED_SECTORS + FAT_COPIES * fat_sectors + clusters * (cluster // SECTOR)
+        sectors = RESERVED_SECTORS + FAT_COPIES * _fat_sectors(clusters) + clusters * (cluster // SECTOR)
         return cls(-(-sectors // (MIB // SECTOR)) * (MIB // SECTOR), cluster)
+
+
+def _fat_sectors(clusters: int) -> int:
+    sectors = -(-(clusters + 2) * 4 // SECTOR)
+    return -(-sectors // FAT_ALIGN) * FAT_ALIGN
 
 
 def _overhead(partition_table: str) -> tuple[int, int]:
@@ -224,20 +271,21 @@ def write_fat32(
             f"media.partition_table: {partition_table!r} is not one of {', '.join(PARTITION_TABLES)}"
         )
     volume_label = fat_label(label)
-    for tool, purpose in TOOLS.items():
-        if tool != "sfdisk" or partition_table != "none":
-            require(tool, purpose)
-    content = scan(tree)
-    image_size, geometry = image_geometry(content, size, partition_table)
+    if partition_table != "none":
+        require("sfdisk", "to write partition tables on FAT32 images")
+    listing = scan(tree)
+    image_size, geometry = image_geometry(listing.content, size, partition_table)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
             f.truncate(image_size)
         offset = _partition(tmp, partition_table)
-        _format(tmp, offset, geometry, volume_label)
-        _copy(tree, tmp, offset, content)
-        with tmp.open("rb+") as f:
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            _write_filesystem(fd, offset, geometry, volume_label, listing)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         tmp.rename(output)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -245,7 +293,7 @@ def write_fat32(
             raise _no_space(output, image_size) from e
         raise
     except ExternalError as e:
-        # mkfs.fat says only "failed whilst writing FAT"; ask the filesystem before freeing it.
+        # sfdisk does not always say why it could not write; ask the filesystem before freeing it.
         full = "No space left on device" in str(e) or _nearly_full(output.parent)
         tmp.unlink(missing_ok=True)
         if full:
@@ -282,50 +330,119 @@ def _partition(image: Path, partition_table: str) -> int:
     return start * SECTOR
 
 
-def _format(image: Path, offset: int, geometry: Geometry, label: str) -> None:
-    sectors = offset // SECTOR
-    run(
-        [
-            "mkfs.fat", "-F", "32", "-S", str(SECTOR), "-s", str(geometry.sectors_per_cluster),
-            "-R", str(RESERVED_SECTORS), "-f", str(FAT_COPIES), "-n", label, "--mbr=n",
-            "-h", str(sectors), f"--offset={sectors}", image, str(geometry.sectors * SECTOR // 1024),
-        ]
+def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, listing: Listing) -> None:
+    """Lay out and write the whole filesystem at `offset` in the (zero-filled, sparse) image."""
+    runs = _allocate(listing, geometry.cluster)
+    used = sum(count for _, count in runs)
+    if used > geometry.clusters:
+        raise InternalError(f"{used} clusters do not fit in a filesystem of {geometry.clusters}")
+    label_bytes = label.ljust(fatfs.LABEL_BYTES).encode("ascii")
+    boot = fatfs.boot_sector(
+        sectors=geometry.sectors, sectors_per_cluster=geometry.sectors_per_cluster,
+        reserved=RESERVED_SECTORS, fats=FAT_COPIES, fat_sectors=geometry.fat_sectors,
+        hidden=offset // SECTOR, volume_id=int.from_bytes(os.urandom(4), "little"), label=label_bytes,
     )  # fmt: skip
+    next_free = fatfs.ROOT_CLUSTER + used if used < geometry.clusters else fatfs.UNKNOWN
+    info = fatfs.fsinfo_sector(geometry.clusters - used, next_free)
+    for sector in (0, fatfs.BACKUP_BOOT_SECTOR):
+        _pwrite(fd, boot + info, offset + sector * SECTOR)
+
+    fat_start = offset + RESERVED_SECTORS * SECTOR
+    fat_bytes = geometry.fat_sectors * SECTOR
+    position = 0
+    for chunk in fatfs.fat_chunks(runs):
+        for copy in range(FAT_COPIES):
+            _pwrite(fd, chunk, fat_start + copy * fat_bytes + position)
+        position += len(chunk)
+
+    data_start = fat_start + FAT_COPIES * fat_bytes
+
+    def at(cluster: int) -> int:
+        return data_start + (cluster - fatfs.ROOT_CLUSTER) * geometry.cluster
+
+    for directory in listing.dirs:
+        _pwrite(fd, _directory(directory, label_bytes), at(directory.cluster))
+    copier = _Copier(fd)
+    with ui.progress(listing.content.file_bytes, "Writing FAT32 image") as bar:
+        for node in listing.files:
+            if node.size:
+                copier.copy(node.path, node.size, at(node.cluster), bar.update)
 
 
-def mtools_image(image: Path, offset: int) -> str:
-    """The `-i` argument of mtools for a filesystem at `offset` bytes in `image`."""
-    return f"{image}@@{offset}" if offset else os.fspath(image)
+def _allocate(listing: Listing, cluster: int) -> list[tuple[int, int]]:
+    """Give every directory, then every non-empty file, the next clusters; the runs in order."""
+    runs = []
+    following = fatfs.ROOT_CLUSTER
+    for node in listing.dirs + listing.files:
+        count = _dir_clusters(node.size, cluster) if node.children is not None else -(-node.size // cluster)
+        if count:
+            node.cluster = following
+            runs.append((following, count))
+            following += count
+    return runs
 
 
-def _copy(tree: Path, image: Path, offset: int, content: Content) -> None:
-    """Copy the whole tree with one `mcopy -s` (it makes every directory, empty ones too).
+def _directory(node: Node, label: bytes) -> bytes:
+    """A directory's entries: the volume label (root) or "." and "..", then each child's long
+    name entries (when its name needs them) and short entry."""
+    assert node.children is not None
+    when = fatfs.stamp(node.mtime)
+    if node.parent is None:
+        entries = [fatfs.dir_entry(label, fatfs.ATTR_VOLUME_ID, 0, 0, 0, when)]
+    else:
+        parent_cluster = 0 if node.parent.parent is None else node.parent.cluster  # 0: the root
+        entries = [
+            fatfs.dir_entry(b".".ljust(11), fatfs.ATTR_DIRECTORY, 0, node.cluster, 0, when),
+            fatfs.dir_entry(b"..".ljust(11), fatfs.ATTR_DIRECTORY, 0, parent_cluster, 0, when),
+        ]
+    short_names = fatfs.ShortNames(child.name for child in node.children)
+    for child in node.children:
+        fit = fatfs.short_fit(child.name)
+        if fit is None:
+            short, flags = short_names.generate(child.name), 0
+            entries.append(fatfs.long_entries(child.name, short))
+        else:
+            short, flags = fit
+        if child.children is None:
+            attr, size = fatfs.ATTR_ARCHIVE, child.size
+        else:
+            attr, size = fatfs.ATTR_DIRECTORY, 0
+        entries.append(fatfs.dir_entry(short, attr, flags, child.cluster, size, fatfs.stamp(child.mtime)))
+    data = b"".join(entries)
+    if len(data) != node.size:
+        raise InternalError(f"{node.path}: {len(data)} bytes of directory entries, {node.size} planned")
+    return data
 
-    One call, because every mtools call reads and writes back the whole FAT: per-batch calls
-    cost that again and again on a big image. Progress comes from the image's allocated blocks
-    (the image is sparse). `mcopy -b` (batch mode) is not used: mtools 4.0.32 fails with
-    "size too big" with it.
-    """
-    target = mtools_image(image, offset)
-    entries = sorted(tree.iterdir())
-    if not entries:
-        return
-    start = image.stat().st_blocks * 512
-    done = threading.Event()
 
-    def watch(bar: Any) -> None:
-        seen = 0
-        while not done.wait(0.5):
-            now = image.stat().st_blocks * 512 - start
-            if now > seen:
-                bar.update(min(now, content.file_bytes) - min(seen, content.file_bytes))
-                seen = now
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
-    with ui.progress(content.file_bytes, "Writing FAT32 image") as bar:
-        watcher = threading.Thread(target=watch, args=(bar,), daemon=True)
-        watcher.start()
+
+class _Copier:
+    """Copies files into the image through one reused buffer. Plain reads and writes of 1 MiB:
+    on ext4 they were faster than `copy_file_range` and `sendfile` (0.25 s against 0.32 s and
+    0.30 s for 575 MiB from the page cache), and they work between any two filesystems."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+        self.buffer = memoryview(bytearray(COPY_CHUNK))
+
+    def copy(self, path: Path, size: int, offset: int, progress: Callable[[int], object]) -> None:
+        src = os.open(path, os.O_RDONLY)
         try:
-            run(["mcopy", "-s", "-Q", "-m", "-i", target, *entries, "::/"])
+            done = 0
+            while done < size:
+                n = os.readv(src, [self.buffer[: size - done]])
+                if n == 0:
+                    raise InternalError(
+                        f"{path}: the file is shorter than when the tree was read ({size} bytes); "
+                        "was it changed while the image was written?"
+                    )
+                _pwrite(self.out, self.buffer[:n], offset + done)
+                done += n
+                progress(n)
         finally:
-            done.set()
-            watcher.join()
+            os.close(src)

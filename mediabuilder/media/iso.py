@@ -24,29 +24,17 @@ from pycdlib.pycdlibexception import PyCdlibException
 
 from mediabuilder import ui
 from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media.label import validate_label
 from mediabuilder.media.split import SINGLE_EXTENT_MAX
 
 # The biggest file written as a single extent; bigger ones must be split beforehand.
 ISO_MAX_FILE = SINGLE_EXTENT_MAX
-LABEL_MAX = 32
 JOLIET_MAX = 64
 ISO_NAME_MAX = 30  # name + extension, ECMA-119 level 2 and 3
 ISO_DIR_MAX = 31
 
-_LABEL_RE = re.compile(r"[A-Z0-9_]+")
 _NOT_D = re.compile(r"[^A-Z0-9_]")
 _NOT_JOLIET = re.compile(r"[*/:;?\\]")
-
-
-def validate_label(label: str) -> str:
-    """The volume label upper-cased, or InvalidInput saying what a label may contain."""
-    upper = label.upper()
-    if not upper or len(upper) > LABEL_MAX or not _LABEL_RE.fullmatch(upper):
-        raise InvalidInput(
-            f"--label/media.label: {label!r} is not a valid ISO 9660 volume label: "
-            f"use 1 to {LABEL_MAX} characters A-Z, 0-9 and _ (lower case is upper-cased)"
-        )
-    return upper
 
 
 @dataclass

@@ -1,0 +1,197 @@
+"""FAT32's on-disk structures, as Microsoft's FAT specification (2005) defines them.
+
+What `fat32.write_fat32` needs to lay out a whole filesystem in one pass: the boot sector and
+FSInfo sector, 8.3 short names with their long-name (VFAT) entries, directory entries and the
+file allocation table as runs of contiguous clusters. Pure functions of their arguments; the
+writer decides where things go.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+from array import array
+from collections.abc import Iterable, Iterator
+
+SECTOR = 512
+ENTRY = 32  # bytes per directory entry
+MAX_DIR_ENTRIES = 65536  # a directory holds at most this many 32-byte entries
+MAX_NAME_UNITS = 255  # UTF-16 code units in a long name
+ATTR_VOLUME_ID = 0x08
+ATTR_DIRECTORY = 0x10
+ATTR_ARCHIVE = 0x20
+ATTR_LONG_NAME = 0x0F
+LAST_LONG_ENTRY = 0x40
+# DIR_NTRes: Windows NT (and Linux, mtools) keep an 8.3 name's lower case here, not in a long name.
+NT_LOWER_BASE = 0x08
+NT_LOWER_EXT = 0x10
+MEDIA_FIXED = 0xF8
+END_OF_CHAIN = 0x0FFFFFFF  # also FAT[1]: the "clean" and "no I/O error" bits set
+BACKUP_BOOT_SECTOR = 6
+FSINFO_SECTOR = 1
+ROOT_CLUSTER = 2
+UNKNOWN = 0xFFFFFFFF  # FSInfo: no hint where free clusters are
+LABEL_BYTES = 11
+_SHORT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~")
+_FAT_CHUNK = 256 * 1024  # FAT entries buffered before they are handed out (1 MiB)
+
+
+def short_fit(name: str) -> tuple[bytes, int] | None:
+    """The 11-byte short name and DIR_NTRes case flags of a name that needs no long name: one
+    that fits 8.3 with only short-name characters, each part all upper or all lower case."""
+    base, dot, ext = name.partition(".")
+    if not base or len(base) > 8 or len(ext) > 3 or "." in ext or (dot and not ext):
+        return None
+    flags = 0
+    for part, lower_flag in ((base, NT_LOWER_BASE), (ext, NT_LOWER_EXT)):
+        upper = part.upper()
+        if not part.isascii() or not _SHORT_CHARS.issuperset(upper):
+            return None
+        if part != upper:
+            if part != part.lower():
+                return None
+            flags |= lower_flag
+    return (base.upper().ljust(8) + ext.upper().ljust(3)).encode("ascii"), flags
+
+
+def entry_count(name: str) -> int:
+    """Directory entries the name takes: its short entry, plus 13 UTF-16 units per long entry."""
+    if short_fit(name) is not None:
+        return 1
+    return 1 + -(-len(name.encode("utf-16-le")) // 26)
+
+
+class ShortNames:
+    """Unique short names for one directory, generated as Windows does: the basis name
+    (upper case, invalid characters as `_`) with a numeric tail, `NIXOS-~1.JSO`."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        """`names`: every name in the directory; those that fit 8.3 keep their own short name."""
+        self._taken = set()
+        for name in names:
+            fit = short_fit(name)
+            if fit is not None:
+                self._taken.add(fit[0])
+        self._next: dict[tuple[str, str], int] = {}
+
+    def generate(self, name: str) -> bytes:
+        stripped = name.lstrip(".").replace(" ", "")
+        base, dot, ext = stripped.rpartition(".")
+        if not dot:
+            base, ext = stripped, ""
+        base = _oem(base.replace(".", ""))[:8] or "_"
+        ext = _oem(ext)[:3]
+        n = self._next.get((base, ext), 1)
+        while True:
+            tail = f"~{n}"
+            short = (base[: 8 - len(tail)] + tail).ljust(8).encode("ascii") + ext.ljust(3).encode("ascii")
+            n += 1
+            if short not in self._taken:
+                break
+        self._next[(base, ext)] = n
+        self._taken.add(short)
+        return short
+
+
+def _oem(part: str) -> str:
+    return "".join(c if c in _SHORT_CHARS else "_" for c in part.upper())
+
+
+def checksum(short: bytes) -> int:
+    """The short name's checksum, which each of its long-name entries carries."""
+    total = 0
+    for byte in short:
+        total = (((total & 1) << 7) + (total >> 1) + byte) & 0xFF
+    return total
+
+
+def long_entries(name: str, short: bytes) -> bytes:
+    """The long-name entries that precede `short`'s entry, last part first."""
+    units = name.encode("utf-16-le")
+    count = -(-len(units) // 26)
+    padded = units + (b"\0\0" + b"\xff\xff" * 12)[: count * 26 - len(units)]
+    check = checksum(short)
+    out = []
+    for seq in range(count, 0, -1):
+        part = padded[(seq - 1) * 26 : seq * 26]
+        order = seq | LAST_LONG_ENTRY if seq == count else seq
+        out.append(struct.pack("<B10sBBB12sH4s", order, part[:10], ATTR_LONG_NAME, 0, check, part[10:22], 0, part[22:]))
+    return b"".join(out)
+
+
+def stamp(mtime: float) -> tuple[int, int]:
+    """(time, date) in FAT's format, local time as mtools and Linux read it, clamped to 1980-2107."""
+    t = time.localtime(mtime)
+    if t.tm_year < 1980:
+        return 0, (1 << 5) | 1
+    if t.tm_year > 2107:
+        return (23 << 11) | (59 << 5) | 29, (127 << 9) | (12 << 5) | 31
+    return (t.tm_hour << 11) | (t.tm_min << 5) | (min(t.tm_sec, 59) // 2), (
+        ((t.tm_year - 1980) << 9) | (t.tm_mon << 5) | t.tm_mday
+    )
+
+
+def dir_entry(short: bytes, attr: int, flags: int, cluster: int, size: int, when: tuple[int, int]) -> bytes:
+    """One short (8.3) directory entry; creation, access and write times all `when`."""
+    hhmm, date = when
+    return struct.pack(
+        "<11sBBBHHHHHHHI", short, attr, flags, 0, hhmm, date, date, cluster >> 16, hhmm, date, cluster & 0xFFFF, size
+    )
+
+
+def boot_sector(
+    *, sectors: int, sectors_per_cluster: int, reserved: int, fats: int, fat_sectors: int, hidden: int,
+    volume_id: int, label: bytes,
+) -> bytes:  # fmt: skip
+    """The FAT32 boot sector (BPB), no boot code. Geometry fields: 64 heads, 32 sectors a track."""
+    sector = bytearray(SECTOR)
+    sector[0:11] = b"\xeb\x58\x90MSWIN4.1"
+    struct.pack_into(
+        "<HBHBHHBHHHII", sector, 11,
+        SECTOR, sectors_per_cluster, reserved, fats, 0, 0, MEDIA_FIXED, 0, 32, 64, hidden, sectors,
+    )  # fmt: skip
+    struct.pack_into(
+        "<IHHIHH12sBBBI11s8s", sector, 36,
+        fat_sectors, 0, 0, ROOT_CLUSTER, FSINFO_SECTOR, BACKUP_BOOT_SECTOR, b"", 0x80, 0, 0x29,
+        volume_id, label, b"FAT32   ",
+    )  # fmt: skip
+    sector[510:512] = b"\x55\xaa"
+    return bytes(sector)
+
+
+def fsinfo_sector(free_clusters: int, next_free: int) -> bytes:
+    sector = bytearray(SECTOR)
+    struct.pack_into("<I", sector, 0, 0x41615252)
+    struct.pack_into("<III", sector, 484, 0x61417272, free_clusters, next_free)
+    struct.pack_into("<I", sector, 508, 0xAA550000)
+    return bytes(sector)
+
+
+def fat_chunks(runs: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    """The FAT from entry 0 on, in pieces of about 1 MiB, for chains of contiguous clusters
+    `(first, count)` given in cluster order from cluster 2, with no gaps."""
+    for chunk in _fat_entries(runs):
+        if sys.byteorder != "little":
+            chunk.byteswap()
+        yield chunk.tobytes()
+
+
+def _fat_entries(runs: Iterable[tuple[int, int]]) -> Iterator[array[int]]:
+    entries = array("I", (0x0FFFFF00 | MEDIA_FIXED, END_OF_CHAIN))
+    expected = ROOT_CLUSTER
+    for first, count in runs:
+        if first != expected or count < 1:
+            raise ValueError(f"cluster run ({first}, {count}) does not follow cluster {expected}")
+        expected = first + count
+        for start in range(first + 1, first + count, _FAT_CHUNK):
+            entries.extend(range(start, min(start + _FAT_CHUNK, first + count)))
+            if len(entries) >= _FAT_CHUNK:
+                yield entries
+                entries = array("I")
+        entries.append(END_OF_CHAIN)
+        if len(entries) >= _FAT_CHUNK:
+            yield entries
+            entries = array("I")
+    if entries:
+        yield entries
