@@ -7,8 +7,11 @@ image, and on what `open_source` reads back.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import stat
+import subprocess
 from pathlib import Path
 
 from mediabuilder.media.source import MediaSource
@@ -121,3 +124,35 @@ def write_big_file(path: Path, size: int) -> str:
 def mtools_image(image: Path, offset: int) -> str:
     """The `-i` argument of mtools for a filesystem at `offset` bytes in `image`."""
     return f"{image}@@{offset}" if offset else os.fspath(image)
+
+
+def fsck_fat(image: Path, offset: int, scratch: Path) -> tuple[int, int, int]:
+    """`fsck.fat -n` finds nothing to complain about (a partition is copied out first); returns
+    its summary: (files and directories, clusters used, clusters in all)."""
+    target = image
+    if offset:
+        target = scratch / f"{image.name}.partition"
+        dump = subprocess.run(["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True).stdout
+        info = json.loads(dump)["partitiontable"]
+        size = int(info["partitions"][0]["size"]) * int(info.get("sectorsize", 512))
+        with image.open("rb") as src, target.open("wb") as out:
+            src.seek(offset)
+            left = size
+            while left:
+                chunk = src.read(min(left, 8 * CHUNK))
+                assert chunk, "partition runs past the end of the image"
+                out.write(chunk)
+                left -= len(chunk)
+    try:
+        proc = subprocess.run(["fsck.fat", "-n", str(target)], capture_output=True, text=True, check=False)
+        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+        summary = re.compile(r": (\d+) files, (\d+)/(\d+) clusters$")
+        complaints = [ln for ln in lines if not ln.startswith("fsck.fat ") and not summary.search(ln)]
+        assert proc.returncode == 0 and complaints == [], proc.stdout + proc.stderr
+        found = summary.search(lines[-1])
+        assert found, proc.stdout
+        files, used, clusters = (int(n) for n in found.groups())
+        return files, used, clusters
+    finally:
+        if target != image:
+            target.unlink(missing_ok=True)

@@ -4,10 +4,20 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from media_checks import check_source, check_tree, make_tree, mtools_image, write_big_file
+from media_checks import (
+    check_source,
+    check_tree,
+    expected_tree,
+    fsck_fat,
+    make_tree,
+    mtools_image,
+    tree_dirs,
+    write_big_file,
+)
 
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media.fat32 import (
@@ -19,6 +29,7 @@ from mediabuilder.media.fat32 import (
     fat_label,
     image_geometry,
     minimum_geometry,
+    scan,
     write_fat32,
 )
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
@@ -92,14 +103,6 @@ def tree(tmp_path: Path) -> Tree:
     return root, expected, dirs
 
 
-def partition_copy(image: Path, offset: int, dest: Path) -> Path:
-    """The filesystem alone, as fsck.fat wants it (no loop devices here)."""
-    if offset == 0:
-        return image
-    run(["dd", f"if={image}", f"of={dest}", "bs=1M", f"skip={offset // MIB}", "status=none"])
-    return dest
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize(("table", "offset"), [("none", 0), ("mbr", MIB), ("gpt", MIB)])
 def test_write_and_read_back(tmp_path: Path, tree: Tree, table: str, offset: int) -> None:
@@ -117,7 +120,7 @@ def test_write_and_read_back(tmp_path: Path, tree: Tree, table: str, offset: int
     with open_source(image) as source:
         assert source.kind == "fat32"
         check_source(source, expected, dirs)
-        assert 60 * MIB < source.free_bytes < 66 * MIB
+        free = source.free_bytes
 
     mcopy_out = tmp_path / "mcopy"
     mcopy_out.mkdir()
@@ -125,14 +128,86 @@ def test_write_and_read_back(tmp_path: Path, tree: Tree, table: str, offset: int
     run(["mcopy", "-s", "-n", "-i", mtools_image(image, offset), *entries, mcopy_out])
     check_tree(mcopy_out, expected, dirs)
 
-    fs = partition_copy(image, offset, tmp_path / "fs.img")
-    proc = run(["fsck.fat", "-n", fs])
-    report = proc.stdout.decode()
-    assert proc.returncode == 0
-    assert f"{len(expected)} files" in report.splitlines()[-1] or "files" in report
-    assert "differ" not in report.lower() and "free cluster summary wrong" not in report.lower()
+    files, used, clusters = fsck_fat(image, offset, tmp_path)
+    assert files == len(expected) + len(dirs) + 1  # fsck.fat counts the root too
+    geometry = image_geometry(scan(root).content, None, table)[1]
+    assert (used, clusters) == (scan(root).content.clusters(512), geometry.clusters)
+    assert free == (clusters - used) * 512
+    fs = tmp_path / "fs.img"
+    run(["dd", f"if={image}", f"of={fs}", "bs=1M", f"skip={offset // MIB}", "status=none"])
     label = run(["fatlabel", fs]).stdout.decode().strip()
     assert label == "NIXOS_TEST"
+
+
+AWKWARD_NAMES = [
+    "UPPER.TXT", "lower.txt", "Mixed.txt", "nix-cache-info", ".hidden", "a b.c d", "abc~1.txt",
+    "abcdefghij.txt", "abcdefghijk.txt", "ünïcödé näme.txt", "日本語のファイル名.txt", "emoji-😀.txt",
+    "exactly-13-ch", "exactly-26-characters-long", "n" * 200 + ".narinfo",
+]
+
+
+def awkward_tree(root: Path) -> None:
+    """Names that need long entries, generated short names and their collisions; a directory of
+    3,000 names with one basis (spanning many clusters); files of 0, 1 cluster and 1 cluster +
+    1 byte; empty directories, nested."""
+    (root / "many").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "d").mkdir(parents=True)
+    (root / "a" / "empty").mkdir()
+    for i, name in enumerate(AWKWARD_NAMES):
+        (root / name).write_bytes(name.encode() * (i + 1))
+        (root / "a" / "b" / name).write_bytes(b"")
+    for i in range(3000):
+        (root / "many" / f"archive.part{i:04}").write_bytes(i.to_bytes(2, "little") * (i % 7))
+    (root / "one-cluster").write_bytes(bytes(range(256)) * 2)
+    (root / "one-cluster-and-a-byte").write_bytes(bytes(range(256)) * 2 + b"!")
+    old = time.mktime((2001, 9, 9, 3, 46, 40, 0, 0, -1))
+    os.utime(root / "UPPER.TXT", (old, old))
+
+
+@pytest.mark.integration
+def test_awkward_names_read_back(tmp_path: Path) -> None:
+    """Every name, byte and directory comes back through fsck.fat, mcopy (names, bytes and
+    modification times to FAT's two seconds), 7z and pyfatfs."""
+    root = tmp_path / "tree"
+    awkward_tree(root)
+    expected, dirs = expected_tree(root), tree_dirs(root)
+    image = tmp_path / "media.img"
+    write_fat32(root, image, label="AWKWARD")
+
+    files, used, _ = fsck_fat(image, 0, tmp_path)
+    assert files == len(expected) + len(dirs) + 1  # fsck.fat counts the root too
+    assert used == scan(root).content.clusters(512)
+
+    mcopy_out = tmp_path / "mcopy"
+    mcopy_out.mkdir()
+    run(["mcopy", "-s", "-n", "-m", "-i", image, "::/*", "::/.hidden", mcopy_out])
+    # mtools 4.0.32 shows each half of a UTF-16 surrogate pair (a character outside the BMP) as
+    # "_"; 7z and pyfatfs below read those names whole.
+    as_mtools = {rel: "".join("__" if ord(c) > 0xFFFF else c for c in rel) for rel in expected}
+    check_tree(mcopy_out, {as_mtools[rel]: v for rel, v in expected.items()}, dirs)
+    for rel in expected:
+        theirs, ours = (mcopy_out / as_mtools[rel]).stat().st_mtime, (root / rel).stat().st_mtime
+        assert ours - 2 < theirs <= ours, rel
+    assert (mcopy_out / "UPPER.TXT").stat().st_mtime == time.mktime((2001, 9, 9, 3, 46, 40, 0, 0, -1))
+
+    sevenzip_out = tmp_path / "7z"
+    run(["7z", "x", "-y", f"-o{sevenzip_out}", image])
+    check_tree(sevenzip_out, expected, dirs)
+
+    with open_source(image) as source:
+        check_source(source, expected, dirs)
+
+
+def test_refuses_directory_too_big_for_fat32(tmp_path: Path) -> None:
+    """11,000 names of 60 characters take 6 entries each, plus "." and "..": more than FAT32 allows."""
+    nar = tmp_path / "tree" / "cache" / "nar"
+    nar.mkdir(parents=True)
+    for i in range(11_000):
+        (nar / f"{i:052}.nar.zst").touch()
+    with pytest.raises(InvalidInput, match=r"nar: 11000 names take 66002 directory entries, and a FAT32 "
+                       r"directory holds at most 65536$"):
+        write_fat32(tmp_path / "tree", tmp_path / "x.img", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
 @pytest.mark.integration

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Example, assert_one_line_error, make_nix_env, nix, run_cli
-from media_checks import expected_tree, mtools_image, tree_dirs
+from media_checks import expected_tree, fsck_fat, mtools_image, tree_dirs
 from test_install import install_offline
 
 pytestmark = pytest.mark.integration
@@ -167,32 +167,6 @@ def fat_offset(image: Path, table: str) -> int:
         f.seek(offset + 82)
         assert f.read(8) == b"FAT32   "
     return offset
-
-
-def fsck_fat(image: Path, offset: int, scratch: Path) -> None:
-    """`fsck.fat -n` finds nothing to complain about (a partition is copied out first)."""
-    target = image
-    if offset:
-        target = scratch / f"{image.name}.partition"
-        info = json.loads(run("sfdisk", "--json", image).stdout)["partitiontable"]
-        size = int(info["partitions"][0]["size"]) * int(info.get("sectorsize", 512))
-        with image.open("rb") as src, target.open("wb") as out:
-            src.seek(offset)
-            left = size
-            while left:
-                chunk = src.read(min(left, 8 * MIB))
-                assert chunk, "partition runs past the end of the image"
-                out.write(chunk)
-                left -= len(chunk)
-    try:
-        proc = subprocess.run(["fsck.fat", "-n", str(target)], capture_output=True, text=True, check=False)
-        lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
-        complaints = [ln for ln in lines if not ln.startswith("fsck.fat ")
-                      and not re.search(r": \d+ files, \d+/\d+ clusters$", ln)]
-        assert proc.returncode == 0 and complaints == [], proc.stdout + proc.stderr
-    finally:
-        if target != image:
-            target.unlink(missing_ok=True)
 
 
 def mcopy_extract(image: Path, offset: int, dest: Path) -> Path:

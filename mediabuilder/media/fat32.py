@@ -159,8 +159,6 @@ def scan(tree: Path) -> Listing:
 def _check_name(path: Path, name: str, seen: dict[str, str]) -> None:
     if _FAT_FORBIDDEN.search(name) or name.endswith((".", " ")):
         raise InternalError(f"{path}: the name cannot be stored on FAT32")
-    if len(name.encode("utf-16-le")) // 2 > fatfs.MAX_NAME_UNITS:
-        raise InternalError(f"{path}: the name is longer than FAT32's {fatfs.MAX_NAME_UNITS} characters")
     other = seen.setdefault(name.lower(), name)
     if other != name:
         raise InternalError(f"{path}: FAT32 names ignore case, and {other!r} is in the same directory")

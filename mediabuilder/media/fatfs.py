@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 SECTOR = 512
 ENTRY = 32  # bytes per directory entry
 MAX_DIR_ENTRIES = 65536  # a directory holds at most this many 32-byte entries
-MAX_NAME_UNITS = 255  # UTF-16 code units in a long name
 ATTR_VOLUME_ID = 0x08
 ATTR_DIRECTORY = 0x10
 ATTR_ARCHIVE = 0x20
