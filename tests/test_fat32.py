@@ -19,7 +19,7 @@ from media_checks import (
     write_big_file,
 )
 
-from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia
 from mediabuilder.media.fat32 import (
     MIB,
     MIN_CLUSTERS,
@@ -208,6 +208,25 @@ def test_refuses_directory_too_big_for_fat32(tmp_path: Path) -> None:
                        r"directory holds at most 65536$"):
         write_fat32(tmp_path / "tree", tmp_path / "x.img", label="X")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_broken_cluster_chain_is_damaged_media(tmp_path: Path) -> None:
+    """A file whose chain ends early in the FAT (both copies) is reported, not read short."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "f.bin").write_bytes(bytes(range(250)) * 8)  # 2,000 bytes: clusters 3-6 (root: 2)
+    image = tmp_path / "media.img"
+    write_fat32(root, image, label="X")
+    geometry = image_geometry(scan(root).content, None, "none")[1]
+    with image.open("r+b") as f:
+        for copy in range(2):
+            f.seek((32 + copy * geometry.fat_sectors) * 512 + 4 * 4)  # FAT[4]: the second cluster's
+            f.write(bytes(4))
+    with open_source(image) as source:
+        assert dict(source.files()) == {"f.bin": 2000}
+        with pytest.raises(InvalidMedia, match=r"media.img: damaged FAT32 image: the cluster chain of f.bin "
+                           r"ends before its 2000 bytes$"):
+            source.open("f.bin")
 
 
 @pytest.mark.integration

@@ -90,7 +90,7 @@ def _dir_clusters(entry_bytes: int, cluster: int) -> int:
     return max(1, -(-entry_bytes // cluster))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """A file or directory of the tree, as it goes on the filesystem."""
 

@@ -32,6 +32,8 @@ FSINFO_SECTOR = 1
 ROOT_CLUSTER = 2
 UNKNOWN = 0xFFFFFFFF  # FSInfo: no hint where free clusters are
 LABEL_BYTES = 11
+BOOT_CODE = 0x5A  # where the jump at byte 0 lands, after the FAT32 BPB
+NOT_BOOTABLE = b"\xcd\x18\xeb\xfe"  # int 18h (boot failed: try the next device), else spin
 _SHORT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~")
 _FAT_CHUNK = 256 * 1024  # FAT entries buffered before they are handed out (1 MiB)
 
@@ -143,7 +145,8 @@ def boot_sector(
     *, sectors: int, sectors_per_cluster: int, reserved: int, fats: int, fat_sectors: int, hidden: int,
     volume_id: int, label: bytes,
 ) -> bytes:  # fmt: skip
-    """The FAT32 boot sector (BPB), no boot code. Geometry fields: 64 heads, 32 sectors a track."""
+    """The FAT32 boot sector (BPB). Geometry fields: 64 heads, 32 sectors a track. Its code, should
+    a BIOS try to boot the medium, hands over to the next boot device."""
     sector = bytearray(SECTOR)
     sector[0:11] = b"\xeb\x58\x90MSWIN4.1"
     struct.pack_into(
@@ -155,6 +158,7 @@ def boot_sector(
         fat_sectors, 0, 0, ROOT_CLUSTER, FSINFO_SECTOR, BACKUP_BOOT_SECTOR, b"", 0x80, 0, 0x29,
         volume_id, label, b"FAT32   ",
     )  # fmt: skip
+    sector[BOOT_CODE : BOOT_CODE + len(NOT_BOOTABLE)] = NOT_BOOTABLE
     sector[510:512] = b"\x55\xaa"
     return bytes(sector)
 
