@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 
@@ -123,7 +124,9 @@ class SecretKey:
 
     def sign(self, fingerprint: bytes) -> str:
         """`name:base64(signature)`, as a narinfo Sig line carries it (ed25519 is deterministic)."""
-        signature = nacl.signing.SigningKey(self.key[:32]).sign(fingerprint).signature
+        # libsodium's secret key is seed + public key, as ours (checked to match when made), so
+        # no key pair is derived again for each signature.
+        signature = nacl.bindings.crypto_sign(fingerprint, self.key)[: nacl.bindings.crypto_sign_BYTES]
         return f"{self.name}:{base64.b64encode(signature).decode()}"
 
 

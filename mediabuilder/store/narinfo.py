@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from mediabuilder.errors import FormatError
 from mediabuilder.store import nix32
-from mediabuilder.store.hashes import Hash
+from mediabuilder.store.hashes import SIZES, Hash
 from mediabuilder.store.storepath import StorePath
 
 _REQUIRED = ("StorePath", "URL", "NarHash", "NarSize")
@@ -119,6 +119,10 @@ def _hash(fields: dict[str, str], key: str) -> str | None:
     value = fields.get(key)
     if value is None:
         return None
+    algo, _, digest = value.partition(":")
+    size = SIZES.get(algo)
+    if size is not None and nix32.is_valid(digest, size):  # already as we would write it
+        return value
     try:
         return Hash.parse(value).nix32()
     except FormatError as e:

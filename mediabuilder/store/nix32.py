@@ -7,6 +7,7 @@ from mediabuilder.errors import FormatError
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _CHARS = frozenset(ALPHABET)
 _TO_BASE32 = str.maketrans(ALPHABET, "0123456789abcdefghijklmnopqrstuv")
+_PAIRS = [high + low for high in ALPHABET for low in ALPHABET]  # index: high digit * 32 + low
 
 
 def encoded_length(size: int) -> int:
@@ -15,10 +16,14 @@ def encoded_length(size: int) -> int:
 
 
 def encode(data: bytes) -> str:
-    """Encode `data` as Nix does (`nix-hash --to-base32`)."""
+    """Encode `data` as Nix does (`nix-hash --to-base32`): the base-32 numeral of `data` read as
+    a little-endian number, most significant digit first. Two digits a step (a table of all
+    1,024 pairs): checking an up-to-date cache encodes three hashes a path."""
     value = int.from_bytes(data, "little")
     length = encoded_length(len(data))
-    return "".join(ALPHABET[(value >> (5 * n)) & 0x1F] for n in range(length - 1, -1, -1))
+    odd = length % 2
+    head = ALPHABET[(value >> (5 * (length - 1))) & 0x1F] if odd else ""
+    return head + "".join([_PAIRS[(value >> (5 * n)) & 0x3FF] for n in range(length - 2 - odd, -1, -2)])
 
 
 def decode(text: str) -> bytes:
