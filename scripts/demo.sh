@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: build offline install media for the bundled example flake (two hosts), verify it,
-# then install host `alpha` from it into a scratch root with no network and the media read-only.
+# write it again as a FAT32 stick image and verify that, then install host `alpha` from the
+# media into a scratch root with no network and the media read-only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,12 @@ mediabuilder build --profile profiles/example.toml --force
 
 step "mediabuilder verify $out/media (Python only: manifest, every file, signatures, NARs)"
 mediabuilder verify "$out/media" --trusted-key "$(cat "$out/media/media-key.pub")"
+
+step "The same media as a USB stick image: FAT32 in a GPT partition, read back without mounting"
+mediabuilder build --profile profiles/example.toml --format fat32 --partition-table gpt \
+    --output "$out/media.img" --force
+mediabuilder inspect "$out/media.img"
+mediabuilder verify "$out/media.img" --trusted-key "$(cat "$out/media/media-key.pub")"
 
 step "Moving the flake inputs' sources out of reach"
 mv "$out/example/inputs" "$out/example/inputs.away"
