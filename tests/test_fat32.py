@@ -237,6 +237,11 @@ def test_given_size(tmp_path: Path, tree: Tree) -> None:
     assert image.stat().st_size == 40 * MIB
     with open_source(image) as source:
         check_source(source, expected, dirs)
+        free = source.free_bytes
+    files, used, clusters = fsck_fat(image, MIB, tmp_path)
+    assert files == len(expected) + len(dirs) + 1
+    assert clusters == Geometry(39 * MIB // 512, 512).clusters  # the partition: all but the first MiB
+    assert free == (clusters - used) * 512
 
 
 @pytest.mark.integration
