@@ -60,6 +60,23 @@ def test_geometry() -> None:
     assert Geometry(33 * MIB // 512, 512).clusters >= MIN_CLUSTERS
 
 
+def test_least_size_is_enough() -> None:
+    """The size the "too small" message asks for holds the content, with and without a table."""
+    example = Content((34045952,), (64,))  # a FAT sized from the sectors left it 8 clusters short
+    with pytest.raises(InvalidInput, match=r"needs at least 34 MiB$"):
+        image_geometry(example, 33 * MIB, "none")
+    assert image_geometry(example, 34 * MIB, "none")[1].clusters >= example.clusters(512)
+    for size in range(30 * MIB, 300 * MIB, 1_300_001):
+        content = Content((size,), (64,))
+        for table in ("none", "mbr", "gpt"):
+            try:
+                image_geometry(content, 16 * MIB, table)
+            except InvalidInput as e:
+                least = int(str(e).rsplit(" ", 2)[-2]) * MIB
+            image, geometry = image_geometry(content, least, table)
+            assert image == least and geometry.clusters >= content.clusters(geometry.cluster), (size, table)
+
+
 def test_size_too_small() -> None:
     content = Content((100 * MIB,), (64,))
     with pytest.raises(InvalidInput, match=r"^--size 10M is too small: the content needs at least 102 MiB$"):
@@ -94,6 +111,16 @@ def test_refuses_case_clash(tmp_path: Path) -> None:
     (root / "A.TXT").write_text("2")
     with pytest.raises(InternalError, match="ignore case"):
         write_fat32(root, tmp_path / "x.img", label="X")
+
+
+def test_refuses_name_not_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    with open(os.fsencode(root) + b"/bad\xff.txt", "wb"):
+        pass
+    with pytest.raises(InternalError, match=r"bad\\udcff.txt'\): the name is not UTF-8"):
+        write_fat32(root, tmp_path / "x.img", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
 @pytest.fixture
@@ -142,7 +169,7 @@ def test_write_and_read_back(tmp_path: Path, tree: Tree, table: str, offset: int
 AWKWARD_NAMES = [
     "UPPER.TXT", "lower.txt", "Mixed.txt", "nix-cache-info", ".hidden", "a b.c d", "abc~1.txt",
     "abcdefghij.txt", "abcdefghijk.txt", "ünïcödé näme.txt", "日本語のファイル名.txt", "emoji-😀.txt",
-    "exactly-13-ch", "exactly-26-characters-long", "n" * 200 + ".narinfo",
+    "exactly-13-ch", "exactly-26-characters-long", "n" * 200 + ".narinfo", "Foo.txt", "Foo~1.txt",
 ]
 
 
@@ -189,6 +216,12 @@ def test_awkward_names_read_back(tmp_path: Path) -> None:
         theirs, ours = (mcopy_out / as_mtools[rel]).stat().st_mtime, (root / rel).stat().st_mtime
         assert ours - 2 < theirs <= ours, rel
     assert (mcopy_out / "UPPER.TXT").stat().st_mtime == time.mktime((2001, 9, 9, 3, 46, 40, 0, 0, -1))
+
+    # Looked up by name (long or short, in any case), each finds itself, not a sibling.
+    for name in ("Foo.txt", "Foo~1.txt", "FOO~1.TXT", "abc~1.txt", "ABCDEF~1.TXT"):
+        want = (root / ("Foo~1.txt" if name == "FOO~1.TXT" else "abcdefghij.txt" if name == "ABCDEF~1.TXT"
+                        else name)).read_bytes()
+        assert run(["mtype", "-i", image, f"::/{name}"]).stdout == want, name
 
     sevenzip_out = tmp_path / "7z"
     run(["7z", "x", "-y", f"-o{sevenzip_out}", image])

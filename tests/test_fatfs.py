@@ -21,6 +21,8 @@ ASCII_NAMES = [
     "0123456789abcdefghijklmnopqrstuv.narinfo",
     "exactly-13-ch",  # 13 UTF-16 units: one long entry, no padding
     "exactly-26-characters-long",  # 26: two long entries, no padding
+    "Foo.txt",  # fits 8.3 in mixed case: a long name and FOO.TXT, no tail
+    "Foo~1.txt",  # and FOO~1.TXT is then this one's, not a tail of Foo.txt's
 ]
 
 
@@ -45,6 +47,13 @@ def test_short_names_avoid_names_that_fit() -> None:
     names = fatfs.ShortNames(["abcdefghij.txt", "ABCDEF~1.TXT", "abcdefghijk.txt"])
     assert names.generate("abcdefghij.txt") == b"ABCDEF~2TXT"
     assert names.generate("abcdefghijk.txt") == b"ABCDEF~3TXT"
+
+
+def test_short_names_mixed_case_keep_their_own() -> None:
+    names = fatfs.ShortNames(["Foo.txt", "Foo~1.txt", "foo~2.TXT"])
+    assert names.generate("Foo.txt") == b"FOO     TXT"
+    assert names.generate("Foo~1.txt") == b"FOO~1   TXT"
+    assert names.generate("fOo.txt.bak") == b"FOOTXT~1BAK"
 
 
 def test_short_names_many_alike() -> None:

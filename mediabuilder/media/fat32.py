@@ -41,6 +41,7 @@ FAT_ALIGN = 8  # sectors: each FAT a multiple of 4 KiB
 # Fewer clusters than this and Windows (which goes by the cluster count) calls it FAT16.
 MIN_CLUSTERS = 65525 + 16
 MAX_CLUSTERS = 0x0FFFFFF5 - 16
+MAX_CLUSTER_BYTES = 32768
 LABEL_MAX = 11
 PARTITION_TABLES = ("none", "mbr", "gpt")
 PARTITION_TYPES = {"mbr": "c", "gpt": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
@@ -66,7 +67,7 @@ def cluster_size(volume_bytes: int) -> int:
         return 8192
     if volume_bytes <= 32 * 1024 * MIB:
         return 16384
-    return 32768
+    return MAX_CLUSTER_BYTES
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,10 @@ def scan(tree: Path) -> Listing:
 
 
 def _check_name(path: Path, name: str, seen: dict[str, str]) -> None:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes Python could only decode with surrogate escapes
+        raise InternalError(f"{path!r}: the name is not UTF-8, and FAT32 stores names as UTF-16") from None
     if _FAT_FORBIDDEN.search(name) or name.endswith((".", " ")):
         raise InternalError(f"{path}: the name cannot be stored on FAT32")
     other = seen.setdefault(name.lower(), name)
@@ -189,8 +194,14 @@ class Geometry:
 
     @classmethod
     def for_clusters(cls, clusters: int, cluster: int) -> Geometry:
+        """The smallest filesystem of whole MiB with at least `clusters` clusters. The FATs are
+        sized from the sectors (`fat_sectors`), a little more than `clusters` needs, so a MiB is
+        added while that takes clusters below the count."""
         sectors = RESERVED_SECTORS + FAT_COPIES * _fat_sectors(clusters) + clusters * (cluster // SECTOR)
-        return cls(-(-sectors // (MIB // SECTOR)) * (MIB // SECTOR), cluster)
+        geometry = cls(-(-sectors // (MIB // SECTOR)) * (MIB // SECTOR), cluster)
+        while geometry.clusters < clusters:
+            geometry = cls(geometry.sectors + MIB // SECTOR, cluster)
+        return geometry
 
 
 def _fat_sectors(clusters: int) -> int:
@@ -236,12 +247,16 @@ def image_geometry(content: Content, size: int | None, partition_table: str) -> 
         geometry = auto_geometry(content)
         return before + geometry.sectors * SECTOR + after, geometry
     fs_sectors = (size - before - after) // SECTOR
-    if fs_sectors > 0:
-        geometry = Geometry(fs_sectors, cluster_size(fs_sectors * SECTOR))
-        if MIN_CLUSTERS <= geometry.clusters <= MAX_CLUSTERS and content.clusters(
-            geometry.cluster
-        ) <= geometry.clusters:
+    # Microsoft's cluster size for the size first; bigger ones where the content then needs fewer
+    # clusters than fit (as `minimum_geometry` may have chosen, just under a step of the table).
+    cluster = cluster_size(fs_sectors * SECTOR) if fs_sectors > 0 else MAX_CLUSTER_BYTES * 2
+    while cluster <= MAX_CLUSTER_BYTES:
+        geometry = Geometry(fs_sectors, cluster)
+        if geometry.clusters < MIN_CLUSTERS:
+            break
+        if geometry.clusters <= MAX_CLUSTERS and content.clusters(cluster) <= geometry.clusters:
             return size, geometry
+        cluster *= 2
     least = before + minimum_geometry(content).sectors * SECTOR + after
     raise InvalidInput(
         f"--size {_size_text(size)} is too small: the content needs at least {-(-least // MIB)} MiB",

@@ -38,22 +38,30 @@ _SHORT_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'()-@^_`{}~")
 _FAT_CHUNK = 256 * 1024  # FAT entries buffered before they are handed out (1 MiB)
 
 
+def _upper_83(name: str) -> bytes | None:
+    """The 11-byte short name of a name that fits 8.3 once upper-cased (`Foo.txt`: `FOO     TXT`)."""
+    base, dot, ext = name.partition(".")
+    if not base or len(base) > 8 or len(ext) > 3 or "." in ext or (dot and not ext) or not name.isascii():
+        return None
+    if not _SHORT_CHARS.issuperset(base.upper()) or not _SHORT_CHARS.issuperset(ext.upper()):
+        return None
+    return (base.upper().ljust(8) + ext.upper().ljust(3)).encode("ascii")
+
+
 def short_fit(name: str) -> tuple[bytes, int] | None:
     """The 11-byte short name and DIR_NTRes case flags of a name that needs no long name: one
-    that fits 8.3 with only short-name characters, each part all upper or all lower case."""
-    base, dot, ext = name.partition(".")
-    if not base or len(base) > 8 or len(ext) > 3 or "." in ext or (dot and not ext):
+    that fits 8.3, each part all upper or all lower case."""
+    short = _upper_83(name)
+    if short is None:
         return None
+    base, _, ext = name.partition(".")
     flags = 0
     for part, lower_flag in ((base, NT_LOWER_BASE), (ext, NT_LOWER_EXT)):
-        upper = part.upper()
-        if not part.isascii() or not _SHORT_CHARS.issuperset(upper):
-            return None
-        if part != upper:
+        if part != part.upper():
             if part != part.lower():
                 return None
             flags |= lower_flag
-    return (base.upper().ljust(8) + ext.upper().ljust(3)).encode("ascii"), flags
+    return short, flags
 
 
 def entry_count(name: str) -> int:
@@ -68,15 +76,21 @@ class ShortNames:
     (upper case, invalid characters as `_`) with a numeric tail, `NIXOS-~1.JSO`."""
 
     def __init__(self, names: Iterable[str]) -> None:
-        """`names`: every name in the directory; those that fit 8.3 keep their own short name."""
+        """`names`: every name in the directory. Those that fit 8.3 once upper-cased keep that as
+        their short name (mixed case, `Foo.txt`, with a long name beside it); no generated name
+        may equal one of them, or `Foo~1.txt` would also find the file called `Foo.txt`."""
         self._taken = set()
         for name in names:
-            fit = short_fit(name)
-            if fit is not None:
-                self._taken.add(fit[0])
+            short = _upper_83(name)
+            if short is not None:
+                self._taken.add(short)
         self._next: dict[tuple[str, str], int] = {}
 
     def generate(self, name: str) -> bytes:
+        """The short name for `name`, which needs a long name (`short_fit` is None)."""
+        own = _upper_83(name)
+        if own is not None:
+            return own  # reserved for it: FAT names ignore case, so no other name has it
         stripped = name.lstrip(".").replace(" ", "")
         base, dot, ext = stripped.rpartition(".")
         if not dot:
