@@ -27,12 +27,12 @@ from pathlib import Path
 from mediabuilder import ui
 from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs
+from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.split import FAT32_MAX_FILE
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
 
-SECTOR = 512
 MIB = 1024 * 1024
 PARTITION_START = MIB
 RESERVED_SECTORS = 32
@@ -42,7 +42,6 @@ FAT_ALIGN = 8  # sectors: each FAT a multiple of 4 KiB
 MIN_CLUSTERS = 65525 + 16
 MAX_CLUSTERS = 0x0FFFFFF5 - 16
 MAX_CLUSTER_BYTES = 32768
-LABEL_MAX = 11
 PARTITION_TABLES = ("none", "mbr", "gpt")
 PARTITION_TYPES = {"mbr": "c", "gpt": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
 HEADROOM_FRACTION = 0.10
@@ -54,7 +53,7 @@ COPY_CHUNK = MIB  # bytes per read and write when copying files in
 
 def fat_label(label: str) -> str:
     """The FAT volume label for the media label: upper case, at most 11 characters."""
-    return validate_label(label)[:LABEL_MAX]
+    return validate_label(label)[:LABEL_BYTES]
 
 
 def cluster_size(volume_bytes: int) -> int:
@@ -349,7 +348,7 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
     used = sum(count for _, count in runs)
     if used > geometry.clusters:
         raise InternalError(f"{used} clusters do not fit in a filesystem of {geometry.clusters}")
-    label_bytes = label.ljust(fatfs.LABEL_BYTES).encode("ascii")
+    label_bytes = label.ljust(LABEL_BYTES).encode("ascii")
     boot = fatfs.boot_sector(
         sectors=geometry.sectors, sectors_per_cluster=geometry.sectors_per_cluster,
         reserved=RESERVED_SECTORS, fats=FAT_COPIES, fat_sectors=geometry.fat_sectors,

@@ -18,18 +18,20 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Generic, TypeVar, cast
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from mediabuilder.errors import InvalidInput, InvalidMedia
+from mediabuilder.media.fatfs import NT_LOWER_BASE, NT_LOWER_EXT
 
 SECTOR = 512
 ISO_SIGNATURE_OFFSET = 32769
 GPT_SIGNATURE = b"EFI PART"
 MBR_PROTECTIVE = 0xEE
 CHUNK = 1024 * 1024
+Native = TypeVar("Native")  # how an image reader names a file: a path, a first cluster
 
 
 class MediaSource(ABC):
@@ -108,11 +110,11 @@ class DirSource(MediaSource):
         return shutil.disk_usage(self.path).free
 
 
-class _IndexedSource(MediaSource):
-    """An image read through an index built when it is opened: relative path → (the reader's
-    own path for the file, size), and the directories."""
+class _IndexedSource(MediaSource, Generic[Native]):
+    """An image read through an index built when it is opened: relative path → (what the
+    reader needs to open the file, size), and the directories."""
 
-    _files: dict[str, tuple[str, int]]
+    _files: dict[str, tuple[Native, int]]
     _dirs: list[str]
 
     def files(self) -> Iterator[tuple[str, int]]:
@@ -125,13 +127,14 @@ class _IndexedSource(MediaSource):
     def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
         if relpath not in self._files:
             raise self._missing(relpath)
-        return self._open_native(self._files[relpath][0])
+        native, size = self._files[relpath]
+        return self._open_native(relpath, native, size)
 
     @abstractmethod
-    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]: ...
+    def _open_native(self, relpath: str, native: Native, size: int) -> AbstractContextManager[BinaryIO]: ...
 
 
-class IsoSource(_IndexedSource):
+class IsoSource(_IndexedSource[str]):
     """An ISO 9660 image, by Rock Ridge names if it has them, else Joliet, else ISO 9660."""
 
     kind = "iso"
@@ -185,7 +188,7 @@ class IsoSource(_IndexedSource):
             return record.rock_ridge.name().decode(), ident
         return ident.split(";")[0], ident
 
-    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]:
+    def _open_native(self, relpath: str, native: str, size: int) -> AbstractContextManager[BinaryIO]:
         stream = self._iso.open_file_from_iso(**{self._key: native})
         return cast(AbstractContextManager[BinaryIO], stream)
 
@@ -194,7 +197,7 @@ class IsoSource(_IndexedSource):
             self._iso.close()
 
 
-class FatSource(_IndexedSource):
+class FatSource(_IndexedSource[int]):
     """A FAT32 filesystem at `offset` bytes into an image file, read with pyfatfs.
 
     pyfatfs reads the boot sector, the FAT and the directories. File data is read here, along
@@ -214,8 +217,7 @@ class FatSource(_IndexedSource):
         except Exception as e:  # pyfatfs raises several kinds on damaged images
             raise InvalidMedia(f"{path}: damaged FAT32 image: {e}") from e
 
-        self._files: dict[str, tuple[str, int]] = {}  # relpath -> (relpath, size)
-        self._first_cluster: dict[str, int] = {}
+        self._files: dict[str, tuple[int, int]] = {}  # relpath -> (first cluster, size)
         self._dirs: list[str] = []
         self._index(self._fs.fs.root_dir, "")
         self._image = path.open("rb", buffering=0)
@@ -229,20 +231,18 @@ class FatSource(_IndexedSource):
                 self._dirs.append(child_rel)
                 self._index(entry, child_rel)
             else:
-                self._files[child_rel] = (child_rel, int(entry.filesize))
-                self._first_cluster[child_rel] = int(entry.get_cluster())
+                self._files[child_rel] = (int(entry.get_cluster()), int(entry.filesize))
 
-    def _open_native(self, native: str) -> AbstractContextManager[BinaryIO]:
-        size = self._files[native][1]
-        reader = _ExtentReader(self._image, self._extents(native, size), f"{self.path}: {native}")
+    def _open_native(self, relpath: str, native: int, size: int) -> AbstractContextManager[BinaryIO]:
+        reader = _ExtentReader(self._image, self._extents(relpath, native, size), f"{self.path}: {relpath}")
         return cast(AbstractContextManager[BinaryIO], reader)
 
-    def _extents(self, rel: str, size: int) -> list[tuple[int, int]]:
+    def _extents(self, rel: str, first_cluster: int, size: int) -> list[tuple[int, int]]:
         """(byte offset in the image, length) of the file's data, contiguous clusters merged."""
         fat = self._fs.fs
         cluster_bytes = fat.bytes_per_cluster
         extents: list[tuple[int, int]] = []
-        cluster = self._first_cluster[rel]
+        cluster = first_cluster
         for done in range(0, size, cluster_bytes):
             if not 2 <= cluster < len(fat.fat):  # free, bad, end of chain or out of range
                 raise InvalidMedia(
@@ -300,11 +300,6 @@ class _ExtentReader(io.RawIOBase):
                 return len(data)
             self._index, self._done = self._index + 1, 0
         return 0
-
-
-# Windows NT (and mtools) keep a short name's case in DIR_NTRes instead of writing a long name.
-NT_LOWER_BASE = 0x08
-NT_LOWER_EXT = 0x10
 
 
 def _fat_name(entry: Any) -> str:
