@@ -6,14 +6,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,7 +20,7 @@ from mediabuilder import run as runner
 from mediabuilder.cache.layout import CACHE_INFO, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
-from mediabuilder.media import fat32, flakerepo, fsinfo, iso, registry, split
+from mediabuilder.media import fat32, flakerepo, fsinfo, iso, output, registry, split
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
@@ -66,40 +63,85 @@ class BuildRequest:
     substituter_keys: tuple[str, ...] = ()
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        if output.is_dir() and not any(output.iterdir()):
-            return
-        raise InvalidInput(f"{output}: already exists and is not empty", hint="choose another --output or pass --force")
-    parent = output.resolve().parent
+@dataclass
+class Target:
+    """Where the medium goes (absolute), how, and the lock that keeps other builds out."""
+
+    path: Path
+    inside: bool  # write inside an existing directory (an empty one, a mounted stick)
+    replace: bool  # an existing image or medium is replaced (--force)
+    lock: output.Lock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def protected_paths(req: BuildRequest) -> list[output.Protected]:
+    """The cache, the key and each flake's repository: no output may hold or lie in them."""
+    found = [output.Protected(req.cache.dir, "the cache")]
+    if req.cache.key is not None:
+        found.append(output.Protected(req.cache.key, "the signing key"))
+    for ref in req.refs:
+        local = nixcli.HostRef(ref.partition("#")[0] or ".", "").local_path
+        if local is None or not local.is_dir():
+            continue
+        top = runner.run(["git", "-C", str(local), "rev-parse", "--show-toplevel"], check=False)
+        where = Path(top.stdout.decode().strip()) if top.returncode == 0 else local
+        found.append(output.Protected(where, "the flake repository"))
+    return found
+
+
+def check_output(req: BuildRequest) -> Target:
+    """Everything about the output that can be known before any work; locks an existing one."""
+    out = Path(os.path.abspath(req.output))
+    output.check_not_protected(out, protected_paths(req))
+    is_dir_format = req.media.format is MediaFormat.DIR
+    if os.path.lexists(out):
+        if is_dir_format:
+            return _existing_directory(out, req.force)
+        if out.is_dir():
+            raise InvalidInput(f"{req.output}: is a directory, and a {req.media.format.value} image is a file",
+                               hint=f"name the image file, e.g. --output {req.output}/media.{req.media.format.value}")
+        if not out.is_file() or out.is_symlink():
+            raise InvalidInput(f"{req.output}: exists and is not a regular file", hint="choose another --output")
+        if not req.force:
+            raise InvalidInput(f"{req.output}: already exists", hint="choose another --output or pass --force")
+        _check_writable(out.parent)
+        return Target(out, inside=False, replace=True, lock=output.Lock(out, "this image"))
+    _check_writable(out.parent)
+    return Target(out, inside=False, replace=False)
+
+
+def _check_writable(parent: Path) -> None:
     if not parent.is_dir():
         raise InvalidInput(f"{parent}: no such directory for --output")
     if not os.access(parent, os.W_OK):
-        raise InvalidInput(f"{parent}: not writable")
+        raise InvalidInput(f"{parent}: not writable", hint="choose another --output")
 
 
-@contextlib.contextmanager
-def staging_dir(output: Path, where: Path) -> Iterator[Path]:
-    """A temporary directory in `where`, removed unless the build renamed it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=where))
+def _existing_directory(out: Path, force: bool) -> Target:
+    """An existing directory as the output of --format dir: written inside when it is empty or
+    holds only an earlier medium (--force); anything else in it is the user's."""
+    if not out.is_dir() or out.is_symlink() and not os.path.isdir(out):
+        raise InvalidInput(f"{out}: exists and is not a directory", hint="choose another --output")
+    if not os.access(out, os.W_OK):
+        raise InvalidInput(f"{out}: not writable", hint="mount the stick writable or choose another --output")
+    lock = output.Lock(out, "this medium")
     try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replace_output(tree: Path, output: Path) -> None:
-    """Move the finished `tree` to `output`, replacing an existing output (checked earlier)."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.rename(output, old)
-    os.rename(tree, output)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
+        output.remove_stale(out, output.STAGING_PREFIX)
+        foreign = output.foreign_entries(out)
+        if foreign:
+            listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise InvalidInput(f"{out}: holds files that are not part of a medium ({listed})",
+                               hint="choose an empty directory; mediabuilder never deletes what it did not write")
+        old = output.media_entries(out)
+        if old and not force:
+            raise InvalidInput(f"{out}: already holds a medium", hint="pass --force to replace it")
+    except BaseException:
+        lock.release()
+        raise
+    return Target(out, inside=True, replace=bool(old), lock=lock)
 
 
 def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
@@ -166,19 +208,35 @@ class Source:
 
 def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
-    check_output(req.output, req.force)
     check_media_settings(req.media)
-    have_nix = shutil.which("nix") is not None
-    if have_nix:
-        nixcli.ensure_available()
-    elif not req.systems:
-        raise InvalidInput("could not find `nix`, which is needed to evaluate the flake's hosts",
-                           hint="install nix-bin, or pass --system NAME=/nix/store/... with --substituter URL")
+    have_nix = check_nix(req)
     runner.require("git")
     if req.cache.key is not None and not req.cache.key.is_file():
         raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+    target = check_output(req)
+    try:
+        return _build(req, target, have_nix)
+    finally:
+        target.release()
+
+
+def check_nix(req: BuildRequest) -> bool:
+    """Whether a local Nix is there to use; without one only prebuilt `--system`s can be shipped."""
+    if shutil.which("nix") is not None:
+        nixcli.ensure_available()
+        nixcli.check_store_access()
+        return True
+    if not req.systems:
+        raise InvalidInput("could not find `nix`, which is needed to evaluate the flake's hosts",
+                           hint="install nix-bin, or pass --system NAME=/nix/store/... with --substituter URL")
+    return False
+
+
+def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     cache = BinaryCache(req.cache.dir)
     cache.create()
+    output.remove_stale(cache.root, output.STAGING_PREFIX)
+    output.remove_stale(target.path.parent, output.tmp_prefix(target.path))
     key, created = load_or_create_key(cache, req.cache.key, default_key_name())
     if created:
         ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")
@@ -195,22 +253,32 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         step.detail = f"{len(union)} paths, {ui.human_bytes(nar_bytes)} of NAR"
 
     try:
-        write_media(req, cache, key, source, closures, union, have_nix)
+        write_media(req, target, cache, key, source, closures, union, have_nix)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InvalidInput(f"{req.output}: no space left on device while writing the media",
+            kept = " (the medium that was there is untouched)" if target.inside and target.replace else ""
+            raise InvalidInput(f"{req.output}: no space left on device while writing the media{kept}",
                                hint="free some space or choose another --output") from None
         raise
     return {h: str(t) for h, t in source.toplevels.items()}
 
 
-def write_media(req: BuildRequest, cache: BinaryCache, key: SecretKey, source: Source,
+def staging_place(req: BuildRequest, target: Target, cache: BinaryCache) -> tuple[Path, str]:
+    """Where the tree is assembled: a directory beside the output (renamed into place) or inside
+    it (moved in); an image's tree beside the cache (hard links, no copies), so that the output's
+    disk holds only the image."""
+    if req.media.format is not MediaFormat.DIR:
+        return cache.root, output.STAGING_PREFIX
+    if target.inside:
+        return target.path, output.STAGING_PREFIX
+    return target.path.parent, output.tmp_prefix(target.path)
+
+
+def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: SecretKey, source: Source,
                 closures: dict[str, list[NarInfo]], union: list[StorePath], have_nix: bool) -> None:
-    """Assemble the tree beside the output, sign its manifest, and write it in the output format."""
-    # A directory is assembled beside the output and renamed into place; an image's tree is
-    # assembled beside the cache (hard links, no copies) so the output's disk holds only the image.
-    where = req.output.resolve().parent if req.media.format is MediaFormat.DIR else cache.root
-    with staging_dir(req.output, where) as staging:
+    """Assemble the tree, sign its manifest, and write it in the output format."""
+    where, prefix = staging_place(req, target, cache)
+    with output.temporary(where, prefix, directory=True) as staging:
         tree = staging / "media"
         tree.mkdir()
         with ui.step("Assembling the media tree") as step:
@@ -226,14 +294,14 @@ def write_media(req: BuildRequest, cache: BinaryCache, key: SecretKey, source: S
         with ui.step("Signing the manifest") as step:
             manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none")
             manifest.files = collect_files(tree, known=known)
-            limit = split_limit(req)
+            limit = split_limit(req, target)
             split = split_large_files(tree, manifest.files, limit) if limit else 0
-            sign_manifest(manifest, tree, key, req.cache.compression.value)
+            sign_manifest(manifest, tree, key, req.cache.compression.value, staging / "trust")
             step.detail = f"{len(manifest.files)} files, key {key.public().fingerprint()}"
             if split:
                 step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
-            write_output(tree, staging, req)
+            write_output(tree, target, req)
             step.detail = str(req.output)
 
 
@@ -356,25 +424,26 @@ def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[s
     )
 
 
-def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str) -> StorePath:
-    """Write manifest.json, and the signed manifest store path into the media cache."""
+def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str, scratch: Path) -> StorePath:
+    """Write manifest.json, and the signed manifest store path into the media cache (its files
+    are laid out in `scratch`, an empty directory that the caller removes)."""
     (tree / "manifest.json").write_text(manifest.render())
-    with tempfile.TemporaryDirectory() as tmp:
-        trust = Path(tmp) / "manifest"
-        manifest.write_trust_dir(trust)
-        path, nar_hash, nar_size = trust_path(trust)
-        export_tree(BinaryCache(tree / "cache"), trust, PathInfo(path, nar_hash, nar_size, ()), key, compression)
-        os.chmod(trust, 0o755)
+    scratch.mkdir()
+    trust = scratch / "manifest"
+    manifest.write_trust_dir(trust)
+    path, nar_hash, nar_size = trust_path(trust)
+    export_tree(BinaryCache(tree / "cache"), trust, PathInfo(path, nar_hash, nar_size, ()), key, compression)
+    os.chmod(trust, 0o755)
     (tree / "manifest.storepath").write_text(f"{path}\n")
     return path
 
 
-def split_limit(req: BuildRequest) -> int | None:
+def split_limit(req: BuildRequest, target: Target) -> int | None:
     """The largest file the output can hold: images always split at one part size that every
     reader handles (docs/images.md); a directory only when its filesystem needs it (FAT32)."""
     if req.media.format is not MediaFormat.DIR:
         return split.PART_SIZE
-    limit = fsinfo.max_file_size(req.output.resolve().parent)
+    limit = fsinfo.max_file_size(target.path if target.inside else target.path.parent)
     return None if limit is None else min(limit, split.PART_SIZE)
 
 
@@ -401,11 +470,19 @@ def check_media_settings(media: MediaSettings) -> None:
         runner.require("sfdisk", "to write a partition table")
 
 
-def write_output(tree: Path, staging: Path, req: BuildRequest) -> None:
+def write_output(tree: Path, target: Target, req: BuildRequest) -> None:
+    """The finished tree into place: renamed, moved into a directory, or written as an image
+    under a temporary name beside the output and renamed over it when complete."""
     if req.media.format is MediaFormat.DIR:
-        replace_output(tree, req.output)
-    elif req.media.format is MediaFormat.ISO:
-        iso.write_iso(tree, req.output, label=req.media.label)
-    else:
-        fat32.write_fat32(tree, req.output, label=req.media.label, size=req.media.size,
-                          partition_table=req.media.partition_table.value)
+        if target.inside:
+            output.move_in(tree, target.path)
+        else:
+            output.place(tree, target.path, replace=False)
+        return
+    with output.temporary(target.path.parent, output.tmp_prefix(target.path), directory=False) as image:
+        if req.media.format is MediaFormat.ISO:
+            iso.write_iso(tree, target.path, label=req.media.label, into=image)
+        else:
+            fat32.write_fat32(tree, target.path, label=req.media.label, size=req.media.size,
+                              partition_table=req.media.partition_table.value, into=image)
+        output.place(image, target.path, replace=target.replace)

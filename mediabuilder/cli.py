@@ -7,12 +7,15 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from mediabuilder import __version__, nixcli, ui
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
@@ -55,13 +58,16 @@ def cmd_keygen(args: argparse.Namespace, profile: Profile) -> int:
 
 def cache_settings(args: argparse.Namespace, profile: Profile) -> CacheSettings:
     """The profile's [cache] with the command line's flags over it."""
-    return override(
+    settings = override(
         profile.cache,
         dir=Path(args.cache) if args.cache else None,
         compression=Compression(args.compression) if args.compression else None,
         key=Path(args.key) if args.key else None,
         jobs=args.jobs,
     )
+    # Absolute from here on: programs run elsewhere (git -C, nix) get paths that still hold.
+    key = Path(os.path.abspath(settings.key)) if settings.key is not None else None
+    return replace(settings, dir=Path(os.path.abspath(settings.dir)), key=key)
 
 
 def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
@@ -71,6 +77,7 @@ def cmd_cache(args: argparse.Namespace, profile: Profile) -> int:
         raise InvalidInput("no host given",
                            hint="pass --flake PATH#HOST, --store-path PATH or a profile with flake.hosts")
     nixcli.ensure_available()
+    nixcli.check_store_access()
     store_paths = [_store_path_arg(p) for p in args.store_path]
     if settings.key is not None and not settings.key.is_file():
         raise InvalidInput(f"{settings.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
@@ -236,7 +243,7 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     media = override(
         profile.media,
         format=MediaFormat(args.format) if args.format else None,
-        output=Path(args.output) if args.output else None,
+        output=Path(os.path.abspath(args.output)) if args.output else None,
         label=args.label,
         size=_size_arg(args.size) if args.size else None,
         partition_table=PartitionTable(args.partition_table) if args.partition_table else None,
@@ -279,6 +286,19 @@ def _size_arg(text: str) -> int:
 
 # Parser
 
+MAX_JOBS = 256
+
+
+def _jobs_arg(text: str) -> int:
+    try:
+        jobs = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= jobs <= MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"{jobs} is not between 1 and {MAX_JOBS}")
+    return jobs
+
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -294,18 +314,19 @@ def _add_cache_flags(p: argparse.ArgumentParser) -> None:
                    help="host to put on the media, e.g. .#laptop (repeatable; FLAKE alone: all hosts)")
     p.add_argument("--store-path", action="append", default=[], metavar="PATH",
                    help="a store path (and its closure) to include, e.g. a system CI built (repeatable)")
-    p.add_argument("--cache", metavar="DIR", help="local binary cache (default: ./cache)")
+    p.add_argument("--cache", metavar="DIR", help="local binary cache (default: $XDG_CACHE_HOME/mediabuilder, "
+                                                       "i.e. ~/.cache/mediabuilder)")
     p.add_argument("--compression", choices=[c.value for c in Compression],
                    help="NAR compression (default: zstd)")
     p.add_argument("--key", metavar="FILE",
                    help="secret signing key (default: the cache's own, created when missing)")
-    p.add_argument("--jobs", "-j", type=int, metavar="N",
+    p.add_argument("--jobs", "-j", type=_jobs_arg, metavar="N",
                    help="parallel workers: exports (default: one per core) and downloads from "
                         "substituters (default: 4 per core, at most 8)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mediabuilder",
         description="Turn a NixOS flake into install media that installs it with no network.",
     )
@@ -370,12 +391,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public key (NAME:BASE64) or a file holding one (repeatable; default: the "
                         "cache's own signing-key.pub)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--jobs", "-j", type=int, metavar="N", help="parallel workers (default: one per core)")
+    p.add_argument("--jobs", "-j", type=_jobs_arg, metavar="N", help="parallel workers (default: one per core)")
     p.set_defaults(func=cmd_verify)
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like ^C, so every temporary is removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    for other in INTERRUPTS:  # a second signal must not cut the cleanup short
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line, a hint and exit 2, like every other."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        print(f"hint: see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for signum in INTERRUPTS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(signum, _interrupt)
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -395,9 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        number = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        print(f"error: interrupted ({signal.Signals(number).name}); temporary files removed", file=sys.stderr)
+        return 128 + number
     except OSError as e:
         if debug:
             traceback.print_exc()

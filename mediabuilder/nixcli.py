@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import pwd
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,3 +154,39 @@ def ensure_available() -> None:
         return
     if (major, minor) < (2, 4):
         raise ExternalError(f"nix {version()} is too old: mediabuilder needs Nix 2.4 or newer for flakes")
+
+
+DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
+NIX_DB = Path("/nix/var/nix/db")
+
+
+def _store_setting() -> str:
+    """The `store` Nix uses ('auto' when not set): from NIX_REMOTE, else Nix's own settings."""
+    if os.environ.get("NIX_REMOTE"):
+        return os.environ["NIX_REMOTE"]
+    proc = runner.run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"], check=False)
+    try:
+        value = json.loads(proc.stdout)["store"]["value"]
+    except (ValueError, KeyError, TypeError):
+        return "auto"
+    return str(value) or "auto"
+
+
+def check_store_access() -> None:
+    """Fail before any work when Nix could not build here: not root, no daemon to ask, and a
+    store this user cannot write (Debian's nix-bin without nix-daemon, run as a user)."""
+    if os.geteuid() == 0:
+        return
+    store = _store_setting()
+    if store not in ("auto", "local", "daemon") and not store.startswith("unix://"):
+        return  # a store of the user's own (a chroot store, ssh-ng://...): Nix answers for it
+    if store != "local" and DAEMON_SOCKET.is_socket():
+        return
+    if store in ("auto", "local") and os.access(NIX_DB, os.W_OK):
+        return
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    raise InvalidInput(
+        f"{NIX_DB}: user {user} cannot write the Nix store and no nix-daemon is running "
+        f"({DAEMON_SOCKET} is missing)",
+        hint="run mediabuilder as root (sudo), or start the daemon: systemctl start nix-daemon",
+    )

@@ -41,9 +41,21 @@ class FlakeSettings:
     allow_dirty: bool = False
 
 
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/mediabuilder` (`~/.cache/mediabuilder`): outside any working tree, so
+    that the cache and its signing key never count as a flake's changes nor reach a medium."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "mediabuilder"
+    try:
+        return Path.home() / ".cache" / "mediabuilder"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        return Path("/var/tmp") / f"mediabuilder-{os.geteuid()}"
+
+
 @dataclass(frozen=True)
 class CacheSettings:
-    dir: Path = Path("cache")
+    dir: Path = field(default_factory=default_cache_dir)
     compression: Compression = Compression.ZSTD
     # Secret key file; None: use (or create) the key in the cache directory.
     key: Path | None = None
@@ -68,19 +80,12 @@ class SubstituterSettings:
 
 
 @dataclass(frozen=True)
-class InstallSettings:
-    root: str = "/mnt"
-    flake_dir: str = "/etc/nixos"
-
-
-@dataclass(frozen=True)
 class Profile:
     source: str = "<defaults>"
     flake: FlakeSettings = field(default_factory=FlakeSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
     substituters: SubstituterSettings = field(default_factory=SubstituterSettings)
-    install: InstallSettings = field(default_factory=InstallSettings)
 
 
 SECTIONS: dict[str, type] = {
@@ -88,7 +93,6 @@ SECTIONS: dict[str, type] = {
     "cache": CacheSettings,
     "media": MediaSettings,
     "substituters": SubstituterSettings,
-    "install": InstallSettings,
 }
 
 T = TypeVar("T")
@@ -176,9 +180,14 @@ def load_profile(path: Path) -> Profile:
         raise InvalidInput(f"{source}: cannot read profile: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise InvalidInput(f"{source}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"{source}: not UTF-8 text (byte {e.start})", hint="save the profile as UTF-8") from None
     base = path.resolve().parent
     sections: dict[str, Any] = {}
     for name, value in data.items():
+        if name == "install":
+            raise InvalidInput(f"{source}: [install]: not supported by this mediabuilder (it was ignored before)",
+                               hint="pass --root and --flake-dir to install.sh on the target instead")
         if name not in SECTIONS:
             allowed = ", ".join(SECTIONS)
             raise InvalidInput(f"{source}: [{name}]: unknown section (allowed: {allowed})")
@@ -192,8 +201,9 @@ def load_profile(path: Path) -> Profile:
 def _absolute_flake_ref(ref: str, base: Path) -> str:
     """A flake reference whose flake part is a relative path is taken relative to `base`."""
     flake, sep, attr = ref.partition("#")
-    if flake.startswith((".", "~")) or (flake and "/" in flake and ":" not in flake and not flake.startswith("/")):
-        flake = os.path.normpath(base / os.path.expanduser(flake))
+    # As on the command line (nixcli.parse_flake_ref): no ':' means a path, "" the directory.
+    if ":" not in flake:
+        flake = os.path.normpath(base / os.path.expanduser(flake or "."))
     return flake + sep + attr
 
 

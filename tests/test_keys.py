@@ -64,8 +64,19 @@ def test_generate() -> None:
     assert a != b
     assert a.public().verify(b"x", a.sign(b"x"))
     assert SecretKey.parse(a.render()) == a
-    with pytest.raises(InvalidInput, match="must be non-empty"):
-        SecretKey.generate("a:b")
+    for bad in ("a:b", "", "my key", "clé-1", "-x", "a" * 101, "tab\tname"):
+        with pytest.raises(InvalidInput) as info:
+            SecretKey.generate(bad)
+        assert str(info.value) == (f"key name {bad!r}: must be 1-100 ASCII letters, digits, '.', '_', '+' or '-', "
+                                   "starting with a letter or digit")
+    assert SecretKey.generate("cache.nixos.org-1").name == "cache.nixos.org-1"
+
+
+def test_key_names_nix_conf_cannot_hold_are_refused_when_read() -> None:
+    """A public key file whose name has a space would be two entries of trusted-public-keys."""
+    b64 = PUBLIC.partition(":")[2]
+    with pytest.raises(FormatError, match="name 'my key' is not 1-100 ASCII letters"):
+        PublicKey.parse(f"my key:{b64}", source="k.pub")
 
 
 def test_public_fingerprint() -> None:

@@ -406,7 +406,12 @@ def test_output_exists(example: Example, media: Media, out_dir: Path, fmt: str) 
         output.write_text("old\n")
     before = expected_tree(out_dir)
     proc = build(example, media.cache, output, "--format", fmt)
-    assert_one_line_error(proc, str(output), "already exists")
+    if fmt == "dir":  # the user's own file, not a medium: refused even with --force
+        assert_one_line_error(proc, f"{output}: holds files that are not part of a medium (keep)")
+        assert_one_line_error(build(example, media.cache, output, "--format", fmt, "--force"),
+                              f"{output}: holds files that are not part of a medium (keep)")
+    else:
+        assert_one_line_error(proc, f"{output}: already exists")
     assert sorted(os.listdir(out_dir)) == ["media"]
     assert expected_tree(out_dir) == before
 

@@ -50,10 +50,6 @@ partition_table = "gpt"
 [substituters]
 urls = ["file:///mnt/cache"]
 trusted_keys = ["media-1:AAAA"]
-
-[install]
-root = "/target"
-flake_dir = "/etc/nixos"
 """
 
 
@@ -80,7 +76,6 @@ def test_valid_profile(tmp_path: Path) -> None:
     assert p.media.partition_table is PartitionTable.GPT
     assert p.substituters.urls == ("file:///mnt/cache",)
     assert p.substituters.trusted_keys == ("media-1:AAAA",)
-    assert p.install.root == "/target"
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.cache.jobs = 1  # type: ignore[misc]
 
@@ -115,7 +110,7 @@ def test_override_keeps_none() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[caches]\ndir = 'x'\n", "[caches]: unknown section (allowed: flake, cache, media, substituters, install)"),
+        ("[caches]\ndir = 'x'\n", "[caches]: unknown section (allowed: flake, cache, media, substituters)"),
         ("[cache]\ndirectory = 'x'\n", "cache.directory: unknown key (allowed: compression, dir, jobs, key)"),
         ("[media]\nformt = 'iso'\n", "media.formt: unknown key"),
         ("[cache]\njobs = \"x\"\n", "cache.jobs: expected a non-negative integer, got 'x'"),
@@ -132,6 +127,7 @@ def test_override_keeps_none() -> None:
         ("[cache]\ncompression = \"gzip\"\n", "cache.compression: 'gzip' is not one of zstd, xz, none"),
         ("[media]\npartition_table = \"apm\"\n", "media.partition_table: 'apm' is not one of none, mbr, gpt"),
         ("[cache\n", "not valid TOML"),
+        ("[install]\nroot = '/mnt'\n", "[install]: not supported by this mediabuilder"),
     ],
 )
 def test_bad_profile(tmp_path: Path, text: str, message: str) -> None:
@@ -146,3 +142,20 @@ def test_bad_profile(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_profile(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="no such profile"):
         load_profile(tmp_path / "nope.toml")
+
+
+def test_profile_that_is_not_utf8(tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    path.write_bytes(b"[media]\nlabel = \"\xff\xfe\"\n")
+    with pytest.raises(InvalidInput) as info:
+        load_profile(path)
+    assert str(info.value) == f"{path}: not UTF-8 text (byte 17)"
+
+
+def test_relative_hosts_follow_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`machines#a` (no slash) and `#b` are directories beside the profile, whatever the cwd."""
+    path = write(tmp_path, '[flake]\nhosts = ["machines#a", "#b", "git+file:///srv/f#c", "nixpkgs#d"]\n')
+    monkeypatch.chdir(tmp_path)
+    base = path.parent.resolve()
+    assert load_profile(path).flake.hosts == (f"{base}/machines#a", f"{base}#b", "git+file:///srv/f#c",
+                                              f"{base}/nixpkgs#d")

@@ -148,7 +148,9 @@ class BinaryCache:
 
 
 def default_key_name() -> str:
-    return f"{socket.gethostname().split('.')[0] or 'mediabuilder'}-mediabuilder-1"
+    """`HOST-mediabuilder-1`, the host name cut to what a key name may hold."""
+    host = re.sub(r"[^A-Za-z0-9_+-]", "", socket.gethostname().split(".")[0])[:60]
+    return f"{host or 'local'}-mediabuilder-1"
 
 
 def load_or_create_key(cache: BinaryCache, key_file: Path | None, name: str) -> tuple[SecretKey, bool]:

@@ -13,8 +13,9 @@ from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from mediabuilder import ui
+from mediabuilder import ui, workers
 from mediabuilder.cache.compression import EXTENSIONS, Compressor
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidMedia, MediabuilderError
@@ -169,30 +170,42 @@ def fill(
     # Biggest first, so one large path does not finish alone at the end.
     todo.sort(key=lambda i: i.nar_size, reverse=True)
     total = sum(i.nar_size for i in todo)
-    workers = min(jobs or default_jobs(), len(todo))
-    with ui.progress(total, "exporting NARs") as bar, ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: dict[Future[Exported], PathInfo] = {}
-        queue = iter(todo)
-
-        def submit_next() -> None:
-            info = next(queue, None)
-            if info is not None:
-                future = pool.submit(export_nar, str(cache.root), str(info.path), info.nar_hash.nix32(),
-                                     info.nar_size, compression)
-                pending[future] = info
-
-        for _ in range(workers * 2):
-            submit_next()
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                info = pending.pop(future)
-                exported = future.result()
-                cache.write_narinfo(narinfo_for(info, exported, compression, key))
-                result.exported += 1
-                result.nar_bytes += info.nar_size
-                result.file_bytes += exported.file_size
-                bar.update(info.nar_size)
-                submit_next()
+    count = min(jobs or default_jobs(), len(todo))
+    pool = ProcessPoolExecutor(max_workers=count, initializer=workers.start_worker, initargs=(os.getpid(),))
+    try:
+        with ui.progress(total, "exporting NARs") as bar:
+            _export_all(cache, todo, key, compression, pool, count, bar, result)
+    except BaseException:
+        workers.stop(pool)  # an interrupted or failed run waits for no export
+        raise
+    pool.shutdown()
     os.sync()
     return result
+
+
+def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compression: str,
+                pool: ProcessPoolExecutor, count: int, bar: Any, result: FillResult) -> None:
+    """Keep `count` * 2 exports queued; write each narinfo, signed, as its NAR completes."""
+    pending: dict[Future[Exported], PathInfo] = {}
+    queue = iter(todo)
+
+    def submit_next() -> None:
+        info = next(queue, None)
+        if info is not None:
+            future = pool.submit(export_nar, str(cache.root), str(info.path), info.nar_hash.nix32(),
+                                 info.nar_size, compression)
+            pending[future] = info
+
+    for _ in range(count * 2):
+        submit_next()
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            info = pending.pop(future)
+            exported = future.result()
+            cache.write_narinfo(narinfo_for(info, exported, compression, key))
+            result.exported += 1
+            result.nar_bytes += info.nar_size
+            result.file_bytes += exported.file_size
+            bar.update(info.nar_size)
+            submit_next()

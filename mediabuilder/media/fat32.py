@@ -271,12 +271,14 @@ def _size_text(size: int) -> str:
 
 
 def write_fat32(
-    tree: Path, output: Path, *, label: str, size: int | None = None, partition_table: str = "none"
+    tree: Path, output: Path, *, label: str, size: int | None = None, partition_table: str = "none",
+    into: Path | None = None,
 ) -> None:
     """Write every file and directory under `tree` to the FAT32 image `output`.
 
     `size` is the whole image in bytes (None: sized from the content); `partition_table` is
-    "none", "mbr" or "gpt". The image is built under a temporary name and renamed when done.
+    "none", "mbr" or "gpt". The image is built under a temporary name and renamed when done;
+    with `into`, it is built there (the caller's temporary, renamed by the caller).
     """
     if partition_table not in PARTITION_TABLES:
         raise InvalidInput(
@@ -287,7 +289,7 @@ def write_fat32(
         require("sfdisk", "to write partition tables on FAT32 images")
     listing = scan(tree)
     image_size, geometry = image_geometry(listing.content, size, partition_table)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
             f.truncate(image_size)
@@ -298,7 +300,8 @@ def write_fat32(
             os.fsync(fd)
         finally:
             os.close(fd)
-        tmp.rename(output)
+        if into is None:
+            tmp.rename(output)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

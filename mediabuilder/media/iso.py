@@ -151,17 +151,18 @@ def _plan(tree: Path, label: str) -> _Plan:
     return plan
 
 
-def write_iso(tree: Path, output: Path, *, label: str) -> None:
+def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None) -> None:
     """Write every file, directory and symlink under `tree` to the ISO image `output`.
 
     The image is written to a temporary name next to `output` and renamed when complete; on
-    any failure the temporary file is removed.
+    any failure the temporary file is removed. With `into`, the image is written there (the
+    caller's temporary, which the caller renames) and `output` only names it in messages.
     """
     label = validate_label(label)
     if not tree.is_dir():
         raise InternalError(f"{tree}: the media tree is not a directory")
     plan = _plan(tree, label)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with ui.progress(None, "Writing ISO image") as bar, tmp.open("wb") as out:
 
@@ -172,7 +173,8 @@ def write_iso(tree: Path, output: Path, *, label: str) -> None:
             plan.iso.write_fp(out, progress_cb=advance)
             out.flush()
             os.fsync(out.fileno())
-        tmp.rename(output)
+        if into is None:
+            tmp.rename(output)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,14 @@ from mediabuilder.errors import FormatError, InvalidInput
 SECRET_LEN = 64
 PUBLIC_LEN = 32
 SIGNATURE_LEN = 64
+# Key names go into nix.conf's space-separated trusted-public-keys and into install.sh's
+# arguments: ASCII letters, digits and . _ + - only, as every public cache's key name is.
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+KEY_NAME_RULE = "1-100 ASCII letters, digits, '.', '_', '+' or '-', starting with a letter or digit"
+
+
+def check_key_name(name: str) -> bool:
+    return KEY_NAME.fullmatch(name) is not None
 
 
 def _split(text: str, size: int, what: str, source: str) -> tuple[str, bytes]:
@@ -25,6 +34,8 @@ def _split(text: str, size: int, what: str, source: str) -> tuple[str, bytes]:
     name, sep, b64 = text.strip().partition(":")
     if not sep or not name:
         raise FormatError(f"{where}{what} is not 'name:base64'")
+    if not check_key_name(name):
+        raise FormatError(f"{where}{what} name {name!r} is not {KEY_NAME_RULE}")
     try:
         data = base64.b64decode(b64, validate=True)
     except binascii.Error:
@@ -111,8 +122,8 @@ class SecretKey:
 
     @classmethod
     def generate(cls, name: str) -> SecretKey:
-        if not name or ":" in name:
-            raise InvalidInput(f"key name {name!r} must be non-empty and contain no ':'")
+        if not check_key_name(name):
+            raise InvalidInput(f"key name {name!r}: must be {KEY_NAME_RULE}", hint="e.g. mymedia-1")
         signing = nacl.signing.SigningKey.generate()
         return cls(name, bytes(signing) + bytes(signing.verify_key))
 

@@ -7,11 +7,9 @@ paths already complete and resumes partial downloads (`nar/.partial-*`) where it
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import queue
-import signal
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,7 +17,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from mediabuilder import ui
+from mediabuilder import ui, workers
 from mediabuilder.cache.layout import BinaryCache, remove_unless_locked
 from mediabuilder.errors import MediabuilderError
 from mediabuilder.store.keys import SecretKey
@@ -35,7 +33,6 @@ from mediabuilder.substituter.client import (
 )
 from mediabuilder.substituter.closure import walk_closure
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _worker: dict[str, Any] = {}  # in a worker process: what _start_worker was given
 
 
@@ -236,11 +233,7 @@ class _Downloads:
 
 def _start_worker(substituters: list[Substituter], cancel: Cancel, moved: Synchronized[int], parent: int) -> None:
     """In each worker process, once."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle: it cancels
+    workers.start_worker(parent)  # signals are the parent's to handle: it cancels
     for substituter in substituters:
         substituter.reopen()
     _worker.update(substituters=substituters, cancel=cancel, moved=moved)

@@ -1,0 +1,38 @@
+"""Worker processes that die with the build: they leave signals to the parent, die when it dies,
+and are stopped at once (not waited for) when the build fails or is interrupted."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def start_worker(parent: int) -> None:
+    """In each worker process, first: ^C, SIGTERM and SIGHUP are the parent's to handle (it
+    stops the workers), and a parent killed outright (SIGKILL) takes the worker with it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel what has not started and kill the running workers: a NAR half-exported is a locked
+    temporary that the next run deletes; nothing is gained by waiting for it."""
+    # The executor has no public way to end its workers before Python 3.14 (terminate_workers).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.kill()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(timeout=10)
