@@ -101,8 +101,9 @@ def check_output(req: BuildRequest) -> Target:
         if is_dir_format:
             return _existing_directory(out, req.force)
         if out.is_dir():
-            raise InvalidInput(f"{req.output}: is a directory, and a {req.media.format.value} image is a file",
-                               hint=f"name the image file, e.g. --output {req.output}/media.{req.media.format.value}")
+            fmt = req.media.format.value
+            raise InvalidInput(f"{req.output}: is a directory, but --format {fmt} writes an image file",
+                               hint=f"name the file, e.g. --output {req.output}/media.{fmt}")
         if not out.is_file() or out.is_symlink():
             raise InvalidInput(f"{req.output}: exists and is not a regular file", hint="choose another --output")
         if not req.force:
@@ -211,8 +212,10 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     check_media_settings(req.media)
     have_nix = check_nix(req)
     runner.require("git")
-    if req.cache.key is not None and not req.cache.key.is_file():
-        raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+    if req.cache.key is not None:
+        if not req.cache.key.is_file():
+            raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
+        SecretKey.load(req.cache.key)  # a broken key is refused before anything is made
     target = check_output(req)
     try:
         return _build(req, target, have_nix)

@@ -172,6 +172,13 @@ def _store_setting() -> str:
     return str(value) or "auto"
 
 
+def _reachable(socket: Path) -> bool:
+    try:
+        return socket.is_socket() and os.access(socket, os.W_OK)
+    except OSError:  # a directory this user may not enter
+        return False
+
+
 def check_store_access() -> None:
     """Fail before any work when Nix could not build here: not root, no daemon to ask, and a
     store this user cannot write (Debian's nix-bin without nix-daemon, run as a user)."""
@@ -180,13 +187,12 @@ def check_store_access() -> None:
     store = _store_setting()
     if store not in ("auto", "local", "daemon") and not store.startswith("unix://"):
         return  # a store of the user's own (a chroot store, ssh-ng://...): Nix answers for it
-    if store != "local" and DAEMON_SOCKET.is_socket():
+    if store != "local" and _reachable(DAEMON_SOCKET):
         return
     if store in ("auto", "local") and os.access(NIX_DB, os.W_OK):
         return
     user = pwd.getpwuid(os.geteuid()).pw_name
     raise InvalidInput(
-        f"{NIX_DB}: user {user} cannot write the Nix store and no nix-daemon is running "
-        f"({DAEMON_SOCKET} is missing)",
+        f"{NIX_DB}: user {user} cannot write the Nix store and cannot reach a nix-daemon at {DAEMON_SOCKET}",
         hint="run mediabuilder as root (sudo), or start the daemon: systemctl start nix-daemon",
     )

@@ -177,6 +177,7 @@ def fill(
             _export_all(cache, todo, key, compression, pool, count, bar, result)
     except BaseException:
         workers.stop(pool)  # an interrupted or failed run waits for no export
+        cache.remove_stale_temporaries()  # what the killed workers were writing
         raise
     pool.shutdown()
     os.sync()

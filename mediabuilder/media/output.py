@@ -61,6 +61,8 @@ def check_not_protected(output: Path, protected: list[Protected]) -> None:
     out = Path(os.path.realpath(output))
     for item in protected:
         p = Path(os.path.realpath(item.path))
+        if out == p:
+            raise InvalidInput(f"{output}: the output is {item.what}", hint="choose another --output")
         if _inside(out, p):
             raise InvalidInput(f"{output}: the output lies inside {item.what} {item.path}",
                                hint="choose an --output outside it")
