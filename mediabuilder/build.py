@@ -124,7 +124,7 @@ def _check_writable(parent: Path) -> None:
 def _existing_directory(out: Path, force: bool) -> Target:
     """An existing directory as the output of --format dir: written inside when it is empty or
     holds only an earlier medium (--force); anything else in it is the user's."""
-    if not out.is_dir() or out.is_symlink() and not os.path.isdir(out):
+    if not out.is_dir():
         raise InvalidInput(f"{out}: exists and is not a directory", hint="choose another --output")
     if not os.access(out, os.W_OK):
         raise InvalidInput(f"{out}: not writable", hint="mount the stick writable or choose another --output")

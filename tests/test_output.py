@@ -42,12 +42,16 @@ def test_markers_move_in_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 def test_a_live_builds_temporaries_are_not_deleted(tmp_path: Path) -> None:
     """Cleaning up after a killed run must not take the files of one that is still running."""
     with output.temporary(tmp_path, ".media.iso.tmp-", directory=False) as live:
-        dead = tmp_path / ".media.iso.tmp-dead"
+        dead = tmp_path / ".media.iso.tmp-dead0_k1"
         dead.write_text("left by a killed run\n")
+        (tmp_path / ".media.iso.tmp-deaddir1" / "sub").mkdir(parents=True)
         (tmp_path / "media.iso.tmp-not-ours").write_text("the user's\n")
-        assert output.remove_stale(tmp_path, ".media.iso.tmp-") == 1
+        (tmp_path / ".media.iso.tmp-my-notes").write_text("the user's, named like ours but not ours\n")
+        os.symlink("/etc", tmp_path / ".media.iso.tmp-symlink1")
+        assert output.remove_stale(tmp_path, ".media.iso.tmp-") == 2
         assert live.exists() and not dead.exists()
-    assert sorted(os.listdir(tmp_path)) == ["media.iso.tmp-not-ours"]
+    assert sorted(os.listdir(tmp_path)) == [".media.iso.tmp-my-notes", ".media.iso.tmp-symlink1",
+                                            "media.iso.tmp-not-ours"]
 
 
 def test_place_never_replaces_what_appeared_meanwhile(tmp_path: Path) -> None:

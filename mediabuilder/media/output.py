@@ -21,6 +21,7 @@ import ctypes
 import errno
 import fcntl
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ class Lock:
     """An exclusive flock on an open file or directory, held until `release`."""
 
     def __init__(self, path: Path, what: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,17 +102,21 @@ class Lock:
 
 
 def remove_stale(directory: Path, prefix: str) -> int:
-    """Delete the temporaries named `prefix…` in `directory` that no living process holds locked
-    (a killed run's); returns how many."""
+    """Delete the temporaries `prefix` + tempfile's 8 random characters in `directory` that no
+    living process holds locked (a killed run's): plain files and directories, never a symlink
+    or anything else; returns how many."""
     removed = 0
+    ours = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}")
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(directory):
-            if not entry.name.startswith(prefix):
+            if not ours.fullmatch(entry.name) or entry.is_symlink():
+                continue
+            if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
                 continue
             path = Path(entry.path)
             try:
                 lock = Lock(path, "it")
-            except (InvalidInput, FileNotFoundError):
+            except (InvalidInput, OSError):
                 continue
             try:
                 if path.is_dir() and not path.is_symlink():
