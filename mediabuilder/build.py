@@ -281,6 +281,10 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
         step.detail = ", ".join(dict(req.systems) if req.systems else (h.host for h in hosts))
     with ui.step("Checking the repository") as step:
         repo = check_source(req)
+        if repo.dirty:  # --allow-dirty: built from the commit the media ships, as /etc/nixos will be
+            repo = flakerepo.snapshot(repo)
+            flake = flakerepo.snapshot_ref(repo)
+            hosts = [nixcli.HostRef(flake, h.host) for h in hosts]
         step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
     if req.systems:
         toplevels = dict(req.systems)

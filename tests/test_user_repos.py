@@ -349,6 +349,12 @@ def test_allow_dirty_in_a_worktree_keeps_the_users_refs(base: Base, tmp_path: Pa
     files = set(git(shipped, "ls-tree", "-r", "--name-only", "HEAD").splitlines())
     assert files == {"flake.lock", "flake.nix", "hosts/alpha.nix", "hosts/beta.nix", "hosts/common.nix", "notes.txt"}
     assert (shipped / "hosts/alpha.nix").read_text() == (wt / "hosts/alpha.nix").read_text()
+    # Built from the shipped commit: the installed /etc/nixos evaluates to the installed system.
+    toplevels = dict(printed(proc))
+    for host in HOSTS:
+        assert (Path(toplevels[host]) / "configuration-revision").read_text().strip() == flake["rev"]
+    assert install_and_evaluate(base, media, tmp_path / "root", "beta") == toplevels["beta"]
+    assert git(tmp_path / "root/etc/nixos", "symbolic-ref", "--short", "HEAD") == "mediabuilder/uncommitted-2"
 
 
 # Item 7: --system NAME=PATH

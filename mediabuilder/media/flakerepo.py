@@ -3,12 +3,15 @@ its history, plus the branch, commit and remotes to restore on the installed mac
 
 The user's repository is only read: the bundle is made from a temporary `--shared` mirror, and
 an uncommitted working tree (`--allow-dirty`) is committed with a temporary index into that
-mirror's object store, on a branch name the user does not have."""
+mirror's object store, on a branch name the user does not have. The systems are then built from
+that commit (`snapshot_ref`), so the installed /etc/nixos evaluates to them."""
 
 from __future__ import annotations
 
+import atexit
 import fnmatch
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +43,7 @@ class FlakeRepo:
     dirty: bool
     remotes: dict[str, str] = field(default_factory=dict)
     changes: tuple[str, ...] = ()  # dirty paths (relative to top), ignored paths left out
+    mirror: Path | None = None  # the temporary mirror holding the commit of a dirty tree
 
 
 def _git(repo: Path, *args: str, env: dict[str, str] | None = None, input: bytes | None = None,
@@ -163,27 +167,57 @@ def _new_branch(mirror: Path, commit: str) -> str:
                        hint="commit your changes instead of --allow-dirty")
 
 
+def _mirror(repo: FlakeRepo, scratch: Path) -> Path:
+    """A bare `--shared` mirror of every ref of the user's repository (nothing copied, nothing
+    written to it)."""
+    mirror = scratch / "repo.git"
+    runner.run(["git", "clone", "--quiet", "--mirror", "--shared", "--", str(repo.top), str(mirror)])
+    return mirror
+
+
+def _set_head(mirror: Path, repo: FlakeRepo) -> None:
+    """HEAD as this worktree has it (a mirror's HEAD is the main worktree's)."""
+    if repo.branch is not None:
+        _git(mirror, "symbolic-ref", "HEAD", f"refs/heads/{repo.branch}")
+    else:
+        _git(mirror, "update-ref", "--no-deref", "HEAD", repo.rev)
+
+
+def snapshot(repo: FlakeRepo) -> FlakeRepo:
+    """The dirty working tree as a labelled commit on top of HEAD, in a temporary mirror that is
+    removed when mediabuilder exits; returns the repository as the media will have it."""
+    scratch = Path(tempfile.mkdtemp(prefix="mediabuilder-repo-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    mirror = _mirror(repo, scratch)
+    commit = _commit_working_tree(repo, mirror, scratch)
+    branch = _new_branch(mirror, commit)
+    shipped = FlakeRepo(repo.top, repo.subdir, commit, branch, True, repo.remotes, repo.changes, mirror)
+    _set_head(mirror, shipped)
+    ui.warn(f"{repo.top}: uncommitted changes shipped as commit {commit[:12]} on branch {branch}")
+    return shipped
+
+
+def snapshot_ref(repo: FlakeRepo) -> str:
+    """The flake reference of a snapshot's commit, for Nix."""
+    assert repo.mirror is not None and repo.branch is not None
+    ref = f"git+file://{repo.mirror}?ref=refs/heads/{repo.branch}&rev={repo.rev}"
+    return ref + (f"&dir={repo.subdir}" if repo.subdir else "")
+
+
 def write_bundle(repo: FlakeRepo, output: Path, allow_dirty: bool) -> FlakeRepo:
     """Bundle every ref into `output`; a dirty tree is refused unless `allow_dirty`, which adds
-    the working tree as a labelled commit on a branch of its own. Returns the repo as the media
-    has it."""
+    the working tree as a labelled commit on a branch of its own (see `snapshot`). Returns the
+    repo as the media has it."""
     if repo.dirty and not allow_dirty:
         raise dirty_error(repo)
+    if repo.dirty and repo.mirror is None:
+        repo = snapshot(repo)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if repo.mirror is not None:
+        _git(repo.mirror, "bundle", "create", "--quiet", str(output.resolve()), "--all")
+        return repo
     with tempfile.TemporaryDirectory(prefix="mediabuilder-repo-") as tmp:
-        scratch = Path(tmp)
-        mirror = scratch / "repo.git"
-        runner.run(["git", "clone", "--quiet", "--mirror", "--shared", "--", str(repo.top), str(mirror)])
-        shipped = repo
-        if repo.dirty:
-            commit = _commit_working_tree(repo, mirror, scratch)
-            branch = _new_branch(mirror, commit)
-            shipped = FlakeRepo(repo.top, repo.subdir, commit, branch, True, repo.remotes, repo.changes)
-            ui.warn(f"{repo.top}: uncommitted changes shipped as commit {commit[:12]} on branch {branch}")
-        # HEAD as this worktree has it (a mirror's HEAD is the main worktree's).
-        if shipped.branch is not None:
-            _git(mirror, "symbolic-ref", "HEAD", f"refs/heads/{shipped.branch}")
-        else:
-            _git(mirror, "update-ref", "--no-deref", "HEAD", shipped.rev)
+        mirror = _mirror(repo, Path(tmp))
+        _set_head(mirror, repo)
         _git(mirror, "bundle", "create", "--quiet", str(output.resolve()), "--all")
-    return shipped
+    return repo
