@@ -263,6 +263,11 @@ def _refused_state(base: Base, tmp_path: Path, kind: str) -> tuple[Path, str, tu
         git(repo, "rm", "-q", "flake.lock")
         git(repo, "commit", "-q", "-m", "no lock")
         return repo, str(repo), ("flake.lock", "no committed lock file")
+    if kind == "untracked-flake":
+        (repo / "new").mkdir()
+        shutil.copy(repo / "flake.nix", repo / "new/flake.nix")
+        shutil.copy(repo / "flake.lock", repo / "new/flake.lock")
+        return repo, str(repo / "new"), (f"{repo}/new/flake.nix: not committed",)
     if kind == "path-ref":
         return repo, f"path:{repo}", (f"path:{repo}", "no git revision")
     if kind == "ref-param":
@@ -274,7 +279,7 @@ def _refused_state(base: Base, tmp_path: Path, kind: str) -> tuple[Path, str, tu
     return repo, str(repo), ("uncommitted changes: hosts/alpha.nix, notes.txt, result-notes", str(repo))
 
 
-REFUSED = ["shallow", "submodule", "no-lock", "path-ref", "ref-param", "dirty"]
+REFUSED = ["shallow", "submodule", "no-lock", "untracked-flake", "path-ref", "ref-param", "dirty"]
 
 
 @pytest.mark.parametrize("kind", REFUSED)

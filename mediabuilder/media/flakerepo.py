@@ -89,8 +89,12 @@ def check_shippable(top: Path, flake_dir: Path) -> None:
     if (top / ".gitmodules").exists() or any(e.startswith("160000 ") for e in staged):
         raise InvalidInput(f"{top}: the repository has submodules, which the media cannot carry",
                            hint="vendor their files into the repository (or a flake input) and commit")
+    nix_file = os.path.relpath(flake_dir / "flake.nix", top)
+    if _probe(top, "ls-files", "--error-unmatch", "--", f":(literal){nix_file}") is None:
+        raise InvalidInput(f"{flake_dir / 'flake.nix'}: not committed to the repository at {top}",
+                           hint="git add and commit the flake")
     lock = os.path.relpath(flake_dir / "flake.lock", top)
-    if _probe(top, "ls-files", "--error-unmatch", "--", lock) is None:
+    if _probe(top, "ls-files", "--error-unmatch", "--", f":(literal){lock}") is None:
         raise InvalidInput(f"{flake_dir / 'flake.lock'}: no committed lock file; the media pins the inputs "
                            "the lock names", hint=f"run `nix flake lock {flake_dir}` and commit flake.lock")
 
