@@ -143,31 +143,33 @@ def _attr_list(names: Iterable[str]) -> str:
 
 
 def build_toplevels(hosts: list[HostRef]) -> dict[str, StorePath]:
-    """`nix build` every host's toplevel (no out-link), each output mapped to its host by the
-    derivation it comes from: Nix does not answer in the order asked (2.8 sorts its answers)."""
+    """Build every host's toplevel; each is known by what one evaluation says it is (its .drv and
+    output path), never by the position of an answer: `nix build A B` does not answer in the order
+    asked (2.8 sorts). One evaluation of all hosts, then `nix-store --realise` of their .drv files
+    (no second evaluation)."""
     toplevels: dict[str, StorePath] = {}
     by_flake: dict[str, list[str]] = {}
     for h in hosts:
         by_flake.setdefault(h.flake, []).append(h.host)
     for flake, names in by_flake.items():
-        drvs = toplevel_drv_paths(flake, names)
-        proc = runner.run([*NIX, "build", *LOCKED, "--no-link", "--json",
-                           *(HostRef(flake, n).installable for n in names)])
-        outs = {o["drvPath"]: o["outputs"]["out"] for o in json.loads(proc.stdout)}
+        evaluated = evaluate_toplevels(flake, names)
+        proc = runner.run(["nix-store", "--realise", *sorted({v["drv"] for v in evaluated.values()})])
+        built = set(proc.stdout.decode().split())
         for name in names:
-            if drvs[name] not in outs:
-                raise InternalError(f"nix build did not report {drvs[name]} (the toplevel of {name})")
-            toplevels[name] = StorePath.parse(outs[drvs[name]])
+            drv, out = evaluated[name]["drv"], evaluated[name]["out"]
+            if out not in built:
+                raise InternalError(f"nix-store --realise {drv} did not give {out} (the toplevel of {name})")
+            toplevels[name] = StorePath.parse(out)
     return {h.host: toplevels[h.host] for h in hosts}
 
 
-def toplevel_drv_paths(flake: str, names: list[str]) -> dict[str, str]:
-    """Host name -> the .drv path of its toplevel, in one evaluation."""
-    apply = (f"cs: builtins.listToAttrs (map (n: {{ name = n; value = cs.${{n}}.config.system.build"
-             f".toplevel.drvPath; }}) {_attr_list(names)})")
+def evaluate_toplevels(flake: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """Host name -> {"drv": its toplevel's .drv (written to the store), "out": its output path}."""
+    apply = (f"cs: builtins.listToAttrs (map (n: let t = cs.${{n}}.config.system.build.toplevel; in "
+             f"{{ name = n; value = {{ drv = t.drvPath; out = t.outPath; }}; }}) {_attr_list(names)})")
     proc = runner.run([*NIX, "eval", *LOCKED, "--json", f"{flake}#nixosConfigurations", "--apply", apply])
-    drvs: dict[str, str] = json.loads(proc.stdout)
-    return drvs
+    evaluated: dict[str, dict[str, str]] = json.loads(proc.stdout)
+    return evaluated
 
 
 def closure(paths: Iterable[StorePath]) -> list[PathInfo]:

@@ -316,8 +316,11 @@ def test_cache_key_and_result_links_inside_the_repository(base: Base, tmp_path: 
     os.symlink(base.toplevels["alpha"], repo / "result")
     os.symlink(base.toplevels["beta"], repo / "result-beta")
     rev = git(repo, "rev-parse", "HEAD")
-    for n in (1, 2):  # the second time the cache, with its key and NARs, already lies in the tree
-        proc = build(repo, ASKED, tmp_path / f"media{n}", repo / "cache", cwd=repo)
+    (tmp_path / "link").symlink_to(repo)
+    # The second time the cache, with its key and NARs, already lies in the tree; the third time
+    # it is named through a symlink to the repository.
+    for n, cache in ((1, repo / "cache"), (2, repo / "cache"), (3, tmp_path / "link/cache")):
+        proc = build(repo, ASKED, tmp_path / f"media{n}", cache, cwd=repo)
         assert printed(proc) == [(h, base.toplevels[h]) for h in ASKED]
         flake = manifest(tmp_path / f"media{n}")["flake"]
         assert (flake["rev"], flake["dirty"]) == (rev, False)

@@ -113,7 +113,8 @@ def _remotes(top: Path) -> dict[str, str]:
 def dirty_paths(top: Path, ignore: Iterable[Path] = ()) -> tuple[str, ...]:
     """The working tree's changes against HEAD (paths relative to `top`), leaving out untracked
     files under `ignore` and `nix build`'s `result` links."""
-    ignored = [Path(os.path.abspath(p)) for p in ignore]
+    # As git names them: from the real top-level directory (symlinked parents resolved).
+    ignored = [Path(os.path.realpath(Path(os.path.abspath(p)).parent)) / Path(p).name for p in ignore]
     fields = _git(top, "status", "--porcelain=v1", "-z", "--untracked-files=all", raw=True).split("\0")
     changes: list[str] = []
     i = 0
@@ -123,7 +124,7 @@ def dirty_paths(top: Path, ignore: Iterable[Path] = ()) -> tuple[str, ...]:
         if len(entry) < 4:
             continue
         status, path = entry[:2], entry[3:]
-        if status[0] in "RC":  # a rename's source follows
+        if "R" in status or "C" in status:  # a rename's or copy's source follows
             changes.append(fields[i])
             i += 1
         if status == "??" and _ignored(top / path, ignored):
