@@ -11,20 +11,22 @@ import errno
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from mediabuilder import __version__, nixcli, ui
 from mediabuilder import run as runner
-from mediabuilder.cache.layout import CACHE_INFO, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
+from mediabuilder.cache.compression import decompressing_reader
+from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
 from mediabuilder.media import fat32, flakerepo, fsinfo, iso, output, registry, split
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
-from mediabuilder.store import nix32
+from mediabuilder.store import nar, nix32
 from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
@@ -158,7 +160,8 @@ def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
         except ExternalError:
             ui.warn(f"could not build `{tool}` from the flake's nixpkgs: install.sh will use the installer's")
             continue
-        found[tool] = StorePath.parse(json.loads(proc.stdout)[0]["outputs"]["out"])
+        (built,) = json.loads(proc.stdout)  # one installable, one answer
+        found[tool] = StorePath.parse(built["outputs"]["out"])
     return found
 
 
@@ -216,6 +219,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         if not req.cache.key.is_file():
             raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
         SecretKey.load(req.cache.key)  # a broken key is refused before anything is made
+    check_source(req)  # the repository, before the cache and key are created and before any evaluation
     target = check_output(req)
     try:
         return _build(req, target, have_nix)
@@ -249,6 +253,7 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
     roots = {host: [toplevel, *extra] for host, toplevel in source.toplevels.items()}
     fill_cache(req, cache, key, sorted({p for r in roots.values() for p in r}), have_nix)
+    check_systems(req, cache)
     with ui.step("Reading closures") as step:
         closures = {host: cache_closure(cache, r) for host, r in roots.items()}
         union = sorted({i.store_path for infos in closures.values() for i in infos})
@@ -308,30 +313,50 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             step.detail = str(req.output)
 
 
+def _source_flake(req: BuildRequest) -> tuple[str, Path]:
+    """The one flake of the request and its local directory (no evaluation)."""
+    flakes = {nixcli.parse_flake_ref(r)[0] for r in req.refs}
+    if len(flakes) != 1:
+        raise InvalidInput("the media needs exactly one flake (its repository goes on the media)",
+                           hint=f"got {', '.join(sorted(flakes)) or 'none'}: pass --flake PATH")
+    flake = flakes.pop()
+    local_dir = nixcli.local_flake_dir(flake)
+    if local_dir is None:
+        raise InvalidInput(f"{flake}: only a local git checkout of a flake can be put on media",
+                           hint="clone the flake and pass --flake PATH#HOST")
+    return flake, local_dir
+
+
+def _not_changes(req: BuildRequest) -> tuple[Path, ...]:
+    """What never counts as the user's changes: the cache and the signing key."""
+    return (req.cache.dir, req.cache.key or req.cache.dir / SECRET_KEY)
+
+
+def check_source(req: BuildRequest) -> flakerepo.FlakeRepo:
+    """The flake's repository, checked before any work (no evaluation, nothing created): a
+    repository state that cannot be shipped, a missing lock or a dirty tree is refused here."""
+    _, local_dir = _source_flake(req)
+    repo = flakerepo.open_repo(local_dir, ignore=_not_changes(req))
+    if repo.dirty and not req.allow_dirty:
+        raise flakerepo.dirty_error(repo)
+    return repo
+
+
 def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
     """Hosts, repository, inputs and tools: evaluated with the local Nix, or, without Nix, from
     `--system` toplevels and the flake's lock file."""
     with ui.step("Resolving hosts") as step:
-        if req.systems:
-            flake_dirs = {nixcli.parse_flake_ref(r)[0] for r in req.refs}
-            hosts: list[nixcli.HostRef] = []
-        else:
-            hosts = nixcli.resolve_hosts(req.refs)
-            flake_dirs = {h.flake for h in hosts}
-        if len(flake_dirs) != 1:
-            raise InvalidInput("the media needs exactly one flake (its repository goes on the media)",
-                               hint=f"got {', '.join(sorted(flake_dirs)) or 'none'}: pass --flake PATH")
-        flake = flake_dirs.pop()
-        local_dir = nixcli.HostRef(flake, "").local_path
-        if local_dir is None:
-            raise InvalidInput(f"{flake}: only a local git checkout of a flake can be put on media",
-                               hint="clone the flake and pass --flake PATH#HOST")
+        flake, local_dir = _source_flake(req)
+        hosts = [] if req.systems else nixcli.resolve_hosts(req.refs)
+        if req.systems and have_nix:
+            check_system_names(flake, [name for name, _ in req.systems])
         step.detail = ", ".join(dict(req.systems) if req.systems else (h.host for h in hosts))
     with ui.step("Checking the repository") as step:
-        repo = flakerepo.open_repo(local_dir)
-        if repo.dirty and not req.allow_dirty:
-            raise InvalidInput(f"{repo.top}: the git tree has uncommitted changes",
-                               hint="commit them, or pass --allow-dirty to ship them as a labelled commit on top")
+        repo = check_source(req)
+        if repo.dirty:  # --allow-dirty: built from the commit the media ships, as /etc/nixos will be
+            repo = flakerepo.snapshot(repo)
+            flake = flakerepo.snapshot_ref(repo)
+            hosts = [nixcli.HostRef(flake, h.host) for h in hosts]
         step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
     if req.systems:
         toplevels = dict(req.systems)
@@ -343,7 +368,7 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
         lock = local_dir / "flake.lock"
         archive = nixcli.flake_archive(flake) if have_nix else registry.archive_from_lock(lock)
         input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
-        pins = registry.from_lock(lock, archive) if lock.exists() else registry.Registry(())
+        pins = registry.from_lock(lock, archive)
         step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
     tools: dict[str, StorePath] = {}
     if have_nix:
@@ -351,6 +376,49 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
             tools = build_tools(flake, req.tools)
             step.detail = ", ".join(tools) or "none"
     return Source(toplevels, repo, local_dir, input_paths, pins, archive.get("path"), tools)
+
+
+def check_system_names(flake: str, names: list[str]) -> None:
+    """Each `--system NAME=...` must name one of the flake's hosts: its repository goes on the
+    media and the installed /etc/nixos is evaluated as nixosConfigurations.NAME."""
+    hosts = nixcli.list_hosts(flake)
+    for name in names:
+        if name not in hosts:
+            raise InvalidInput(f"--system {name}=...: the flake {flake} does not define nixosConfigurations.{name}",
+                               hint=f"hosts it defines: {', '.join(hosts) or 'none'}")
+
+
+class _FileList:
+    """A NAR sink that keeps the names of the regular files."""
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+
+    def directory(self, path: tuple[bytes, ...]) -> None:
+        pass
+
+    def symlink(self, path: tuple[bytes, ...], target: bytes) -> None:
+        pass
+
+    def file(self, path: tuple[bytes, ...], executable: bool, size: int) -> Callable[[bytes], object]:
+        self.files.add(b"/".join(path).decode(errors="replace"))
+        return lambda data: None
+
+
+def check_systems(req: BuildRequest, cache: BinaryCache) -> None:
+    """Each `--system` that was not in the local store (cli checked those) is a NixOS toplevel:
+    read from its NAR, now in the cache."""
+    for name, path in req.systems:
+        if os.path.exists(path.full):
+            continue
+        info = cache.read_narinfo(path)
+        listing = _FileList()
+        with open(cache.file_path(info.url), "rb") as f:
+            nar.NarParser(decompressing_reader(info.compression, f, info.url), info.url).parse(listing)
+        missing = [f for f in nixcli.TOPLEVEL_FILES if f not in listing.files]
+        if missing:
+            raise InvalidInput(f"--system {name}={path}: not a NixOS system (no {missing[0]} in it)",
+                               hint=nixcli.TOPLEVEL_HINT)
 
 
 def fill_cache(req: BuildRequest, cache: BinaryCache, key: SecretKey, roots: list[StorePath], have_nix: bool) -> None:
@@ -430,7 +498,7 @@ def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[s
 def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str, scratch: Path) -> StorePath:
     """Write manifest.json, and the signed manifest store path into the media cache (its files
     are laid out in `scratch`, an empty directory that the caller removes)."""
-    (tree / "manifest.json").write_text(manifest.render())
+    (tree / "manifest.json").write_text(manifest.render(), encoding="utf-8")
     scratch.mkdir()
     trust = scratch / "manifest"
     manifest.write_trust_dir(trust)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -117,11 +118,26 @@ def _store_path_arg(text: str, must_exist: bool = True) -> StorePath:
     return path
 
 
+_HOST_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_'-]*")
+
+
 def _system_arg(text: str, must_exist: bool) -> tuple[str, StorePath]:
+    """`--system NAME=PATH`: NAME a plain attribute name (checked against the flake's hosts when
+    the build evaluates it), PATH a NixOS toplevel — checked here when it is in the local store,
+    else once it is in the cache (build.check_systems)."""
     name, sep, path = text.partition("=")
     if not sep or not name:
         raise InvalidInput(f"--system {text}: expected NAME=/nix/store/...", hint="e.g. --system laptop=/nix/store/...")
-    return name, _store_path_arg(path, must_exist)
+    if not _HOST_NAME.fullmatch(name):
+        raise InvalidInput(f"--system {text}: {name!r} is not a host name (letters, digits, _ ' -)",
+                           hint="NAME is the flake's nixosConfigurations attribute")
+    store_path = _store_path_arg(path, must_exist)
+    if os.path.exists(store_path.full):
+        missing = [f for f in nixcli.TOPLEVEL_FILES if not os.path.isfile(os.path.join(store_path.full, f))]
+        if missing:
+            raise InvalidInput(f"--system {name}={path}: not a NixOS system (no {missing[0]} in it)",
+                               hint=nixcli.TOPLEVEL_HINT)
+    return name, store_path
 
 
 def _key_text(text: str) -> str:

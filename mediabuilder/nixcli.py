@@ -6,18 +6,25 @@ import functools
 import json
 import os
 import pwd
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mediabuilder import run as runner
-from mediabuilder.errors import ExternalError, InvalidInput
+from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.store.pathinfo import PathInfo, parse_path_info_json
 from mediabuilder.store.storepath import StorePath
 
 # Flakes and the new CLI are experimental in the Nix versions users have; ask for them.
 NIX = ["nix", "--extra-experimental-features", "nix-command flakes"]
+# Never let Nix write or stage a lock file in the user's repository: a flake whose lock is missing
+# or out of date is refused (the media ships the committed lock, so it must be complete).
+LOCKED = ["--no-update-lock-file"]
+# What every NixOS toplevel holds (nixpkgs nixos/modules/system/activation/top-level.nix).
+TOPLEVEL_FILES = ("init", "nixos-version", "bin/switch-to-configuration")
+TOPLEVEL_HINT = "pass a toplevel: nix build FLAKE#nixosConfigurations.NAME.config.system.build.toplevel"
 
 
 @functools.cache
@@ -43,16 +50,34 @@ class HostRef:
 
     @property
     def local_path(self) -> Path | None:
-        """The flake's directory when it is a local path (plain, `path:` or `git+file:`)."""
-        flake = self.flake
-        for prefix in ("path:", "git+file://", "file://"):
-            if flake.startswith(prefix):
-                flake = flake[len(prefix):]
-                break
-        else:
-            if ":" in flake:
-                return None
-        return Path(flake.split("?", 1)[0]).resolve()
+        """The flake's directory when it is local (a plain path or `git+file:`, `?dir=` applied)."""
+        return local_flake_dir(self.flake)
+
+
+def local_flake_dir(flake: str) -> Path | None:
+    """The directory of a local flake reference: a plain path, or `git+file:` with at most a
+    `dir=` parameter; None for a remote reference. `path:` and other parameters are refused:
+    the media ships the git repository, which must evaluate to the systems built from it."""
+    if flake.startswith("path:"):
+        raise InvalidInput(f"{flake}: a path: flake has no git revision, so /etc/nixos (the repository) "
+                           "would not evaluate to the system built from it",
+                           hint=f"pass the directory itself: --flake {flake.removeprefix('path:').split('?')[0]}#HOST")
+    if flake.startswith("git+file:"):
+        base, _, query = flake.removeprefix("git+file:").partition("?")
+        base = "/" + base.lstrip("/") if base.startswith("//") else base
+        params = urllib.parse.parse_qs(query, keep_blank_values=True)
+        unknown = sorted(set(params) - {"dir"})
+        if unknown:
+            raise InvalidInput(f"{flake}: the parameter {unknown[0]}= is not supported: the media ships the "
+                               "checked-out tree of the repository", hint="check out what you mean to ship and "
+                               "pass the directory (or git+file://DIR?dir=SUB)")
+        sub = params.get("dir", [""])[-1]
+        if sub.startswith("/") or ".." in Path(sub).parts:
+            raise InvalidInput(f"{flake}: dir={sub} must be a relative path inside the repository")
+        return (Path(urllib.parse.unquote(base)) / sub).resolve()
+    if ":" in flake:
+        return None
+    return Path(flake).resolve()
 
 
 def parse_flake_ref(text: str) -> tuple[str, str | None]:
@@ -61,8 +86,11 @@ def parse_flake_ref(text: str) -> tuple[str, str | None]:
     flake = flake or "."
     if host.startswith("nixosConfigurations."):
         host = host.removeprefix("nixosConfigurations.").split(".", 1)[0].strip('"')
-    is_path = ":" not in flake or flake.startswith(("path:", "git+file:"))
-    if is_path and ":" not in flake:
+    if ":" in flake:
+        local = local_flake_dir(flake)  # refuses path: and unsupported parameters
+        if local is not None and not (local / "flake.nix").is_file():
+            raise InvalidInput(f"{flake}: no flake.nix in {local}", hint="pass --flake PATH#HOST")
+    else:
         path = Path(flake).expanduser()
         if not path.is_dir():
             raise InvalidInput(f"{flake}: no such flake directory", hint="pass --flake PATH#HOST")
@@ -75,7 +103,7 @@ def parse_flake_ref(text: str) -> tuple[str, str | None]:
 def list_hosts(flake: str) -> list[str]:
     """The names under `nixosConfigurations` of `flake`."""
     proc = runner.run(
-        [*NIX, "eval", "--json", f"{flake}#nixosConfigurations", "--apply", "builtins.attrNames"],
+        [*NIX, "eval", *LOCKED, "--json", f"{flake}#nixosConfigurations", "--apply", "builtins.attrNames"],
         check=False,
     )
     if proc.returncode != 0:
@@ -112,15 +140,38 @@ def resolve_hosts(refs: Iterable[str]) -> list[HostRef]:
     return result
 
 
-def build(installables: list[str]) -> list[StorePath]:
-    """`nix build` each installable (no out-link) and return the output paths, in order."""
-    proc = runner.run([*NIX, "build", "--no-link", "--json", *installables])
-    outputs = json.loads(proc.stdout)
-    return [StorePath.parse(o["outputs"]["out"]) for o in outputs]
+def _attr_list(names: Iterable[str]) -> str:
+    return "[ " + " ".join(json.dumps(n) for n in names) + " ]"
 
 
 def build_toplevels(hosts: list[HostRef]) -> dict[str, StorePath]:
-    return dict(zip((h.host for h in hosts), build([h.installable for h in hosts]), strict=True))
+    """Build every host's toplevel; each is known by what one evaluation says it is (its .drv and
+    output path), never by the position of an answer: `nix build A B` does not answer in the order
+    asked (2.8 sorts). One evaluation of all hosts, then `nix-store --realise` of their .drv files
+    (no second evaluation)."""
+    toplevels: dict[str, StorePath] = {}
+    by_flake: dict[str, list[str]] = {}
+    for h in hosts:
+        by_flake.setdefault(h.flake, []).append(h.host)
+    for flake, names in by_flake.items():
+        evaluated = evaluate_toplevels(flake, names)
+        proc = runner.run(["nix-store", "--realise", *sorted({v["drv"] for v in evaluated.values()})])
+        built = set(proc.stdout.decode().split())
+        for name in names:
+            drv, out = evaluated[name]["drv"], evaluated[name]["out"]
+            if out not in built:
+                raise InternalError(f"nix-store --realise {drv} did not give {out} (the toplevel of {name})")
+            toplevels[name] = StorePath.parse(out)
+    return {h.host: toplevels[h.host] for h in hosts}
+
+
+def evaluate_toplevels(flake: str, names: list[str]) -> dict[str, dict[str, str]]:
+    """Host name -> {"drv": its toplevel's .drv (written to the store), "out": its output path}."""
+    apply = (f"cs: builtins.listToAttrs (map (n: let t = cs.${{n}}.config.system.build.toplevel; in "
+             f"{{ name = n; value = {{ drv = t.drvPath; out = t.outPath; }}; }}) {_attr_list(names)})")
+    proc = runner.run([*NIX, "eval", *LOCKED, "--json", f"{flake}#nixosConfigurations", "--apply", apply])
+    evaluated: dict[str, dict[str, str]] = json.loads(proc.stdout)
+    return evaluated
 
 
 def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
@@ -134,13 +185,13 @@ def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
 
 def flake_archive(flake: str) -> dict[str, Any]:
     """`nix flake archive --json`: the flake's own source path and its inputs, recursively."""
-    proc = runner.run([*NIX, "flake", "archive", "--json", flake])
+    proc = runner.run([*NIX, "flake", "archive", *LOCKED, "--json", flake])
     data: dict[str, Any] = json.loads(proc.stdout)
     return data
 
 
 def flake_metadata(flake: str) -> dict[str, object]:
-    proc = runner.run([*NIX, "flake", "metadata", "--json", flake])
+    proc = runner.run([*NIX, "flake", "metadata", *LOCKED, "--json", flake])
     data: dict[str, object] = json.loads(proc.stdout)
     return data
 

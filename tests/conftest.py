@@ -104,7 +104,15 @@ def example(tmp_path_factory: pytest.TempPathFactory) -> Example:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "" and proc.stderr == ""
     flake = dest / "flake"
-    attrs = [f"{flake}#nixosConfigurations.{h}.config.system.build.toplevel" for h in EXAMPLE_HOSTS]
-    built = json.loads(nix("nix", "build", "--no-link", "--json", *attrs).stdout)
-    toplevels = {h: b["outputs"]["out"] for h, b in zip(EXAMPLE_HOSTS, built, strict=True)}
-    return Example(dest=dest, flake=flake, toplevels=toplevels)
+    return Example(dest=dest, flake=flake, toplevels=build_toplevels(flake, EXAMPLE_HOSTS))
+
+
+def build_toplevels(flake: Path | str, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Each host's toplevel, one `nix build` per host: Nix does not answer several installables
+    in the order asked, so results are never zipped with the hosts."""
+    toplevels = {}
+    for host in hosts:
+        attr = f"{flake}#nixosConfigurations.{host}.config.system.build.toplevel"
+        (built,) = json.loads(nix("nix", "build", "--no-link", "--json", attr).stdout)
+        toplevels[host] = built["outputs"]["out"]
+    return toplevels

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREPARE, closure_of, make_nix_env, nix, run_cli
+from conftest import PREPARE, build_toplevels, closure_of, make_nix_env, nix, run_cli
 from fakecache_server import FakeCache
 from test_install import evaluate_installed, install_offline
 
@@ -32,9 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dic
     proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     flake = dest / "flake"
-    attrs = [f"{flake}#nixosConfigurations.{h}.config.system.build.toplevel" for h in HOSTS]
-    built = json.loads(nix("nix", "build", "--no-link", "--json", *attrs).stdout)
-    toplevels = {h: b["outputs"]["out"] for h, b in zip(HOSTS, built, strict=True)}
+    toplevels = build_toplevels(flake, HOSTS)
     key = SecretKey.generate(f"upstream-{os.getpid()}")
     (base / "upstream.sec").write_text(key.render())
     nix("nix", "store", "sign", "--key-file", base / "upstream.sec", "-r", *toplevels.values())

@@ -154,7 +154,8 @@ def test_install_offline_read_only(built: Built, host: str, tmp_path: Path) -> N
     assert evaluate_installed(root, host) == toplevel
 
 
-def evaluate_installed(root: Path, host: str) -> str:
+def evaluate_installed(root: Path, host: str, subdir: str = "") -> str:
+    """The installed /etc/nixos (its flake in `subdir`) evaluated offline on the target's store."""
     conf = (root / "root/.config/nix/nix.conf").read_text()
     assert "flake-registry = /var/lib/mediabuilder/registry.json" in conf
     # The target's settings, with its absolute paths seen from outside the target.
@@ -165,8 +166,9 @@ def evaluate_installed(root: Path, host: str) -> str:
     env["NIX_USER_CONF_FILES"] = str(conf_file)
     env["NIX_CONF_DIR"] = str(root / "etc/nix")  # not the build machine's /etc/nix
     attr = f"nixosConfigurations.{host}.config.system.build.toplevel.outPath"
+    flake = f"git+file://{root}/etc/nixos" + (f"?dir={subdir}" if subdir else "")
     proc = subprocess.run(
-        ["unshare", "--net", "nix", "--store", str(root), "eval", "--raw", f"git+file://{root}/etc/nixos#{attr}"],
+        ["unshare", "--net", "nix", "--store", str(root), "eval", "--raw", f"{flake}#{attr}"],
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr

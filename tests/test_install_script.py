@@ -129,7 +129,10 @@ def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env=env).stdout
 
 
-def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca: bool = False) -> Medium:
+def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca: bool = False,
+                flake: dict[str, object] | None = None, bundle: tuple[str, ...] = ("--all",)) -> Medium:
+    """A signed medium; `flake` overrides manifest.json's flake fields, `bundle` what the
+    bundle holds (git bundle create's revisions)."""
     key = SecretKey.generate("test-media-1")
     store = tmp / "fakestore"
     store.mkdir()
@@ -176,7 +179,7 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
     _git(repo, "tag", "v1")
     rev = _git(repo, "rev-parse", "HEAD").strip()
     (media / "flake").mkdir()
-    _git(repo, "bundle", "create", "-q", str(media / "flake" / "repo.bundle"), "--all")
+    _git(repo, "bundle", "create", "-q", str(media / "flake" / "repo.bundle"), *bundle)
 
     whole_lines = []
     if split:
@@ -199,7 +202,8 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
         "hosts": {"alpha": {"toplevel": toplevel, "flake_attr": "nixosConfigurations.alpha", "paths": 4,
                             "nar_bytes": nar_bytes}},
         "flake": {"bundle": "flake/repo.bundle", "rev": rev, "branch": "main", "dirty": False,
-                  "remotes": REMOTES, "source": busybox, "inputs": {"nixpkgs": {"path": busybox, "rev": "0" * 40}}},
+                  "remotes": REMOTES, "source": busybox, "inputs": {"nixpkgs": {"path": busybox, "rev": "0" * 40}},
+                  **(flake or {})},
         "tools": {"git": git_tool},
         "store_paths": [busybox, data, toplevel, git_tool],
         "files": {},
@@ -275,7 +279,7 @@ def test_install_from_read_only_medium(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert fp in result.stderr
     steps = [line for line in result.stderr.splitlines() if line.startswith("==> ")]
-    assert len(steps) == 12, steps
+    assert len(steps) == 13, steps  # one a phase, the bundle checked in scratch among them
     assert "reassembling cache/nar/" in result.stderr
 
     profile = root / "nix/var/nix/profiles/system"

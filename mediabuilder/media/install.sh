@@ -409,20 +409,46 @@ check_target() {
     if ((!DRY_RUN)) && ((EUID != 0)); then
         die "$ROOT" "installing needs root; run this script as root (sudo)"
     fi
-    # The flake: the bundle's branch must be at the recorded commit (checked now when git is here).
     read_flake_info
-    if have_git; then
-        local heads
-        heads=$(git bundle list-heads "$MEDIA/flake/repo.bundle" 2>/dev/null) ||
-            die flake/repo.bundle "git cannot read the bundle (damaged media)"
-        if [[ -n $BRANCH ]] && ! grep -Fqx -- "$REV refs/heads/$BRANCH" <<<"$heads"; then
-            die flake/repo.bundle "branch $BRANCH is not at the recorded commit $REV (media made from a changed repository)"
-        fi
+}
+
+# The flake repository, cloned from the bundle into scratch before anything is written to the
+# target: HEAD at the recorded commit, the flake's directory with its flake.nix, the remotes.
+# clone_flake later copies this checked clone into the target.
+check_bundle() {
+    step "checking the flake repository (clone of flake/repo.bundle)"
+    find_git
+    local dir=$SCRATCH/flake bundle=$MEDIA/flake/repo.bundle
+    "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir" 2>"$SCRATCH/git.log" ||
+        die flake/repo.bundle "git cannot clone the bundle (damaged media, or made from a shallow clone): $(tail -n1 "$SCRATCH/git.log")"
+    local -a g=("${GIT[@]}" -C "$dir")
+    # Every branch of the bundle as a local branch (origin goes away below).
+    "${g[@]}" fetch --quiet --update-head-ok -- "$bundle" '+refs/heads/*:refs/heads/*' 2>"$SCRATCH/git.log" ||
+        die flake/repo.bundle "git cannot fetch the bundle's branches: $(tail -n1 "$SCRATCH/git.log")"
+    if [[ -n $BRANCH ]]; then
+        "${g[@]}" checkout --quiet "$BRANCH" -- 2>"$SCRATCH/git.log" ||
+            die flake/repo.bundle "has no branch $BRANCH to check out: $(tail -n1 "$SCRATCH/git.log")"
+    else
+        "${g[@]}" checkout --quiet --detach "$REV" -- 2>"$SCRATCH/git.log" ||
+            die flake/repo.bundle "does not hold the recorded commit $REV: $(tail -n1 "$SCRATCH/git.log")"
     fi
+    local head
+    head=$("${g[@]}" rev-parse HEAD) || die flake/repo.bundle "git rev-parse HEAD failed in its clone"
+    [[ $head == "$REV" ]] ||
+        die flake/repo.bundle "branch ${BRANCH:-<detached>} is at $head, not the recorded commit $REV (media made from a changed repository)"
+    [[ -f $dir/${SUBDIR:+$SUBDIR/}flake.nix ]] ||
+        die flake/repo.bundle "has no ${SUBDIR:+$SUBDIR/}flake.nix at $REV (media made by an incompatible mediabuilder)"
+    run "${g[@]}" remote remove origin
+    local i
+    for i in "${!REMOTE_NAMES[@]}"; do
+        run "${g[@]}" remote add -- "${REMOTE_NAMES[i]}" "${REMOTE_URLS[i]}"
+    done
+    info "branch ${BRANCH:-<detached>} at ${REV:0:12}, flake in ${FLAKE_DIR}${SUBDIR:+/$SUBDIR}, ${#REMOTE_NAMES[@]} remote(s)"
 }
 
 BRANCH=""
 REV=""
+SUBDIR=""           # the flake's directory inside the repository ("" at its top)
 REMOTE_NAMES=()
 REMOTE_URLS=()
 
@@ -472,8 +498,14 @@ read_flake_info() {
         elif [[ $line =~ ^\ {4}\"branch\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
             BRANCH=$(json_unescape "${BASH_REMATCH[1]}") ||
                 die "$MANIFEST_PATH/manifest.json" "cannot read the branch name"
+        elif [[ $line =~ ^\ {4}\"subdir\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
+            SUBDIR=$(json_unescape "${BASH_REMATCH[1]}") ||
+                die "$MANIFEST_PATH/manifest.json" "cannot read the flake's subdir"
         fi
     done <<<"$block"
+    SUBDIR=${SUBDIR%/}
+    [[ $SUBDIR != /* && /$SUBDIR/ != */../* ]] ||
+        die "$MANIFEST_PATH/manifest.json" "flake subdir '$SUBDIR' points outside the repository (forged media)"
     [[ -n $REV ]] || die "$MANIFEST_PATH/manifest.json" "has no flake \"rev\" (media made by an incompatible mediabuilder)"
 }
 
@@ -489,7 +521,8 @@ confirm() {
             printf '    would run:   nix copy --from %s --to local?root=%s <%s paths>\n' "$plan_cache" "$ROOT" "${#HOST_PATHS[@]}"
             printf '                 nix-env --store %s -p %s/nix/var/nix/profiles/system --set %s\n' "$ROOT" "$ROOT" "$TOPLEVEL"
             printf '                 NIXOS_INSTALL_BOOTLOADER=1 %s/bin/switch-to-configuration boot (inside %s)\n' "$TOPLEVEL" "$ROOT"
-            printf '                 git clone flake/repo.bundle %s%s (branch %s, rev %s)\n' "$ROOT" "$FLAKE_DIR" "${BRANCH:-<detached>}" "$REV"
+            printf '                 git clone flake/repo.bundle %s%s (branch %s, rev %s, flake in %s)\n' "$ROOT" "$FLAKE_DIR" \
+                "${BRANCH:-<detached>}" "$REV" "$FLAKE_DIR${SUBDIR:+/$SUBDIR}"
             printf '                 write %s/var/lib/mediabuilder/registry.json and %s/root/.config/nix/nix.conf\n' "$ROOT" "$ROOT"
         } >&2
         exit 0
@@ -603,33 +636,18 @@ find_git() {
     done <"$TRUSTED/store-paths"
     [[ $path =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "no git on this system and no '@tools<TAB>git' path on the media"
     info "no git here: copying $path from the media into the live store"
-    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://$SOURCE_CACHE" "$path"
+    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://${SOURCE_CACHE:-$MEDIA/cache}" "$path"
     [[ -x $path/bin/git ]] || die "$path/bin/git" "not found after copying git from the media"
     GIT=("$path/bin/git")
 }
 
 clone_flake() {
-    local dir=$ROOT$FLAKE_DIR bundle=$MEDIA/flake/repo.bundle
-    step "cloning the flake repository into $dir"
-    find_git
-    mkdir -p -- "$(dirname -- "$dir")"
-    run "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir"
-    local -a g=("${GIT[@]}" -C "$dir")
-    # Every branch of the bundle as a local branch (origin goes away below).
-    run "${g[@]}" fetch --quiet --update-head-ok -- "$bundle" '+refs/heads/*:refs/heads/*'
-    if [[ -n $BRANCH ]]; then
-        run "${g[@]}" checkout --quiet "$BRANCH"
-    else
-        run "${g[@]}" checkout --quiet --detach "$REV"
-    fi
-    local head
-    head=$("${g[@]}" rev-parse HEAD) || die "$dir" "git rev-parse HEAD failed"
-    [[ $head == "$REV" ]] ||
-        die "$dir" "HEAD is $head, not the recorded commit $REV of branch ${BRANCH:-<detached>} (media made from a changed repository)"
-    run "${g[@]}" remote remove origin
+    local dir=$ROOT$FLAKE_DIR
+    step "putting the flake repository into $dir"
+    mkdir -p -- "$dir"
+    run cp -a -- "$SCRATCH/flake/." "$dir/"
     local i
     for i in "${!REMOTE_NAMES[@]}"; do
-        run "${g[@]}" remote add -- "${REMOTE_NAMES[i]}" "${REMOTE_URLS[i]}"
         info "remote ${REMOTE_NAMES[i]}: ${REMOTE_URLS[i]}"
     done
 }
@@ -654,7 +672,8 @@ done_summary() {
         rm -rf -- "$TARGET_CACHE"
         TARGET_CACHE=""
     fi
-    step "done: $HOST installed into $ROOT ($TOPLEVEL, ${#HOST_PATHS[@]} store paths, flake in $FLAKE_DIR at ${REV:0:12})"
+    step "done: $HOST installed into $ROOT ($TOPLEVEL, ${#HOST_PATHS[@]} store paths, flake in $FLAKE_DIR${SUBDIR:+/$SUBDIR} at ${REV:0:12})"
+    info "rebuild it with: nixos-rebuild switch --flake $FLAKE_DIR${SUBDIR:+/$SUBDIR}#$HOST"
 }
 
 main() {
@@ -665,6 +684,7 @@ main() {
     check_media
     choose_host
     check_target
+    check_bundle
     confirm
     copy_closure
     set_profile

@@ -76,7 +76,8 @@ class Manifest:
 
     def render(self) -> str:
         # sort_keys and one value per line: install.sh reads a few fields with sed (no jq there).
-        return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+        # UTF-8 as it is (no \u escapes, which install.sh cannot undo): branch and remote names.
+        return json.dumps(self.to_json(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
     # The signed store path's contents
     def sha256sums(self) -> str:
@@ -108,7 +109,7 @@ class Manifest:
             "key": self.key["public"] + "\n",
         }
         for name, text in contents.items():
-            (directory / name).write_text(text)
+            (directory / name).write_text(text, encoding="utf-8")
             os.chmod(directory / name, 0o444)
         os.chmod(directory, 0o555)
 
