@@ -303,9 +303,11 @@ def test_build_refuses_non_empty_output(built: Built, tmp_path: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()
     (out / "precious").write_text("keep me")
-    proc = run_cli("build", f"--flake={built.flake}#alpha", "--output", out, "--cache", built.cache)
-    assert_one_line_error(proc, str(out), "not empty")
-    assert (out / "precious").read_text() == "keep me"
+    for force in ((), ("--force",)):
+        proc = run_cli("build", f"--flake={built.flake}#alpha", "--output", out, "--cache", built.cache, *force)
+        assert_one_line_error(proc, f"{out}: holds files that are not part of a medium (precious)")
+        assert (out / "precious").read_text() == "keep me"
+        assert os.listdir(out) == ["precious"]
 
 
 def _on_a_terminal(media: Path, root: Path, answers: str, *args: str) -> subprocess.CompletedProcess[str]:
