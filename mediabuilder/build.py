@@ -394,9 +394,11 @@ def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> in
 
 
 def check_media_settings(media: MediaSettings) -> None:
-    """What can be checked before any work: the label, the format's tools."""
+    """What can be checked before any work: the label and size for the format, its tools."""
     if media.format in (MediaFormat.ISO, MediaFormat.FAT32):
-        validate_label(media.label)
+        validate_label(media.label, media.format.value)
+    if media.format is MediaFormat.FAT32 and media.size is not None:
+        fat32.check_size(media.size, media.partition_table.value)
     if media.format is MediaFormat.FAT32 and media.partition_table is not PartitionTable.NONE:
         runner.require("sfdisk", "to write a partition table")
 

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 MIB = 1024**2
 GIB = 1024**3
 FAT32_MAX_FILE = 4 * GIB - 1
+PART_SIZE = 4 * GIB - 64 * 1024  # split.PART_SIZE, spelled out
 SELF_CHECKED = ("manifest.json", "manifest.storepath", "media-key.pub")
 EMPTY_DIRS = ("cache/log", "cache/realisations")
 HOST = "alpha"
@@ -339,7 +340,10 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         if fmt == "iso":
             bsdtar_extract(image, extracted)
         else:
+            # fsck.fat finds nothing wrong with the parts (4 GiB - 2048 bytes was read as 0 bytes)
+            files, _, _ = fsck_fat(image, fat_offset(image, "gpt"), tmp_path)
             mcopy_extract(image, fat_offset(image, "gpt"), extracted)
+            assert files == len(expected_tree(extracted)) + len(tree_dirs(extracted)) + 1
         image.unlink()
 
         key = (extracted / "media-key.pub").read_text().strip()
@@ -353,7 +357,8 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         assert entry["size"] == big_path.nar_size > 4 * GIB
         parts = entry["parts"]
         assert len(parts) == 2
-        assert all(p["size"] <= FAT32_MAX_FILE for p in parts)
+        assert [p["size"] for p in parts] == [PART_SIZE, big_path.nar_size - PART_SIZE]
+        assert PART_SIZE == 4 * GIB - 64 * 1024 < FAT32_MAX_FILE
         assert [p["name"] for p in parts] == [f"cache/{info['URL']}.part{i:03d}" for i in range(len(parts))]
         assert not (extracted / "cache" / info["URL"]).exists()
 
