@@ -227,9 +227,10 @@ def pyfatfs_class() -> Any:
             warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
             from pyfatfs.PyFatFS import PyFatFS
     except ImportError as e:
-        raise InvalidInput(
-            f"cannot import pyfatfs, which reads FAT32 images: {e}",
-            hint="its dependency `fs` needs pkg_resources: pip install 'setuptools<80.9' into "
-                 "mediabuilder's environment (setuptools 82 removed pkg_resources)",
-        ) from None
+        if e.name == "pkg_resources":
+            hint = ("its dependency `fs` needs pkg_resources, which setuptools 82 removed: "
+                    "pip install 'setuptools<80.9' into mediabuilder's environment")
+        else:
+            hint = "pip install mediabuilder's dependencies (pyproject.toml) into its environment"
+        raise InvalidInput(f"cannot import pyfatfs, which reads FAT32 images: {e}", hint=hint) from None
     return PyFatFS
