@@ -198,3 +198,53 @@ def test_no_terminal_output_unchanged(example: Example, slow_path: str, cache: P
     assert all(STEP_LINE.match(ln) for ln in steps), steps
     quiet = run_cli(*build_args(example, cache, tmp_path / "media2", "--quiet"))
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+UI_SCRIPT = """
+import time
+from mediabuilder import ui
+ui.configure(quiet={quiet})
+with ui.step("Long step") as step:
+    done = [0]
+    with ui.progress(8 * 1024**2, "copying") as bar, ui.ticking(bar, lambda: done[0]):
+        for _ in range(8):
+            time.sleep(0.3)
+            done[0] += 1024**2
+    step.detail = "8 MiB"
+with ui.step("Warned step"):
+    ui.warn("careful")
+"""
+
+
+def run_script_in_pty(code: str) -> str:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            env=_env())
+    os.close(slave)
+    seen = bytearray()
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, seen.decode(errors="replace")
+    return seen.decode(errors="replace")
+
+
+def test_step_and_ticking_bar_contracts() -> None:
+    """The title as a step starts; a bar fed from elsewhere (ui.ticking) moves between the
+    updates with rate and ETA; the timed line replaces the title unless something was printed
+    in between; --quiet draws nothing but warnings."""
+    terminal = run_script_in_pty(UI_SCRIPT.format(quiet=False))
+    assert terminal.startswith("  Long step …\r\n"), terminal
+    bars = re.findall(r"copying: +(\d+)%\|[^|]*\| *[\d.]+M/8\.00M \[\d\d:\d\d<\d\d:\d\d, +[\d.]+MB/s\]", terminal)
+    assert any(10 < int(p) < 90 for p in bars), terminal
+    assert re.search(r"\x1b\[1A\r\x1b\[2K  Long step … 8 MiB, \d+(\.\d)? s\r\n  Warned step …\r\n"
+                     r"warning: careful\r\n  Warned step … \d+(\.\d)? s\r\n$", terminal), terminal
+    quiet = run_script_in_pty(UI_SCRIPT.format(quiet=True))
+    assert quiet == "warning: careful\r\n"
