@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -126,8 +127,13 @@ def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any
         return Bar(total)
     from tqdm import tqdm
 
+    sized = _sized()
     return tqdm(
         total=total,
+        # A terminal that reports no size (`script`, serial consoles): tqdm would draw 0 columns
+        # and hide every bar below row 0.
+        ncols=None if sized else 80,
+        nrows=None if sized else 24,
         desc=f"  {description}",
         unit=unit,
         unit_scale=unit == "B",
@@ -138,6 +144,14 @@ def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any
         delay=1.0,
         **kwargs,
     )
+
+
+def _sized() -> bool:
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 @contextlib.contextmanager

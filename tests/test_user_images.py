@@ -216,9 +216,9 @@ with ui.step("Warned step"):
 """
 
 
-def run_script_in_pty(code: str) -> str:
+def run_script_in_pty(code: str, rows: int = 40, columns: int = 120) -> str:
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
                             env=_env())
     os.close(slave)
@@ -236,15 +236,17 @@ def run_script_in_pty(code: str) -> str:
     return seen.decode(errors="replace")
 
 
-def test_step_and_ticking_bar_contracts() -> None:
+@pytest.mark.parametrize("size", [(40, 120), (0, 0)], ids=["sized", "unsized"])
+def test_step_and_ticking_bar_contracts(size: tuple[int, int]) -> None:
     """The title as a step starts; a bar fed from elsewhere (ui.ticking) moves between the
     updates with rate and ETA; the timed line replaces the title unless something was printed
-    in between; --quiet draws nothing but warnings."""
-    terminal = run_script_in_pty(UI_SCRIPT.format(quiet=False))
+    in between; --quiet draws nothing but warnings. Also on a terminal that reports no size
+    (`script` without a terminal, serial consoles), where tqdm alone drew nothing."""
+    terminal = run_script_in_pty(UI_SCRIPT.format(quiet=False), *size)
     assert terminal.startswith("  Long step …\r\n"), terminal
     bars = re.findall(r"copying: +(\d+)%\|[^|]*\| *[\d.]+M/8\.00M \[\d\d:\d\d<\d\d:\d\d, +[\d.]+MB/s\]", terminal)
     assert any(10 < int(p) < 90 for p in bars), terminal
     assert re.search(r"\x1b\[1A\r\x1b\[2K  Long step … 8 MiB, \d+(\.\d)? s\r\n  Warned step …\r\n"
                      r"warning: careful\r\n  Warned step … \d+(\.\d)? s\r\n$", terminal), terminal
-    quiet = run_script_in_pty(UI_SCRIPT.format(quiet=True))
+    quiet = run_script_in_pty(UI_SCRIPT.format(quiet=True), *size)
     assert quiet == "warning: careful\r\n"
