@@ -295,10 +295,16 @@ def test_broken_cluster_chain_is_damaged_media(tmp_path: Path) -> None:
     image = tmp_path / "media.img"
     write_fat32(root, image, label="X")
     geometry = image_geometry(scan(root).content, None, "none")[1]
+    assert fsck_fat(image, 0, tmp_path)[:2] == (2, 1 + 4)  # the file and the root; their clusters
     with image.open("r+b") as f:
         for copy in range(2):
             f.seek((32 + copy * geometry.fat_sectors) * 512 + 4 * 4)  # FAT[4]: the second cluster's
             f.write(bytes(4))
+    fsck = subprocess.run(["fsck.fat", "-n", str(image)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 1 and fsck.stdout.splitlines()[1:6] == [  # fsck.fat sees the damage too
+        "/F.BIN", "  Contains a free cluster (4). Assuming EOF.",
+        "/F.BIN", "  File size is 2000 bytes, cluster chain length is 512 bytes.", "  Truncating file to 512 bytes.",
+    ], fsck.stdout
     with open_source(image) as source:
         assert dict(source.files()) == {"f.bin": 2000}
         with pytest.raises(InvalidMedia, match=r"media.img: damaged FAT32 image: the cluster chain of f.bin "
