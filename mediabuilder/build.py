@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -185,11 +186,31 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
     known: dict[str, FileEntry] = {}
     infos: list[NarInfo] = [local.read_narinfo(p) for p in paths]
     with ui.progress(sum(i.file_size or 0 for i in infos), "copying cache") as bar:
+
+        def link_or_copy_nar(src: Path, dst: Path) -> None:
+            """A hard link; across filesystems a copy, the bar following its bytes."""
+            try:
+                os.link(src, dst)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+            start = bar.n
+
+            def copied() -> int:
+                with contextlib.suppress(FileNotFoundError):
+                    return int(start + dst.stat().st_size)
+                return int(start)
+
+            with ui.ticking(bar, copied):
+                shutil.copyfile(src, dst)
+            bar.update(start - bar.n)  # the whole file is counted by the caller
+
         for info in infos:
             link_or_copy(local.narinfo_path(info.store_path), root / f"{info.store_path.hash_part}.narinfo")
             if (root / info.url).exists():  # two paths with the same NAR
                 continue
-            link_or_copy(local.file_path(info.url), root / info.url)
+            link_or_copy_nar(local.file_path(info.url), root / info.url)
             assert info.file_hash is not None and info.file_size is not None
             digest = nix32.decode(info.file_hash.removeprefix("sha256:"))
             known[f"cache/{info.url}"] = FileEntry(info.file_size, digest.hex())
@@ -534,9 +555,11 @@ def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> in
 
 
 def check_media_settings(media: MediaSettings) -> None:
-    """What can be checked before any work: the label, the format's tools."""
+    """What can be checked before any work: the label and size for the format, its tools."""
     if media.format in (MediaFormat.ISO, MediaFormat.FAT32):
-        validate_label(media.label)
+        validate_label(media.label, media.format.value)
+    if media.format is MediaFormat.FAT32 and media.size is not None:
+        fat32.check_size(media.size, media.partition_table.value)
     if media.format is MediaFormat.FAT32 and media.partition_table is not PartitionTable.NONE:
         runner.require("sfdisk", "to write a partition table")
 

@@ -253,7 +253,6 @@ def open_target(target: Path) -> Iterator[Path]:
 def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     # Imported here: image writers and the HTTP client cost a start-up that `cache` need not pay.
     from mediabuilder.build import BuildRequest, build_media
-    from mediabuilder.media.label import validate_label
 
     cache = cache_settings(args, profile)
     media = override(
@@ -269,8 +268,6 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
     substituters = tuple(args.substituter or profile.substituters.urls)
     local_only = not substituters  # without substituters, every path must be in the local store
-    if media.format is MediaFormat.ISO:
-        validate_label(media.label)
     if media.output is None:
         raise InvalidInput("no output given", hint="pass --output PATH or set media.output in the profile")
     request = BuildRequest(
@@ -297,7 +294,8 @@ def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError:
-        raise InvalidInput(f"--size {text}: not a size", hint="e.g. 8G, 700M or a number of bytes") from None
+        raise InvalidInput(f"--size {text}: not a size",
+                           hint="e.g. 8G or 8GiB (binary), 8GB (decimal), 700M, or a number of bytes") from None
 
 
 # Parser
@@ -373,8 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_flags(p)
     p.add_argument("--format", choices=[f.value for f in MediaFormat], help="output format (default: dir)")
     p.add_argument("--output", "-o", metavar="PATH", help="where to write the media (a directory or image file)")
-    p.add_argument("--label", help="volume label (default: NIXOS_OFFLINE)")
-    p.add_argument("--size", help="image size, e.g. 8G (fat32; default: content plus headroom)")
+    p.add_argument("--label", help="volume label: iso 1-32 of A-Z 0-9 _, fat32 1-11 of A-Z 0-9 and "
+                                  "!#$%%&'()-@^_`{}~, lower case upper-cased (default: NIXOS_MEDIA)")
+    p.add_argument("--size", help="fat32 image size, 33M (35M with gpt) to 2T-1M: K/M/G/T or KiB/MiB/GiB/TiB "
+                                  "are binary (8G = 8GiB = 8*1024^3), KB/MB/GB/TB decimal as disks are sold "
+                                  "(8GB = 8*10^9) (default: content plus headroom)")
     p.add_argument("--partition-table", choices=[t.value for t in PartitionTable],
                    help="wrap a fat32 image in a partition table (default: none)")
     p.add_argument("--system", action="append", default=[], metavar="NAME=PATH",

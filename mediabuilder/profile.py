@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mediabuilder.errors import InvalidInput
+from mediabuilder.media.label import DEFAULT_LABEL
 
 
 class Compression(enum.Enum):
@@ -67,7 +70,7 @@ class CacheSettings:
 class MediaSettings:
     format: MediaFormat = MediaFormat.DIR
     output: Path | None = None
-    label: str = "NIXOS_OFFLINE"
+    label: str = DEFAULT_LABEL
     # Image size in bytes for fat32; None: content plus headroom.
     size: int | None = None
     partition_table: PartitionTable = PartitionTable.NONE
@@ -97,17 +100,23 @@ SECTIONS: dict[str, type] = {
 
 T = TypeVar("T")
 
-_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
-    """'700M', '4G', '123456' -> bytes (binary units). Raises ValueError."""
-    value = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = value[-1:] if value[-1:] in _SIZE_UNITS and value[-1:] else ""
-    number = value[: len(value) - len(unit)]
-    if not number or not number.replace(".", "", 1).isdigit():
+    """A size in bytes: '4096', '700M', '8G' and '8GiB' are binary (8 * 1024^3), '8GB' decimal
+    (8 * 1000^3, as disks are sold); K, M, G, T, any case, a fraction rounded down to a byte.
+    Raises ValueError for anything else (negative, empty, unknown unit)."""
+    found = _SIZE_RE.fullmatch(text.strip())
+    if found is None:
         raise ValueError(f"not a size: {text!r}")
-    return int(float(number) * _SIZE_UNITS[unit])
+    number, prefix, suffix = found.groups()
+    suffix = suffix.upper()
+    if suffix == "I" or (suffix == "IB" and not prefix):
+        raise ValueError(f"not a size: {text!r}")
+    base = 1000 if suffix == "B" and prefix else 1024
+    return int(Fraction(number) * base ** _SIZE_POWERS[prefix.upper()])
 
 
 def _convert(source: str, where: str, hint: Any, value: Any, base: Path) -> Any:

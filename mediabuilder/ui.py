@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +19,12 @@ if TYPE_CHECKING:
 class _State:
     debug: bool = False
     quiet: bool = False
+    lines: int = 0  # lines written through this module: a step knows whether its title is the last
+
+
+def _live() -> bool:
+    """Whether to draw what only a person watching needs (bars, step titles as steps start)."""
+    return not state.quiet and sys.stderr.isatty()
 
 
 state = _State()
@@ -27,18 +35,23 @@ def configure(*, debug: bool = False, quiet: bool = False) -> None:
     state.quiet = quiet
 
 
+def _print(message: str) -> None:
+    state.lines += 1
+    print(message, file=sys.stderr, flush=True)
+
+
 def info(message: str) -> None:
     if not state.quiet:
-        print(message, file=sys.stderr, flush=True)
+        _print(message)
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    _print(f"warning: {message}")
 
 
 def debug(message: str) -> None:
     if state.debug:
-        print(message, file=sys.stderr, flush=True)
+        _print(message)
 
 
 @dataclass
@@ -61,10 +74,20 @@ def _human_seconds(seconds: float) -> str:
 
 @contextlib.contextmanager
 def step(title: str) -> Iterator[Step]:
-    """Print "  <title> … <detail>, <time>" once the step is done."""
+    """Print "  <title> … <detail>, <time>" once the step is done. On a terminal the title shows
+    as the step starts, and the timed line replaces it when nothing was printed in between (a
+    bar, closed, leaves its line empty below the title)."""
     current = Step(title)
     debug(f"-> {title}")
+    live = _live()
+    if live:
+        _print(f"  {title} …")
+    mark = state.lines
     yield current
+    if current.skipped and not live:
+        return
+    if live and state.lines == mark:
+        sys.stderr.write("\x1b[1A\r\x1b[2K")  # up to the title's line, cleared
     if current.skipped:
         return
     elapsed = _human_seconds(time.monotonic() - current.started)
@@ -100,12 +123,17 @@ class Bar:
 def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any) -> Bar | tqdm:
     """A progress bar on stderr; bytes by default (scaled, with rate and ETA). Hidden when quiet
     or when stderr is not a terminal: then tqdm is not even imported (25-80 ms)."""
-    if state.quiet or not sys.stderr.isatty():
+    if not _live():
         return Bar(total)
     from tqdm import tqdm
 
+    sized = _sized()
     return tqdm(
         total=total,
+        # A terminal that reports no size (`script`, serial consoles): tqdm would draw 0 columns
+        # and hide every bar below row 0.
+        ncols=None if sized else 80,
+        nrows=None if sized else 24,
         desc=f"  {description}",
         unit=unit,
         unit_scale=unit == "B",
@@ -116,6 +144,41 @@ def progress(total: int | None, description: str, unit: str = "B", **kwargs: Any
         delay=1.0,
         **kwargs,
     )
+
+
+def _sized() -> bool:
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except OSError:
+        return False
+    return size.columns > 0 and size.lines > 0
+
+
+@contextlib.contextmanager
+def ticking(bar: Bar | tqdm, done: Callable[[], int], every: float = 0.25) -> Iterator[None]:
+    """Move `bar` to `done()` every `every` seconds from a thread, and once more at the end: for
+    bytes counted elsewhere (worker processes, a library writing a file), so the bar advances per
+    byte without a call per chunk. Nothing runs when the bar is hidden."""
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+
+    def tick() -> None:
+        bar.update(max(0, done() - bar.n))
+
+    def loop() -> None:
+        while not stop.wait(every):
+            tick()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    tick()
 
 
 def human_bytes(size: float) -> str:

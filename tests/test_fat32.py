@@ -20,30 +20,72 @@ from media_checks import (
 )
 
 from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia
+from mediabuilder.media import fatfs
 from mediabuilder.media.fat32 import (
     MIB,
     MIN_CLUSTERS,
     Content,
     Geometry,
     auto_geometry,
+    check_size,
     fat_label,
     image_geometry,
     minimum_geometry,
     scan,
+    size_range,
     write_fat32,
 )
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
+from mediabuilder.media.label import DEFAULT_LABEL
 from mediabuilder.media.source import detect, open_source
-from mediabuilder.media.split import FAT32_MAX_FILE, PART_SIZE, split_file
+from mediabuilder.media.split import FAT32_MAX_FILE, FAT32_SAFE_FILE, PART_SIZE, split_file
 from mediabuilder.run import run, stream
 
 Tree = tuple[Path, dict[str, tuple[int, str]], set[str]]
 
 
 def test_fat_label() -> None:
-    assert fat_label("nixos_offline_24") == "NIXOS_OFFLI"
-    with pytest.raises(InvalidInput):
-        fat_label("no-dashes")
+    assert fat_label("nixos-media") == "NIXOS-MEDIA"
+    assert fat_label(DEFAULT_LABEL) == DEFAULT_LABEL == "NIXOS_MEDIA"
+    assert fat_label("a!#$%&'()-@") == "A!#$%&'()-@"
+    for bad in ("nixos_offline", "", "no dots.", "a b", "é", "x/y"):
+        with pytest.raises(InvalidInput) as caught:
+            fat_label(bad)
+        assert str(caught.value) == (
+            f"--label/media.label: {bad!r} is not a valid FAT32 volume label: use 1 to 11 characters "
+            "A-Z, 0-9 and ! # $ % & ' ( ) - @ ^ _ ` { } ~ (lower case is upper-cased)"
+        )
+
+
+def test_size_range() -> None:
+    """Sizes the writer cannot make are refused before any work: below the smallest FAT32 of
+    MIN_CLUSTERS clusters (with its table), above 2^32 - 1 sectors (2 TiB - 1 MiB in all)."""
+    assert size_range("none") == (33 * MIB, 2 * 1024**4 - MIB)
+    assert size_range("mbr") == (34 * MIB, 2 * 1024**4 - MIB)
+    assert size_range("gpt") == (35 * MIB, 2 * 1024**4 - MIB)
+    for table in ("none", "mbr", "gpt"):
+        least, most = size_range(table)
+        check_size(least, table)
+        check_size(most, table)
+        image, geometry = image_geometry(Content((), (32,)), most, table)
+        assert image == most and geometry.sectors < 2**32 and geometry.cluster == 32768
+        image, geometry = image_geometry(Content((), (32,)), least, table)
+        assert image == least and geometry.clusters >= MIN_CLUSTERS
+    fatfs.boot_sector(sectors=(2 * 1024**4 - MIB) // 512, sectors_per_cluster=64, reserved=32, fats=2,
+                      fat_sectors=16384, hidden=0, volume_id=0, label=b"X".ljust(11))
+    table_note = {"none": "", "mbr": " with a mbr partition table", "gpt": " with a gpt partition table"}
+    for size, table, text in ((0, "none", "0"), (33 * MIB - 1, "none", str(33 * MIB - 1)), (MIB, "gpt", "1M")):
+        least = size_range(table)[0]
+        with pytest.raises(InvalidInput) as caught:
+            check_size(size, table)
+        assert str(caught.value) == (f"--size {text} is too small: a FAT32 image{table_note[table]} is at least "
+                                     f"{least // MIB} MiB ({least} bytes)")
+    for size, text in ((3 * 1024**4, "3T"), (2 * 1024**4 - MIB + 1, str(2 * 1024**4 - MIB + 1))):
+        for call in (lambda s=size: check_size(s), lambda s=size: image_geometry(Content((), (32,)), s, "none")):
+            with pytest.raises(InvalidInput) as caught:
+                call()
+            assert str(caught.value) == (f"--size {text} is too big: a FAT32 image is at most 2097151 MiB "
+                                         "(2 TiB - 1 MiB, 2199022206976 bytes)")
 
 
 def test_geometry() -> None:
@@ -94,11 +136,13 @@ def test_size_too_small_writes_nothing(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
-def test_refuses_unsplit_big_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [FAT32_MAX_FILE + 1, FAT32_SAFE_FILE + 1])
+def test_refuses_unsplit_big_file(tmp_path: Path, size: int) -> None:
+    """Also a file FAT32 holds but whose clusters could sum to 2^32 bytes (fsck.fat empties it)."""
     root = tmp_path / "tree"
     root.mkdir()
     with (root / "huge").open("wb") as f:
-        f.truncate(FAT32_MAX_FILE + 1)
+        f.truncate(size)
     with pytest.raises(InternalError, match="must split it"):
         write_fat32(root, tmp_path / "x.img", label="X")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
@@ -251,10 +295,16 @@ def test_broken_cluster_chain_is_damaged_media(tmp_path: Path) -> None:
     image = tmp_path / "media.img"
     write_fat32(root, image, label="X")
     geometry = image_geometry(scan(root).content, None, "none")[1]
+    assert fsck_fat(image, 0, tmp_path)[:2] == (2, 1 + 4)  # the file and the root; their clusters
     with image.open("r+b") as f:
         for copy in range(2):
             f.seek((32 + copy * geometry.fat_sectors) * 512 + 4 * 4)  # FAT[4]: the second cluster's
             f.write(bytes(4))
+    fsck = subprocess.run(["fsck.fat", "-n", str(image)], capture_output=True, text=True, check=False)
+    assert fsck.returncode == 1 and fsck.stdout.splitlines()[1:6] == [  # fsck.fat sees the damage too
+        "/F.BIN", "  Contains a free cluster (4). Assuming EOF.",
+        "/F.BIN", "  File size is 2000 bytes, cluster chain length is 512 bytes.", "  Truncating file to 512 bytes.",
+    ], fsck.stdout
     with open_source(image) as source:
         assert dict(source.files()) == {"f.bin": 2000}
         with pytest.raises(InvalidMedia, match=r"media.img: damaged FAT32 image: the cluster chain of f.bin "
@@ -325,6 +375,13 @@ def test_big_file_split_for_fat32_and_iso(tmp_path: Path) -> None:
 
         image = tmp_path / "media.img"
         write_fat32(tree, image, label="BIG", partition_table="gpt")
+        # fsck.fat reads every part whole: 4 KiB clusters, where 4 GiB - 2048 bytes made exactly
+        # 2^32 bytes of clusters and fsck.fat reported "cluster chain length is 0 bytes".
+        geometry = image_geometry(scan(tree).content, None, "gpt")[1]
+        assert geometry.cluster == 4096
+        files, used, clusters = fsck_fat(image, MIB, tmp_path)
+        assert (files, clusters) == (2 + 2 + 1, geometry.clusters)  # parts, cache and nar, the root
+        assert used == sum(-(-p.size // 4096) for p in parts) + 3  # a cluster per directory
         digest = hashlib.sha256()
         for part in parts:
             with stream(["mcopy", "-n", "-i", mtools_image(image, MIB), f"::/cache/nar/{part.name}", "-"]) as out:

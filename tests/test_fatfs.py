@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +124,38 @@ def test_same_entries_as_mtools(tmp_path: Path) -> None:
         assert b"".join(theirs[:count]) == longs, name
         assert theirs[count][:11] == short, name
     assert entries == []
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+PKG_HINT = ("its dependency `fs` needs pkg_resources, which setuptools 82 removed: "
+            "pip install 'setuptools<80.9' into mediabuilder's environment")
+DEPS_HINT = "pip install mediabuilder's dependencies (pyproject.toml) into its environment"
+
+
+@pytest.mark.parametrize(("blocked", "why", "hint"), [
+    ("pkg_resources", "import of pkg_resources halted; None in sys.modules", PKG_HINT),
+    ("fs", "No module named 'fs.base'; 'fs' is not a package", DEPS_HINT),
+])
+def test_pyfatfs_import_guard(blocked: str, why: str, hint: str) -> None:
+    """Where pyfatfs cannot be imported (setuptools 82 removed the pkg_resources its dependency
+    `fs` imports, as a fresh Python 3.12+ venv gets), one line says what to install, no
+    traceback. Run in a fresh interpreter whose import of the module is blocked."""
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            "from mediabuilder.errors import InvalidInput\n"
+            "from mediabuilder.media.fatfs import pyfatfs_class\n"
+            "try:\n    pyfatfs_class()\nexcept InvalidInput as e:\n    print(e); print(e.hint)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"cannot import pyfatfs, which reads FAT32 images: {why}",
+        hint,
+    ]
+
+
+def test_pyfatfs_imports() -> None:
+    from pyfatfs.PyFatFS import PyFatFS
+
+    assert fatfs.pyfatfs_class() is PyFatFS

@@ -21,11 +21,14 @@ from conftest import REPO, Example, assert_one_line_error, make_nix_env, nix, ru
 from media_checks import expected_tree, fsck_fat, mtools_image, tree_dirs
 from test_install import install_offline
 
+from mediabuilder.media import fat32
+
 pytestmark = pytest.mark.integration
 
 MIB = 1024**2
 GIB = 1024**3
 FAT32_MAX_FILE = 4 * GIB - 1
+PART_SIZE = 4 * GIB - 64 * 1024  # split.PART_SIZE, spelled out
 SELF_CHECKED = ("manifest.json", "manifest.storepath", "media-key.pub")
 EMPTY_DIRS = ("cache/log", "cache/realisations")
 HOST = "alpha"
@@ -339,7 +342,10 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         if fmt == "iso":
             bsdtar_extract(image, extracted)
         else:
+            # fsck.fat finds nothing wrong with the parts (4 GiB - 2048 bytes was read as 0 bytes)
+            files, _, _ = fsck_fat(image, fat_offset(image, "gpt"), tmp_path)
             mcopy_extract(image, fat_offset(image, "gpt"), extracted)
+            assert files == len(expected_tree(extracted)) + len(tree_dirs(extracted)) + 1
         image.unlink()
 
         key = (extracted / "media-key.pub").read_text().strip()
@@ -353,7 +359,8 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         assert entry["size"] == big_path.nar_size > 4 * GIB
         parts = entry["parts"]
         assert len(parts) == 2
-        assert all(p["size"] <= FAT32_MAX_FILE for p in parts)
+        assert [p["size"] for p in parts] == [PART_SIZE, big_path.nar_size - PART_SIZE]
+        assert PART_SIZE == 4 * GIB - 64 * 1024 < FAT32_MAX_FILE
         assert [p["name"] for p in parts] == [f"cache/{info['URL']}.part{i:03d}" for i in range(len(parts))]
         assert not (extracted / "cache" / info["URL"]).exists()
 
@@ -416,8 +423,14 @@ def test_output_exists(example: Example, media: Media, out_dir: Path, fmt: str) 
     assert expected_tree(out_dir) == before
 
 
-def _tree_kib(root: Path) -> int:
-    return int(run("du", "-sk", root).stdout.split()[0])
+def fat_metadata_pages(tree: Path, page: int) -> int:
+    """Pages of everything but file data in the (sparse) FAT32 image of `tree` (no --size): the
+    boot sectors, in each FAT the entries of the used clusters, every directory's clusters."""
+    content = fat32.scan(tree).content
+    geometry = fat32.auto_geometry(content)
+    fat_bytes = (2 + content.clusters(geometry.cluster)) * 4
+    dirs = sum(-(-max(n, 1) // geometry.cluster) * geometry.cluster for n in content.dir_entry_bytes)
+    return 1 + fat32.FAT_COPIES * -(-fat_bytes // page) + -(-dirs // page) + len(content.dir_entry_bytes)
 
 
 @pytest.mark.parametrize(("fmt", "phase"), [
@@ -431,14 +444,20 @@ def test_output_filesystem_fills_up(example: Example, media: Media, tmp_path: Pa
     while a directory's tree is assembled beside the output, while the ISO is written, while
     mkfs.fat writes the FATs, while mcopy copies files. One line naming the path and saying
     there is no space; the tmpfs holds nothing afterwards."""
-    tree = _tree_kib(media.outputs["dir"])  # the media tree, as the staging directory holds it
+    # Sizes from what the build writes, not from `du` (the machine's block size) or leftovers: a
+    # directory's tree is assembled beside the output (tmpfs takes whole pages per file); an
+    # image's beside the cache, so only the image lands on the output's filesystem.
+    files = [p.stat().st_size for p in media.outputs["dir"].rglob("*") if p.is_file()]
+    page = os.sysconf("SC_PAGE_SIZE")
+    # The sparse FAT32 image: the boot sectors' page, the FAT entries of the used clusters in
+    # each FAT, the directories; then the files.
+    fat_pages = fat_metadata_pages(media.outputs["dir"], page)
+    assert fat_pages * page < sum(files) // 4, (fat_pages, sum(files))
     size_kib = {
-        # A directory's tree is assembled beside the output; an image's beside the cache, so only
-        # the image itself lands on the output's filesystem.
-        "assembly": tree // 2,
-        "write": tree // 2,  # half the ISO fits
-        "format": 200,  # mkfs.fat writes two FATs of 256 KiB (65,541+ clusters)
-        "copy": tree // 2 + 640,  # the FATs fit, the files do not
+        "assembly": sum(-(-n // page) * page for n in files) // 2 // 1024,  # half the tree's pages
+        "write": sum(files) // 2 // 1024,  # the ISO holds every byte of every file: half fits
+        "format": page // 1024,  # the boot sectors' page fits, the first FAT's does not
+        "copy": sum(files) // 2 // 1024,  # the boot sectors, FATs and directories fit, half the files do not
     }[phase]
     full = tmp_path / "full"
     full.mkdir()

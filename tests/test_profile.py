@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 
 from mediabuilder.errors import InvalidInput
+from mediabuilder.media.label import validate_label
 from mediabuilder.profile import (
     CacheSettings,
     Compression,
     MediaFormat,
+    MediaSettings,
     PartitionTable,
     Profile,
     load_profile,
     override,
+    parse_size,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,6 +102,29 @@ def test_bundled_example_profile() -> None:
     assert p.cache.compression is Compression.ZSTD
     assert p.media.format is MediaFormat.DIR
     assert p.cache.dir == (REPO / "profiles").resolve() / "../cache"
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("4096B", 4096), ("700M", 700 * 1024**2), ("700MiB", 700 * 1024**2),
+    ("8G", 8 * 1024**3), ("8g", 8 * 1024**3), ("8GiB", 8 * 1024**3), ("8gib", 8 * 1024**3),
+    ("8GB", 8 * 10**9), ("8gb", 8 * 10**9), ("16 GB", 16 * 10**9), ("1.5K", 1536), ("1.5KB", 1500),
+    ("3T", 3 * 1024**4), ("2TB", 2 * 10**12), ("0", 0), (" 1M ", 1024**2),
+])
+def test_parse_size(text: str, size: int) -> None:
+    """K/M/G/T and KiB/MiB/GiB/TiB binary; KB/MB/GB/TB decimal, as disks are sold."""
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "-1", "-8G", "G", "GB", "8X", "8iB", "8Gi", "1e9", "8 GiBs", "ten", "0x10"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_default_label_fits_every_format() -> None:
+    label = MediaSettings().label
+    assert label == "NIXOS_MEDIA"
+    assert validate_label(label, "iso") == validate_label(label, "fat32") == label
 
 
 def test_override_keeps_none() -> None:

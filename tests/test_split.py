@@ -10,6 +10,7 @@ from mediabuilder.errors import InternalError
 from mediabuilder.media.split import (
     FAT32_MAX_FILE,
     PART_SIZE,
+    SINGLE_EXTENT_MAX,
     Part,
     join_parts,
     needs_split,
@@ -20,7 +21,19 @@ from mediabuilder.media.split import (
 
 def test_constants() -> None:
     assert FAT32_MAX_FILE == 4294967295
-    assert PART_SIZE == 4294965248
+    assert PART_SIZE == 4294901760  # 4 GiB - 64 KiB
+
+
+def test_part_size_fits_every_reader() -> None:
+    """Every FAT32 cluster size (512 B to 64 KiB) rounds a part up to less than 2^32 bytes, which
+    fsck.fat 4.2 (32-bit sums) would read as 0 and truncate; a part is one ISO extent (whole
+    2048-byte blocks, at most SINGLE_EXTENT_MAX)."""
+    for shift in range(9, 17):
+        cluster = 1 << shift
+        assert -(-PART_SIZE // cluster) * cluster < 2**32, cluster
+    assert PART_SIZE % 2048 == 0 and PART_SIZE <= SINGLE_EXTENT_MAX and PART_SIZE < FAT32_MAX_FILE
+    # The size this replaces: exactly 2^32 bytes of 4 KiB clusters.
+    assert -(-(4 * 1024**3 - 2048) // 4096) * 4096 == 2**32
 
 
 def test_part_names() -> None:

@@ -8,12 +8,13 @@ narinfo, signed, is written last, so a path is in the cache exactly when its nar
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
-from typing import Any
 
 from mediabuilder import ui, workers
 from mediabuilder.cache.compression import EXTENSIONS, Compressor
@@ -72,15 +73,20 @@ def export_nar(
         nar_sha = hashlib.sha256()
         size = 0
 
+        counted = 0  # bytes of `size` already added to the shared counter
+
         def sink(chunk: bytes) -> None:
-            nonlocal size
+            nonlocal size, counted
             nar_sha.update(chunk)
             size += len(chunk)
             compressor.write(chunk)
+            if size - counted >= COUNT_EVERY:
+                counted = _count(size - counted) + counted
 
         nar.dump(Path(source or store_path), sink)
         compressor.close()
         out.close()
+        _count(size - counted)
         got = Hash("sha256", nar_sha.digest()).nix32()
         if got != nar_hash or size != nar_size:
             raise InvalidMedia(
@@ -96,6 +102,26 @@ def export_nar(
         out.close()
         tmp.unlink(missing_ok=True)
         raise
+
+
+# NAR bytes a worker exports between two additions to the shared counter that draws the bar:
+# a lock across processes per 4 MiB, not per chunk.
+COUNT_EVERY = 4 * 1024 * 1024
+_exported: Synchronized[int] | None = None  # in a worker of `fill`: NAR bytes, every worker's
+
+
+def _start_worker(exported: Synchronized[int], parent: int) -> None:
+    workers.start_worker(parent)
+    global _exported
+    _exported = exported
+
+
+def _count(n: int) -> int:
+    """Add `n` NAR bytes to the shared counter (none outside `fill`'s workers); returns `n`."""
+    if _exported is not None and n:
+        with _exported.get_lock():
+            _exported.value += n
+    return n
 
 
 def narinfo_for(info: PathInfo, exported: Exported, compression: str, key: SecretKey) -> NarInfo:
@@ -171,10 +197,13 @@ def fill(
     todo.sort(key=lambda i: i.nar_size, reverse=True)
     total = sum(i.nar_size for i in todo)
     count = min(jobs or default_jobs(), len(todo))
-    pool = ProcessPoolExecutor(max_workers=count, initializer=workers.start_worker, initargs=(os.getpid(),))
+    context = multiprocessing.get_context()
+    exported_bytes = context.Value("q", 0)  # NAR bytes the workers have exported, per 4 MiB
+    pool = ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_start_worker,
+                               initargs=(exported_bytes, os.getpid()))
     try:
-        with ui.progress(total, "exporting NARs") as bar:
-            _export_all(cache, todo, key, compression, pool, count, bar, result)
+        with ui.progress(total, "exporting NARs") as bar, ui.ticking(bar, lambda: exported_bytes.value):
+            _export_all(cache, todo, key, compression, pool, count, result)
     except BaseException:
         workers.stop(pool)  # an interrupted or failed run waits for no export
         cache.remove_stale_temporaries()  # what the killed workers were writing
@@ -185,7 +214,7 @@ def fill(
 
 
 def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compression: str,
-                pool: ProcessPoolExecutor, count: int, bar: Any, result: FillResult) -> None:
+                pool: ProcessPoolExecutor, count: int, result: FillResult) -> None:
     """Keep `count` * 2 exports queued; write each narinfo, signed, as its NAR completes."""
     pending: dict[Future[Exported], PathInfo] = {}
     queue = iter(todo)
@@ -208,5 +237,4 @@ def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compre
             result.exported += 1
             result.nar_bytes += info.nar_size
             result.file_bytes += exported.file_size
-            bar.update(info.nar_size)
             submit_next()

@@ -29,7 +29,7 @@ from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
-from mediabuilder.media.split import FAT32_MAX_FILE
+from mediabuilder.media.split import FAT32_SAFE_FILE
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
 
@@ -42,6 +42,7 @@ FAT_ALIGN = 8  # sectors: each FAT a multiple of 4 KiB
 MIN_CLUSTERS = 65525 + 16
 MAX_CLUSTERS = 0x0FFFFFF5 - 16
 MAX_CLUSTER_BYTES = 32768
+MAX_IMAGE = 2 * 1024**4 - MIB  # see size_range
 PARTITION_TABLES = ("none", "mbr", "gpt")
 PARTITION_TYPES = {"mbr": "c", "gpt": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
 HEADROOM_FRACTION = 0.10
@@ -52,8 +53,9 @@ COPY_CHUNK = MIB  # bytes per read and write when copying files in
 
 
 def fat_label(label: str) -> str:
-    """The FAT volume label for the media label: upper case, at most 11 characters."""
-    return validate_label(label)[:LABEL_BYTES]
+    """The FAT volume label for the media label: upper case, at most 11 characters (a longer
+    one is refused, not cut)."""
+    return validate_label(label, "fat32")
 
 
 def cluster_size(volume_bytes: int) -> int:
@@ -135,9 +137,9 @@ def scan(tree: Path) -> Listing:
                 listing.dirs.append(node)
             elif not stat.S_ISREG(st.st_mode):
                 raise InternalError(f"{path}: FAT32 holds only regular files and directories")
-            elif st.st_size > FAT32_MAX_FILE:
+            elif st.st_size > FAT32_SAFE_FILE:
                 raise InternalError(
-                    f"{path}: {st.st_size} bytes is more than FAT32 holds ({FAT32_MAX_FILE}); "
+                    f"{path}: {st.st_size} bytes is more than a FAT32 file safely holds ({FAT32_SAFE_FILE}); "
                     "the media tree must split it before it is written to a FAT32 image"
                 )
             else:
@@ -239,12 +241,41 @@ def auto_geometry(content: Content) -> Geometry:
         cluster *= 2
 
 
+def size_range(partition_table: str) -> tuple[int, int]:
+    """The smallest and the biggest image this writer makes, whatever the content: a filesystem
+    of at least MIN_CLUSTERS clusters, and at most 2^32 - 1 sectors (the boot sector's and MBR's
+    32-bit sector counts) with its partition table: 2 TiB - 1 MiB in all, for every table."""
+    before, after = _overhead(partition_table)
+    least = before + Geometry.for_clusters(MIN_CLUSTERS, SECTOR).sectors * SECTOR + after
+    return least, MAX_IMAGE
+
+
+def check_size(size: int, partition_table: str = "none") -> None:
+    """InvalidInput, before any work, for a `--size` no content could fit or this writer cannot make."""
+    least, most = size_range(partition_table)
+    table = "" if partition_table == "none" else f" with a {partition_table} partition table"
+    if size < least:
+        raise InvalidInput(
+            f"--size {_size_text(size)} is too small: a FAT32 image{table} is at least "
+            f"{-(-least // MIB)} MiB ({least} bytes)",
+            hint="leave out --size to size the image from its content",
+        )
+    if size > most:
+        raise InvalidInput(
+            f"--size {_size_text(size)} is too big: a FAT32 image is at most "
+            f"{most // MIB} MiB (2 TiB - 1 MiB, {most} bytes)",
+            hint="leave out --size to size the image from its content",
+        )
+
+
 def image_geometry(content: Content, size: int | None, partition_table: str) -> tuple[int, Geometry]:
     """The image size and the filesystem in it; InvalidInput if `size` cannot hold `content`."""
     before, after = _overhead(partition_table)
     if size is None:
         geometry = auto_geometry(content)
         return before + geometry.sectors * SECTOR + after, geometry
+    if size > MAX_IMAGE:  # too small: the message below says what the content needs
+        check_size(size, partition_table)
     fs_sectors = (size - before - after) // SECTOR
     # Microsoft's cluster size for the size first; bigger ones where the content then needs fewer
     # clusters than fit (as `minimum_geometry` may have chosen, just under a step of the table).
@@ -264,7 +295,9 @@ def image_geometry(content: Content, size: int | None, partition_table: str) -> 
 
 
 def _size_text(size: int) -> str:
-    for unit, factor in (("G", 1024**3), ("M", MIB), ("K", 1024)):
+    if size <= 0:
+        return str(size)
+    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", MIB), ("K", 1024)):
         if size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import struct
 import sys
 import time
+import warnings
 from array import array
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+from mediabuilder.errors import InvalidInput
 
 SECTOR = 512
 ENTRY = 32  # bytes per directory entry
@@ -212,3 +216,21 @@ def _fat_entries(runs: Iterable[tuple[int, int]]) -> Iterator[array[int]]:
             entries = array("I")
     if entries:
         yield entries
+
+
+def pyfatfs_class() -> Any:
+    """pyfatfs's `PyFatFS`, the FAT32 reader, imported without the noise of its dependency `fs`:
+    `fs` imports `pkg_resources`, which setuptools 82 removed and 80.9-81 warn about on import
+    (pyproject.toml pins a setuptools that has it). Missing, one line says what to install."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+            from pyfatfs.PyFatFS import PyFatFS
+    except ImportError as e:
+        if e.name == "pkg_resources":
+            hint = ("its dependency `fs` needs pkg_resources, which setuptools 82 removed: "
+                    "pip install 'setuptools<80.9' into mediabuilder's environment")
+        else:
+            hint = "pip install mediabuilder's dependencies (pyproject.toml) into its environment"
+        raise InvalidInput(f"cannot import pyfatfs, which reads FAT32 images: {e}", hint=hint) from None
+    return PyFatFS

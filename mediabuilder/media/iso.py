@@ -165,12 +165,13 @@ def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with ui.progress(None, "Writing ISO image") as bar, tmp.open("wb") as out:
+            # pycdlib reports progress per file; the bar follows the image's bytes as they are
+            # written (the file position, read 4 times a second), its callback gives the total.
+            def total(_done: int, size: int, _opaque: object) -> None:
+                bar.total = size
 
-            def advance(done: int, total: int, _opaque: object) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
-            plan.iso.write_fp(out, progress_cb=advance)
+            with ui.ticking(bar, lambda: os.lseek(out.fileno(), 0, os.SEEK_CUR)):
+                plan.iso.write_fp(out, progress_cb=total)
             out.flush()
             os.fsync(out.fileno())
         if into is None:

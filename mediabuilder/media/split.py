@@ -16,11 +16,18 @@ from typing import BinaryIO
 from mediabuilder.errors import InternalError
 
 FAT32_MAX_FILE = 4 * 1024**3 - 1
+# The biggest cluster FAT32 allows (64 KiB; Windows and Linux mount it, mkfs.fat makes it).
+FAT32_MAX_CLUSTER = 64 * 1024
+# The biggest file whose clusters stay below 2^32 bytes at every cluster size: fsck.fat 4.2 sums
+# a file's clusters in 32 bits, so a file of 4 GiB - 2048 bytes in 4 KiB clusters (exactly 2^32
+# bytes of them) is reported as "cluster chain length is 0 bytes" and emptied by `fsck -a`.
+FAT32_SAFE_FILE = 2**32 - FAT32_MAX_CLUSTER
 # The biggest file one ISO 9660 directory record (a single extent) holds, as pycdlib and
 # xorriso write it; bigger files become multi-extent files that some readers truncate.
 SINGLE_EXTENT_MAX = 4 * 1024**3 - 2048
-# The part size the media tree uses for every format: fits FAT32 and a single ISO extent.
-PART_SIZE = min(FAT32_MAX_FILE, SINGLE_EXTENT_MAX)
+# The part size the media tree uses for every format: a single ISO extent, and on FAT32 (any
+# cluster size) below what any checker misreads. 4 GiB - 64 KiB.
+PART_SIZE = min(FAT32_SAFE_FILE, SINGLE_EXTENT_MAX)
 CHUNK = 1024 * 1024
 PART_DIGITS = 3
 
