@@ -10,6 +10,7 @@ import pytest
 
 from mediabuilder.errors import InvalidInput
 from mediabuilder.media.label import validate_label
+from mediabuilder.media.label import validate_label
 from mediabuilder.profile import (
     CacheSettings,
     Compression,
@@ -102,6 +103,10 @@ def test_bundled_example_profile() -> None:
     assert p.cache.compression is Compression.ZSTD
     assert p.media.format is MediaFormat.DIR
     assert p.cache.dir == (REPO / "profiles").resolve() / "../cache"
+    # The demo writes it as a directory and as a FAT32 image: the label must fit both.
+    assert p.media.label == "NIXOS_DEMO"
+    for fmt in ("iso", "fat32"):
+        validate_label(p.media.label, fmt)
 
 
 @pytest.mark.parametrize(("text", "size"), [
