@@ -10,7 +10,6 @@ import pytest
 
 from mediabuilder.errors import InvalidInput
 from mediabuilder.media.label import validate_label
-from mediabuilder.media.label import validate_label
 from mediabuilder.profile import (
     CacheSettings,
     Compression,
