@@ -80,33 +80,28 @@ class Target:
             self.lock.release()
 
 
-def protected_paths(req: BuildRequest) -> list[output.Protected]:
-    """The cache, the key and each flake's repository: no output may hold or lie in them."""
-    found = [output.Protected(req.cache.dir, "the cache")]
+def protected_paths(req: BuildRequest, repo: flakerepo.FlakeRepo) -> list[output.Protected]:
+    """The cache, the key and the flake's repository: no output may hold or lie in them."""
+    found = [output.Protected(req.cache.dir, "the cache"), output.Protected(repo.top, "the flake repository")]
     if req.cache.key is not None:
         found.append(output.Protected(req.cache.key, "the signing key"))
-    for ref in req.refs:
-        local = nixcli.HostRef(ref.partition("#")[0] or ".", "").local_path
-        if local is None or not local.is_dir():
-            continue
-        top = runner.run(["git", "-C", str(local), "rev-parse", "--show-toplevel"], check=False)
-        where = Path(top.stdout.decode().strip()) if top.returncode == 0 else local
-        found.append(output.Protected(where, "the flake repository"))
     return found
 
 
-def check_output(req: BuildRequest) -> Target:
+def check_output(req: BuildRequest, repo: flakerepo.FlakeRepo) -> Target:
     """Everything about the output that can be known before any work; locks an existing one."""
     out = Path(os.path.abspath(req.output))
-    output.check_not_protected(out, protected_paths(req))
     is_dir_format = req.media.format is MediaFormat.DIR
+    if is_dir_format and out.is_symlink() and out.is_dir():  # ~/stick -> /media/me/STICK
+        out = Path(os.path.realpath(out))
+    if not is_dir_format and out.is_dir():
+        fmt = req.media.format.value
+        raise InvalidInput(f"{req.output}: is a directory, but --format {fmt} writes an image file",
+                           hint=f"name the file, e.g. --output {req.output}/media.{fmt}")
+    output.check_not_protected(out, protected_paths(req, repo))
     if os.path.lexists(out):
         if is_dir_format:
             return _existing_directory(out, req.force)
-        if out.is_dir():
-            fmt = req.media.format.value
-            raise InvalidInput(f"{req.output}: is a directory, but --format {fmt} writes an image file",
-                               hint=f"name the file, e.g. --output {req.output}/media.{fmt}")
         if not out.is_file() or out.is_symlink():
             raise InvalidInput(f"{req.output}: exists and is not a regular file", hint="choose another --output")
         if not req.force:
@@ -133,7 +128,7 @@ def _existing_directory(out: Path, force: bool) -> Target:
         raise InvalidInput(f"{out}: not writable", hint="mount the stick writable or choose another --output")
     lock = output.Lock(out, "this medium")
     try:
-        output.remove_stale(out, output.STAGING_PREFIX)
+        output.remove_stale(out, output.TMP_PREFIX)
         foreign = output.foreign_entries(out)
         if foreign:
             listed = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -240,8 +235,8 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         if not req.cache.key.is_file():
             raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
         SecretKey.load(req.cache.key)  # a broken key is refused before anything is made
-    check_source(req)  # the repository, before the cache and key are created and before any evaluation
-    target = check_output(req)
+    repo = check_source(req)  # the repository, before the cache and key are created and before any evaluation
+    target = check_output(req, repo)
     try:
         return _build(req, target, have_nix)
     finally:
@@ -263,8 +258,8 @@ def check_nix(req: BuildRequest) -> bool:
 def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     cache = BinaryCache(req.cache.dir)
     cache.create()
-    output.remove_stale(cache.root, output.STAGING_PREFIX)
-    output.remove_stale(target.path.parent, output.tmp_prefix(target.path))
+    output.remove_stale(cache.root, output.TMP_PREFIX)
+    output.remove_stale(target.path.parent, output.TMP_PREFIX)
     key, created = load_or_create_key(cache, req.cache.key, default_key_name())
     if created:
         ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")
@@ -292,22 +287,19 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     return {h: str(t) for h, t in source.toplevels.items()}
 
 
-def staging_place(req: BuildRequest, target: Target, cache: BinaryCache) -> tuple[Path, str]:
+def staging_place(req: BuildRequest, target: Target, cache: BinaryCache) -> Path:
     """Where the tree is assembled: a directory beside the output (renamed into place) or inside
     it (moved in); an image's tree beside the cache (hard links, no copies), so that the output's
     disk holds only the image."""
     if req.media.format is not MediaFormat.DIR:
-        return cache.root, output.STAGING_PREFIX
-    if target.inside:
-        return target.path, output.STAGING_PREFIX
-    return target.path.parent, output.tmp_prefix(target.path)
+        return cache.root
+    return target.path if target.inside else target.path.parent
 
 
 def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: SecretKey, source: Source,
                 closures: dict[str, list[NarInfo]], union: list[StorePath], have_nix: bool) -> None:
     """Assemble the tree, sign its manifest, and write it in the output format."""
-    where, prefix = staging_place(req, target, cache)
-    with output.temporary(where, prefix, directory=True) as staging:
+    with output.temporary(staging_place(req, target, cache), directory=True) as staging:
         tree = staging / "media"
         tree.mkdir()
         with ui.step("Assembling the media tree") as step:
@@ -573,7 +565,7 @@ def write_output(tree: Path, target: Target, req: BuildRequest) -> None:
         else:
             output.place(tree, target.path, replace=False)
         return
-    with output.temporary(target.path.parent, output.tmp_prefix(target.path), directory=False) as image:
+    with output.temporary(target.path.parent, directory=False) as image:
         if req.media.format is MediaFormat.ISO:
             iso.write_iso(tree, target.path, label=req.media.label, into=image)
         else:

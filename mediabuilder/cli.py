@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from mediabuilder import __version__, nixcli, ui
+from mediabuilder import __version__, interrupts, nixcli, ui
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.verify import Report, verify_cache
 from mediabuilder.cache.writer import fill
@@ -413,23 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP: unwinds like ^C, so every temporary is removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    for other in INTERRUPTS:  # a second signal must not cut the cleanup short
-        signal.signal(other, signal.SIG_IGN)
-    raise Interrupted(signum)
-
-
-INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error:` line, a hint and exit 2, like every other."""
 
@@ -440,9 +423,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for signum in INTERRUPTS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(signum, _interrupt)
+    interrupts.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -463,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt as e:
-        number = e.signum if isinstance(e, Interrupted) else int(signal.SIGINT)
+        number = e.signum if isinstance(e, interrupts.Interrupted) else int(signal.SIGINT)
         print(f"error: interrupted ({signal.Signals(number).name}); temporary files removed", file=sys.stderr)
         return 128 + number
     except OSError as e:

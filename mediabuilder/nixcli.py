@@ -238,12 +238,15 @@ def check_store_access() -> None:
     store = _store_setting()
     if store not in ("auto", "local", "daemon") and not store.startswith("unix://"):
         return  # a store of the user's own (a chroot store, ssh-ng://...): Nix answers for it
-    if store != "local" and _reachable(DAEMON_SOCKET):
+    socket = Path(os.environ.get("NIX_DAEMON_SOCKET_PATH") or DAEMON_SOCKET)
+    if store.startswith("unix://"):
+        socket = Path(store.removeprefix("unix://").split("?", 1)[0] or socket)
+    if store != "local" and _reachable(socket):
         return
     if store in ("auto", "local") and os.access(NIX_DB, os.W_OK):
         return
     user = pwd.getpwuid(os.geteuid()).pw_name
     raise InvalidInput(
-        f"{NIX_DB}: user {user} cannot write the Nix store and cannot reach a nix-daemon at {DAEMON_SOCKET}",
+        f"{NIX_DB}: user {user} cannot write the Nix store and cannot reach a nix-daemon at {socket}",
         hint="run mediabuilder as root (sudo), or start the daemon: systemctl start nix-daemon",
     )

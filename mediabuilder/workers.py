@@ -13,8 +13,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def start_worker(parent: int) -> None:
-    """In each worker process, first: ^C, SIGTERM and SIGHUP are the parent's to handle (it
-    stops the workers), and a parent killed outright (SIGKILL) takes the worker with it."""
+    """In each (forked) worker process, first: ^C at the terminal is the parent's to handle (it
+    stops the workers); SIGTERM or SIGHUP sent to the whole group ends the worker quietly, as
+    the default does (not the parent's handler, inherited by fork, with its traceback); and a
+    parent killed outright (SIGKILL) takes the worker with it."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before prctl

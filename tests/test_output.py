@@ -6,10 +6,14 @@ test_user_walks.py."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from mediabuilder import interrupts, nixcli
 from mediabuilder.build import BuildRequest, Target, split_limit
 from mediabuilder.errors import InvalidInput
 from mediabuilder.media import fsinfo, output, split
@@ -25,13 +29,14 @@ def test_markers_move_in_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for name in ("install.sh", "manifest.json", "manifest.storepath", "registry.json", "media-key.pub"):
         (tree / name).write_text(name)
     seen: list[str] = []
-    real_rename = os.rename
+    real_rename = output.rename_noreplace
 
-    def spy(src: str | Path, dst: str | Path) -> None:
-        seen.append(Path(dst).name)
+    def spy(src: Path, dst: Path) -> None:
+        assert (out / output.INCOMPLETE).exists()  # marked incomplete while entries move in
+        seen.append(dst.name)
         real_rename(src, dst)
 
-    monkeypatch.setattr(os, "rename", spy)
+    monkeypatch.setattr(output, "rename_noreplace", spy)
     output.move_in(tree, out)
     monkeypatch.undo()
     assert seen == ["cache", "flake", "media-key.pub", "registry.json", "manifest.storepath", "manifest.json",
@@ -39,19 +44,116 @@ def test_markers_move_in_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert sorted(os.listdir(out)) == sorted(seen)
 
 
+def _medium(root: Path, tag: str) -> Path:
+    (root / "cache" / "nar").mkdir(parents=True)
+    (root / "cache" / "nar" / "x.nar").write_text(tag)
+    (root / "flake").mkdir()
+    (root / "install.sh").write_bytes(output.INSTALL_SH_HEADER + f"\n# {tag}\n".encode())
+    for name in ("manifest.json", "manifest.storepath", "registry.json", "media-key.pub", "README.txt"):
+        (root / name).write_text(tag)
+    return root
+
+
+def test_move_in_replaces_the_old_medium_and_a_failed_rename_restores_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    out = _medium(tmp_path / "stick", "old")
+    new = _medium(tmp_path / "tree", "new")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    calls = 0
+    real_rename = output.rename_noreplace
+
+    def third_fails(src: Path, dst: Path) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(28, "No space left on device", str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(output, "rename_noreplace", third_fails)
+    with pytest.raises(OSError, match="No space left"):
+        output.move_in(new, out)
+    monkeypatch.undo()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(new)) == sorted(os.listdir(out))  # the new tree is whole again
+    output.move_in(new, out)
+    assert (out / "cache" / "nar" / "x.nar").read_text() == "new"
+    assert sorted(os.listdir(out)) == ["README.txt", "cache", "flake", "install.sh", "manifest.json",
+                                       "manifest.storepath", "media-key.pub", "registry.json"]
+
+
+def test_names_alone_are_not_a_medium(tmp_path: Path) -> None:
+    """A user's own `cache/` and `README.txt` are the user's, not an old medium --force may take."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "README.txt").write_text("my notes\n")
+    (tmp_path / "lost+found").mkdir()
+    assert output.foreign_entries(tmp_path) == ["README.txt", "cache"]
+    assert output.media_entries(tmp_path) == []
+    (tmp_path / "install.sh").write_text("#!/bin/sh\necho not ours\n")
+    assert output.foreign_entries(tmp_path) == ["README.txt", "cache", "install.sh"]
+    (tmp_path / "install.sh").write_bytes(output.INSTALL_SH_HEADER + b"\n")
+    assert output.foreign_entries(tmp_path) == []
+    assert output.media_entries(tmp_path) == ["install.sh", "cache", "README.txt"]
+
+
 def test_a_live_builds_temporaries_are_not_deleted(tmp_path: Path) -> None:
     """Cleaning up after a killed run must not take the files of one that is still running."""
-    with output.temporary(tmp_path, ".media.iso.tmp-", directory=False) as live:
-        dead = tmp_path / ".media.iso.tmp-dead0_k1"
+    with output.temporary(tmp_path, directory=False) as live:
+        assert live.name.startswith(".mediabuilder-tmp-")
+        assert live.stat().st_mode & 0o777 == 0o666 & ~_umask()  # an image others may read, as open() makes
+        dead = tmp_path / ".mediabuilder-tmp-dead0_k1"
         dead.write_text("left by a killed run\n")
-        (tmp_path / ".media.iso.tmp-deaddir1" / "sub").mkdir(parents=True)
-        (tmp_path / "media.iso.tmp-not-ours").write_text("the user's\n")
-        (tmp_path / ".media.iso.tmp-my-notes").write_text("the user's, named like ours but not ours\n")
-        os.symlink("/etc", tmp_path / ".media.iso.tmp-symlink1")
-        assert output.remove_stale(tmp_path, ".media.iso.tmp-") == 2
+        (tmp_path / ".mediabuilder-tmp-deaddir1" / "sub").mkdir(parents=True)
+        (tmp_path / "mediabuilder-tmp-notours1").write_text("the user's\n")
+        (tmp_path / ".mediabuilder-tmp-my-notes").write_text("the user's, named like ours but not ours\n")
+        os.symlink("/etc", tmp_path / ".mediabuilder-tmp-symlink1")
+        assert output.remove_stale(tmp_path, output.TMP_PREFIX) == 2
         assert live.exists() and not dead.exists()
-    assert sorted(os.listdir(tmp_path)) == [".media.iso.tmp-my-notes", ".media.iso.tmp-symlink1",
-                                            "media.iso.tmp-not-ours"]
+    assert sorted(os.listdir(tmp_path)) == [".mediabuilder-tmp-my-notes", ".mediabuilder-tmp-symlink1",
+                                            "mediabuilder-tmp-notours1"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_signal_during_cleanup_waits_for_its_end() -> None:
+    """SIGTERM inside `uninterrupted` is raised when the block ends, not in the middle of it."""
+    previous = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    interrupts.install()
+    steps = []
+    try:
+        with pytest.raises(interrupts.Interrupted) as info, interrupts.uninterrupted():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler has run by now
+            steps.append("cleanup finished")
+        assert info.value.signum == signal.SIGTERM
+        assert steps == ["cleanup finished"]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_store_access_follows_the_daemon_socket_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NIX_REMOTE=unix://PATH and NIX_DAEMON_SOCKET_PATH name the socket checked, not the default."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "daemon.sock"))
+    sock.listen()
+    monkeypatch.setattr(os, "geteuid", lambda: 65534)
+    try:
+        monkeypatch.setenv("NIX_REMOTE", f"unix://{tmp_path}/daemon.sock")
+        nixcli.check_store_access()
+        monkeypatch.setenv("NIX_REMOTE", "daemon")
+        monkeypatch.setenv("NIX_DAEMON_SOCKET_PATH", str(tmp_path / "daemon.sock"))
+        nixcli.check_store_access()
+        monkeypatch.setenv("NIX_REMOTE", f"unix://{tmp_path}/none.sock")
+        with pytest.raises(InvalidInput) as info:
+            nixcli.check_store_access()
+        assert str(info.value) == (f"/nix/var/nix/db: user nobody cannot write the Nix store and cannot reach a "
+                                   f"nix-daemon at {tmp_path}/none.sock")
+    finally:
+        sock.close()
 
 
 def test_place_never_replaces_what_appeared_meanwhile(tmp_path: Path) -> None:

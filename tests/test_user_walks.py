@@ -72,6 +72,9 @@ def test_relative_paths_from_another_directory(example: Example, tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{HOST}\t{example.toplevels[HOST]}\n"
     assert sorted(os.listdir(cwd)) == ["c", "x.iso"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (cwd / "x.iso").stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user makes
     verify_ok(Path("x.iso"), Path("c/signing-key.pub"), cwd=cwd)
 
 
@@ -159,6 +162,59 @@ def test_output_onto_a_mounted_stick(example: Example, tmp_path: Path) -> None:
     assert refused["listing"] == sorted([*medium, "notes.txt"])
     assert steps["notes"] == "mine\n"
     assert os.listdir(stick) == []  # the tmpfs was only ever mounted in the namespace
+
+
+def test_output_through_a_symlink_and_with_a_long_name(example: Example, tmp_path: Path) -> None:
+    """`~/stick -> /media/me/STICK` as --output; an image named up to NAME_MAX (255 bytes)."""
+    real = tmp_path / "STICK"
+    real.mkdir()
+    (tmp_path / "stick").symlink_to(real)
+    proc = run_cli(*build_args(example, tmp_path / "cache", tmp_path / "stick"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "stick").is_symlink() and "install.sh" in os.listdir(real)
+    long_name = tmp_path / ("a" * 251 + ".iso")
+    proc = run_cli(*build_args(example, tmp_path / "cache", long_name, "--format", "iso"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted(["STICK", "cache", "stick", long_name.name])
+    verify_ok(long_name, tmp_path / "cache" / "signing-key.pub")
+
+
+def test_a_users_files_named_like_a_medium_are_not_a_medium(example: Example, tmp_path: Path) -> None:
+    """A directory with the user's own `cache/` and `README.txt` is refused even with --force."""
+    out = tmp_path / "out"
+    (out / "cache").mkdir(parents=True)
+    (out / "cache" / "data").write_text("mine\n")
+    (out / "README.txt").write_text("my notes\n")
+    for force in ((), ("--force",)):
+        proc = run_cli(*build_args(example, tmp_path / "c", out, *force))
+        assert_one_line_error(proc, f"{out}: holds files that are not part of a medium (README.txt, cache)")
+    assert listing(out) == ["README.txt", "cache", "cache/data"]
+    assert (out / "cache" / "data").read_text() == "mine\n"
+
+
+def test_a_full_cache_disk_is_one_line(example: Example, tmp_path: Path) -> None:
+    """The cache's filesystem fills up while NARs are exported (in worker processes)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    script = 'mount -t tmpfs -o size=512k tmpfs "$1" && shift && exec "$@"'
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "-", small,
+                           sys.executable, "-m", "mediabuilder",
+                           *build_args(example, small / "cache", tmp_path / "media")],
+                          env=make_nix_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert_one_line_error(proc, f"{small / 'cache'}: no space left on device while filling the cache")
+    assert os.listdir(tmp_path) == ["small"]
+
+
+def test_forkserver_start_method(example: Example, tmp_path: Path) -> None:
+    """Python 3.14 starts worker processes from a fork server by default; exports use fork."""
+    code = ("import multiprocessing, sys; multiprocessing.set_start_method('forkserver'); "
+            "from mediabuilder.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *build_args(example, tmp_path / "cache", tmp_path / "m")],
+                          env=make_nix_env({"PYTHONPATH": str(REPO)}), capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    verify_ok(tmp_path / "m", tmp_path / "cache" / "signing-key.pub")
 
 
 # --force and races
@@ -276,7 +332,7 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: s
 def phase_marker(phase: str, cache: Path, out_dir: Path) -> Callable[[], bool]:
     if phase == "export":  # a NAR being written into the cache by an export worker
         return lambda: any(p.name.startswith(".tmp-") for p in (cache / "nar").glob(".tmp-*"))
-    return lambda: any(out_dir.glob(".media.iso.tmp-*"))  # the image being written beside the output
+    return lambda: any(out_dir.glob(".mediabuilder-tmp-*"))  # the image being written beside the output
 
 
 def start_build(example: Example, cache: Path, output: Path, big_path: str) -> subprocess.Popen[str]:
@@ -337,11 +393,12 @@ def test_sigkill_part_way_then_the_next_run_cleans_up(example: Example, big_path
     assert session_processes(proc.pid) == []
     left = leftovers(cache, out_dir)
     assert left, "the kill left no temporary: it did not land part-way"
-    again = run_cli(*build_args(example, cache, output, "--format", "iso", "--store-path", big_path))
+    other = out_dir / "other-name.iso"  # what a killed run left goes, whatever the next one writes
+    again = run_cli(*build_args(example, cache, other, "--format", "iso", "--store-path", big_path))
     assert again.returncode == 0, again.stderr
     assert leftovers(cache, out_dir) == []
-    assert os.listdir(out_dir) == ["media.iso"]
-    verify_ok(output, cache / "signing-key.pub")
+    assert os.listdir(out_dir) == ["other-name.iso"]
+    verify_ok(other, cache / "signing-key.pub")
 
 
 # Ordinary mistakes

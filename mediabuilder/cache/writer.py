@@ -7,6 +7,7 @@ narinfo, signed, is written last, so a path is in the cache exactly when its nar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -19,7 +20,8 @@ from pathlib import Path
 from mediabuilder import ui, workers
 from mediabuilder.cache.compression import EXTENSIONS, Compressor
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
-from mediabuilder.errors import FormatError, InvalidMedia, MediabuilderError
+from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia, MediabuilderError
+from mediabuilder.interrupts import uninterrupted
 from mediabuilder.store import nar, nix32
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
@@ -197,16 +199,20 @@ def fill(
     todo.sort(key=lambda i: i.nar_size, reverse=True)
     total = sum(i.nar_size for i in todo)
     count = min(jobs or default_jobs(), len(todo))
-    context = multiprocessing.get_context()
+    context = multiprocessing.get_context("fork")  # not 3.14's forkserver: workers die with the build
     exported_bytes = context.Value("q", 0)  # NAR bytes the workers have exported, per 4 MiB
     pool = ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_start_worker,
                                initargs=(exported_bytes, os.getpid()))
     try:
         with ui.progress(total, "exporting NARs") as bar, ui.ticking(bar, lambda: exported_bytes.value):
             _export_all(cache, todo, key, compression, pool, count, result)
-    except BaseException:
-        workers.stop(pool)  # an interrupted or failed run waits for no export
-        cache.remove_stale_temporaries()  # what the killed workers were writing
+    except BaseException as e:
+        with uninterrupted():
+            workers.stop(pool)  # an interrupted or failed run waits for no export
+            cache.remove_stale_temporaries()  # what the killed workers were writing
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InvalidInput(f"{cache.root}: no space left on device while filling the cache",
+                               hint="free some space or choose another --cache") from None
         raise
     pool.shutdown()
     os.sync()

@@ -23,14 +23,23 @@ import fcntl
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mediabuilder.errors import InvalidInput
+from mediabuilder.interrupts import uninterrupted
 
-STAGING_PREFIX = ".mediabuilder-staging-"
+# Every temporary of a build, wherever it is (beside the output, inside it, in the cache), is named
+# TMP_PREFIX + tempfile's 8 random characters: a later run can find a killed run's whatever the
+# output was called, and a long output name cannot make a temporary name too long.
+TMP_PREFIX = ".mediabuilder-tmp-"
+# Written first and removed last while a medium is moved into a directory: entries beside it are
+# an interrupted medium's, which --force may replace.
+INCOMPLETE = ".mediabuilder-incomplete"
+INSTALL_SH_HEADER = b"#!/usr/bin/env bash\n# install.sh - install a NixOS host from mediabuilder media"
 # What a medium holds at its root (docs/media-layout.md). Markers come last when moving in, go
 # first when removing: a reader takes a directory with install.sh and a manifest for a medium.
 MEDIA_ENTRIES = ("cache", "flake", "registry.json", "media-key.pub", "README.txt")
@@ -46,10 +55,6 @@ class Protected:
 
     path: Path
     what: str
-
-
-def tmp_prefix(output: Path) -> str:
-    return f".{output.name}.tmp-"
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -72,14 +77,33 @@ def check_not_protected(output: Path, protected: list[Protected]) -> None:
                                hint="choose another --output: replacing it would delete that")
 
 
+def holds_medium(directory: Path) -> bool:
+    """Whether `directory` holds a medium mediabuilder wrote (or was interrupted writing): its
+    install.sh, or the mark of an interrupted move. Names alone prove nothing: a user's own
+    `cache/` or `README.txt` is not a medium."""
+    if os.path.lexists(directory / INCOMPLETE):
+        return True
+    try:
+        with open(directory / "install.sh", "rb") as f:
+            return f.read(len(INSTALL_SH_HEADER)) == INSTALL_SH_HEADER
+    except OSError:
+        return False
+
+
 def foreign_entries(directory: Path) -> list[str]:
-    """Entries of `directory` that are neither a medium's nor the filesystem's own."""
-    ours = {*MEDIA_ENTRIES, *MARKERS, *SYSTEM_ENTRIES}
+    """Entries of `directory` that are neither the filesystem's own nor, when it holds a medium,
+    the medium's."""
+    ours = {*SYSTEM_ENTRIES, INCOMPLETE}
+    if holds_medium(directory):
+        ours |= {*MEDIA_ENTRIES, *MARKERS}
     return sorted(e.name for e in os.scandir(directory)
-                  if e.name not in ours and not e.name.startswith((".Trash-", STAGING_PREFIX)))
+                  if e.name not in ours and not e.name.startswith((".Trash-", TMP_PREFIX)))
 
 
 def media_entries(directory: Path) -> list[str]:
+    """The medium's entries in `directory` (see `holds_medium`), markers first."""
+    if not holds_medium(directory):
+        return []
     return [n for n in (*MARKERS, *MEDIA_ENTRIES) if os.path.lexists(directory / n)]
 
 
@@ -119,10 +143,8 @@ def remove_stale(directory: Path, prefix: str) -> int:
             except (InvalidInput, OSError):
                 continue
             try:
-                if path.is_dir() and not path.is_symlink():
-                    _rmtree(path)
-                else:
-                    path.unlink()
+                with uninterrupted():
+                    remove(path)
                 removed += 1
             finally:
                 lock.release()
@@ -130,33 +152,55 @@ def remove_stale(directory: Path, prefix: str) -> int:
 
 
 def _rmtree(path: Path) -> None:
-    def writable(func: object, name: str, _exc: object) -> None:  # read-only store copies inside
-        os.chmod(os.path.dirname(name), 0o755)
-        shutil.rmtree(name, ignore_errors=True) if os.path.isdir(name) else os.unlink(name)
+    """Remove a tree of ours; a read-only directory inside it (a store path's copy) is made
+    writable first, never anything outside it."""
+    root = os.path.realpath(path)
 
-    shutil.rmtree(path, onerror=writable)
+    def writable(_func: object, name: str, error: object) -> None:
+        parent = os.path.dirname(name)
+        if not (os.path.realpath(parent) + "/").startswith(root + "/"):
+            raise error[1] if isinstance(error, tuple) else error  # type: ignore[misc]
+        os.chmod(parent, 0o755)
+        if os.path.isdir(name) and not os.path.islink(name):
+            _rmtree(Path(name))
+        else:
+            os.unlink(name)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=writable)
+    else:
+        shutil.rmtree(path, onerror=writable)
+
+
+def remove(path: Path) -> None:
+    """Delete a temporary file or tree of ours, if it is still there."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_dir() and not path.is_symlink():
+            _rmtree(path)
+        else:
+            path.unlink()
 
 
 @contextlib.contextmanager
-def temporary(where: Path, prefix: str, *, directory: bool) -> Iterator[Path]:
+def temporary(where: Path, *, directory: bool, prefix: str = TMP_PREFIX) -> Iterator[Path]:
     """A locked temporary file or directory `where/prefix…`, removed on leaving unless it was
     renamed away meanwhile."""
     if directory:
         path = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, dir=where)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() makes it: an image others may read (mkstemp: 0600)
         os.close(fd)
         path = Path(name)
     lock = Lock(path, "it")
     try:
         yield path
     finally:
-        lock.release()
-        with contextlib.suppress(FileNotFoundError):
-            if path.is_dir() and not path.is_symlink():
-                _rmtree(path)
-            else:
-                path.unlink()
+        with uninterrupted():
+            remove(path)
+            lock.release()
 
 
 def rename_noreplace(src: Path, dst: Path) -> None:
@@ -185,24 +229,51 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _syncfs(directory: Path) -> None:
+    """Flush the filesystem of `directory` (data and metadata) to its device."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), str(directory))
+    finally:
+        os.close(fd)
+
+
 def move_in(tree: Path, output: Path) -> None:
-    """Move the finished medium `tree` into the directory `output` (same filesystem), replacing
-    the old medium's entries: the old markers go first, the new ones come last."""
+    """Move the finished medium `tree` into the directory `output` (same filesystem), in place of
+    the medium there. Renames only, run to their end whatever signal comes: the old entries go
+    aside into a temporary (markers first), the new ones come in (markers last); a failed rename
+    puts everything back. The INCOMPLETE mark stands meanwhile (for a power cut), and the old
+    medium set aside is deleted last (after a SIGKILL, by the next run)."""
+    _syncfs(tree)  # the data is on the stick before anything names it
     old = media_entries(output)
-    for name in old:  # MARKERS come first in media_entries
-        target = output / name
-        if target.is_dir() and not target.is_symlink():
-            _rmtree(target)
-        else:
-            target.unlink()
-    _fsync_dir(output)
     names = sorted(e.name for e in os.scandir(tree))
-    rest = [n for n in names if n not in MARKERS]
-    for name in [*rest, *(m for m in MARKERS if m in names)]:
-        if name in MARKERS:
+    new = [*(n for n in names if n not in MARKERS), *(m for m in MARKERS if m in names)]
+    with temporary(output, directory=True) as aside, uninterrupted():
+        (output / INCOMPLETE).write_bytes(b"")
+        _fsync_dir(output)
+        moved_old: list[str] = []
+        moved_new: list[str] = []
+        try:
+            for name in old:
+                os.rename(output / name, aside / name)
+                moved_old.append(name)
             _fsync_dir(output)
-        os.rename(tree / name, output / name)
-    _fsync_dir(output)
+            for name in new:
+                if name == MARKERS[0]:
+                    _fsync_dir(output)
+                rename_noreplace(tree / name, output / name)
+                moved_new.append(name)
+        except OSError:
+            for name in reversed(moved_new):
+                os.rename(output / name, tree / name)
+            for name in reversed(moved_old):
+                os.rename(aside / name, output / name)
+            os.unlink(output / INCOMPLETE)
+            raise
+        os.unlink(output / INCOMPLETE)
+        _syncfs(output)
 
 
 def place(src: Path, output: Path, *, replace: bool) -> None:
@@ -216,4 +287,4 @@ def place(src: Path, output: Path, *, replace: bool) -> None:
     except FileExistsError:
         raise InvalidInput(f"{output}: appeared while this build was running (another build?)",
                            hint="nothing was replaced; choose another --output or pass --force") from None
-    _fsync_dir(output.parent)
+    _syncfs(output.parent)
