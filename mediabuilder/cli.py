@@ -148,7 +148,7 @@ def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
     target = Path(args.target)
     trusted = [trusted_key(k) for k in args.trusted_key]
     with open_target(target) as source:
-        is_media = source.kind != "dir" or source.is_file("manifest.json")
+        is_media = source.kind != "dir" or not source.is_file("nix-cache-info")  # else a cache itself
         if not trusted:
             own_file = "media-key.pub" if is_media else "signing-key.pub"
             if not source.is_file(own_file):
@@ -371,16 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("inspect", help="show what is on a medium (directory, ISO or FAT32 image)",
-                       description="Show the hosts, key, sizes and free space of a medium without mounting it.")
+                       description="Show the hosts, key, sizes and free space of a medium without mounting or "
+                                   "extracting it (what its manifest.json says, unverified: run verify for that). "
+                                   "Exit 0, or 2 with one error: line when it is not readable as a medium.")
     _add_common(p)
     p.add_argument("target", metavar="MEDIA", help="a media directory, ISO image or FAT32 image")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="verify media or a binary cache (no Nix needed)",
-                       description="Check the signed manifest and every file of a medium (directory or image) "
-                                   "or a binary cache: every narinfo, signature, NAR hash and reference. Exit 0 when "
-                                   "all hold, 1 with one line per bad path otherwise, 2 on bad input.")
+                       description="Check a medium (directory, ISO or FAT32 image, read in place: nothing is "
+                                   "extracted) for everything install.sh checks before it installs, and a binary "
+                                   "cache for every narinfo, signature, NAR hash and reference. Exit 0 when every "
+                                   "check holds; 1 when the medium was read and faults were found (one line each); "
+                                   "2 when it is not readable as a medium at all (not an image, truncated, damaged "
+                                   "structure) or on bad arguments (one error: line).")
     _add_common(p)
     p.add_argument("target", metavar="TARGET", help="a media tree, an ISO or FAT32 image, or a binary cache directory")
     p.add_argument("--trusted-key", action="append", default=[], metavar="KEY",

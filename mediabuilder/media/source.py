@@ -50,6 +50,7 @@ from mediabuilder.media.fatfs import (
 SECTOR = 512
 ISO_SIGNATURE_OFFSET = 32769
 ISO_BLOCK = 2048
+NM_CURRENT, NM_PARENT = 0x02, 0x04  # Rock Ridge NM flags: the name is "." or ".."
 GPT_SIGNATURE = b"EFI PART"
 MBR_PROTECTIVE = 0xEE
 CHUNK = 1024 * 1024
@@ -328,8 +329,14 @@ class IsoSource(_ImageSource):
 
     def _name(self, record: Any) -> tuple[str, str]:
         ident = record.file_identifier().decode("utf-16-be" if self._key == "joliet_path" else "ascii")
-        if record.rock_ridge is not None and record.rock_ridge.name():
-            return record.rock_ridge.name().decode(), ident
+        rr = record.rock_ridge
+        if rr is not None:
+            for entries in (rr.dr_entries, rr.ce_entries):
+                for nm in entries.nm_records if entries is not None else ():
+                    if nm.posix_name_flags & (NM_CURRENT | NM_PARENT):  # Linux reads these as '.', '..'
+                        return "." if nm.posix_name_flags & NM_CURRENT else "..", ident
+        if rr is not None and rr.name():
+            return rr.name().decode(), ident
         return ident.split(";")[0], ident
 
     def _check_overlaps(self) -> None:
@@ -448,6 +455,15 @@ class FatSource(_ImageSource):
                     last_offset, last_length = chain[-1]
                     trimmed = (*chain[:-1], (last_offset, last_length - (-size % self._cluster_bytes)))
                     self._add_file(child, trimmed)
+        self._check_lost()
+
+    def _check_lost(self) -> None:
+        """Clusters the FAT marks in use must belong to a file or directory: a chain nothing
+        points to is what is left of a damaged directory."""
+        fat, owner = self._fat, self._owner
+        lost = sum(1 for c in range(2, self._clusters + 2) if not owner[c] and fat[c] & FAT_MASK not in (0, FAT_BAD))
+        if lost:
+            raise self._damaged(f"{lost} clusters in use belong to no file or directory (a damaged directory?)")
 
     def _entries(self, data: bytes, rel: str) -> Iterator[tuple[str, int, int, int]]:
         """(name, attributes, first cluster, size) of each entry in a directory's bytes."""
