@@ -455,11 +455,31 @@ def _craft_iso(image: Path, how: str) -> str:
         names = re.findall(rb"NM\x2d\x01\x00([0-9a-df-np-sv-z]{32}\.narinfo)", data)
         _patch(image, data.find(b"NM\x2d\x01\x00" + names[0]) + 5, names[1])
         return f"cache: the name '{names[1].decode()}' is in the directory twice"
+    registry, flake = _iso_record(data, b"REGISTRY.JSON;1"), _iso_record(data, b"FLAKE")
+    if how == "directory points at the root":
+        root = struct.unpack_from("<I", data, 156 + 2 + 16 * 2048)[0]  # the PVD's root directory record
+        _patch(image, flake + 2, struct.pack("<I", root) + struct.pack(">I", root))
+        return "damaged ISO 9660 image: ISO Directory Records form a loop"
+    if how == "size past the image":
+        _patch(image, registry + 10, struct.pack("<I", 0xFFFFF000) + struct.pack(">I", 0xFFFFF000))
+        return "damaged ISO 9660 image: registry.json and "  # pycdlib cuts it at the image's end: onto others
+    if how == "shared data":
+        manifest = _iso_record(data, b"MANIFEST.JSON;1")
+        _patch(image, registry + 2, data[manifest + 2 : manifest + 18])  # extent and length, both byte orders
+        return "damaged ISO 9660 image: manifest.json and registry.json share their data"
     raise AssertionError(how)
 
 
+def _iso_record(data: bytes, ident: bytes) -> int:
+    """Where the ISO 9660 directory record with this identifier starts (in the root directory)."""
+    at = data.find(bytes([len(ident)]) + ident)
+    assert at > 0 and data.find(bytes([len(ident)]) + ident, at + 1) < 0, ident
+    return at - 32
+
+
 ISO_CRAFTS = ["volume descriptor zeroed", "slash in a Rock Ridge name", "NUL in a Rock Ridge name",
-              "Rock Ridge name flagged '..'", "duplicate Rock Ridge name"]
+              "Rock Ridge name flagged '..'", "duplicate Rock Ridge name", "directory points at the root",
+              "size past the image", "shared data"]
 
 
 @pytest.mark.parametrize("how", ISO_CRAFTS)
@@ -469,3 +489,27 @@ def test_crafted_iso(media: Media, tmp_path: Path, how: str) -> None:
     needle = _craft_iso(image, how)
     for command in (("verify", image, "--trusted-key", media.key), ("inspect", image)):
         assert_one_line_error(mb(*command), f"error: {image}: ", needle)
+
+
+# Split NARs in a cache: joined in place, parts contiguous
+
+
+def test_split_nar_read_joined_and_gaps_refused(media: Media, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    shutil.copytree(media.base / "cache", cache, symlinks=True)
+    narinfo = next(p for p in sorted(cache.glob("*.narinfo")) if _nar_of(p).stat().st_size > 1000)
+    nar = _nar_of(narinfo)
+    data = nar.read_bytes()
+    nar.unlink()
+    for i, piece in enumerate((data[:1000], data[1000:])):
+        nar.with_name(f"{nar.name}.part{i:03d}").write_bytes(piece)
+    verified = mb("verify", cache)
+    assert (verified.returncode, verified.stdout) == (0, ""), verified.stderr
+    nar.with_name(f"{nar.name}.part001").rename(nar.with_name(f"{nar.name}.part002"))
+    verified = mb("verify", cache)
+    store_path = re.search(r"^StorePath: (.+)$", narinfo.read_text(), re.M)
+    assert store_path is not None
+    url = nar.relative_to(cache).as_posix()
+    assert verified.stdout.splitlines() == [
+        f"{store_path.group(1)}: cannot read {url}: {url}: split parts 000, 002 do not run from 000 without a gap"]
+    assert verified.returncode == 1
