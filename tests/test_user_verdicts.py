@@ -25,7 +25,14 @@ from pathlib import Path
 import pytest
 from conftest import NIX_CONFIG, REPO, Example, assert_one_line_error, make_nix_env, run_cli
 
+from mediabuilder.cache.layout import BinaryCache
+from mediabuilder.cache.writer import export_tree
+from mediabuilder.media.manifest import trust_path
+from mediabuilder.media.source import DirSource
+from mediabuilder.media.trust import signed_manifest_files
 from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.pathinfo import PathInfo
 
 pytestmark = pytest.mark.integration
 
@@ -146,7 +153,67 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "NAR flipped": lambda m: _flip(_nar_of(_narinfos(m)[0])),
     "NAR missing": lambda m: _nar_of(_narinfos(m)[0]).unlink(),
     "narinfo missing": lambda m: _narinfos(m)[0].unlink(),
+    "narinfo URL outside the cache": lambda m: _set_url(_narinfos(m)[0], "../../../../etc/passwd"),
 }
+
+
+def _resign(medium: Path, key_file: Path, edit: Callable[[dict[str, bytes]], None]) -> None:
+    """A new manifest store path signed by the media key itself (what someone holding the key,
+    or a bug in mediabuilder, could write), its files as `edit` leaves them."""
+    old = medium / "cache" / f"{(medium / 'manifest.storepath').read_text()[11:43]}.narinfo"
+    with DirSource(medium) as source:
+        info = NarInfo.parse(old.read_text())
+        files = signed_manifest_files(source, info)
+    edit(files)
+    _nar_of(old).unlink()
+    old.unlink()
+    trust = medium.parent / "trust"
+    trust.mkdir()
+    for name, data in files.items():
+        (trust / name).write_bytes(data)
+    path, nar_hash, nar_size = trust_path(trust)
+    export_tree(BinaryCache(medium / "cache"), trust, PathInfo(path, nar_hash, nar_size, ()),
+                SecretKey.load(key_file), "zstd")
+    shutil.rmtree(trust)
+    (medium / "manifest.storepath").write_text(f"{path}\n")
+    (medium / "manifest.json").write_bytes(files["manifest.json"])
+
+
+def _add_sum(files: dict[str, bytes], line: str) -> None:
+    files["sha256sums"] += f"{line}\n".encode()
+
+
+def _drop_sum(files: dict[str, bytes], name: str) -> None:
+    lines = files["sha256sums"].decode().splitlines(keepends=True)
+    files["sha256sums"] = "".join(ln for ln in lines if not ln.endswith(f"  {name}\n")).encode()
+
+
+SIGNED_DAMAGES: dict[str, Callable[[dict[str, bytes]], None]] = {
+    "sums name outside the media": lambda f: _add_sum(f, f"{'0' * 64}  ../../../../etc/shadow"),
+    "sums absolute name": lambda f: _add_sum(f, f"{'0' * 64}  /etc/shadow"),
+    "sums malformed line": lambda f: _add_sum(f, "not a line of sha256sum"),
+    "sums without registry.json": lambda f: _drop_sum(f, "registry.json"),
+    "key file differs from the signed key": lambda f: f.update(key=SecretKey.generate("x").public().render().encode()),
+    "hosts malformed": lambda f: f.update(hosts=b"alpha\tnot-a-path\t12\n"),
+    "no host": lambda f: f.update(hosts=b""),
+    "store-paths without the host": lambda f: f.update({"store-paths": b"@tools\tgit\t/nix/store/x\n"}),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(SIGNED_DAMAGES))
+def test_verify_refuses_signed_manifests_install_refuses(media: Media, tmp_path: Path, damage: str) -> None:
+    medium = tmp_path / "medium"
+    shutil.copytree(media.dir, medium, symlinks=True)
+    _resign(medium, media.base / "cache" / "signing-key.sec", SIGNED_DAMAGES[damage])
+    subject = install_error(run_install(tmp_path, medium))
+    verified = mb("verify", medium, "--trusted-key", media.key)
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert subject in fault_paths(verified), (subject, verified.stdout)
+
+
+def _set_url(narinfo: Path, url: str) -> None:
+    """URL is not covered by the signature: anyone can change it."""
+    narinfo.write_text(re.sub(r"^URL: .*$", f"URL: {url}", narinfo.read_text(), flags=re.M))
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -159,7 +226,9 @@ def test_verify_refuses_what_install_refuses(media: Media, tmp_path: Path, damag
     verified = mb("verify", medium, "--trusted-key", media.key)
     assert verified.returncode == 1, verified.stdout + verified.stderr
     assert "Traceback" not in verified.stderr
-    assert subject.rstrip("/") in {p.rstrip("/") for p in fault_paths(verified)}, (subject, verified.stdout)
+    # The same file named: as the subject of a fault line, or (a NAR's URL) in the line of its store path.
+    assert (subject.rstrip("/") in {p.rstrip("/") for p in fault_paths(verified)}
+            or f" {subject.removeprefix('cache/')}" in verified.stdout), (subject, verified.stdout)
 
 
 def test_verify_and_install_accept_the_intact_medium(media: Media, tmp_path: Path) -> None:
