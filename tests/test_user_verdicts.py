@@ -444,6 +444,16 @@ def _craft_fat(image: Path, how: str) -> str:
         in_use = sum(1 for e in entries[2:] if e & 0x0FFFFFFF)
         _patch(image, layout[4], bytes(32))  # its first entry: the directory now ends there
         return f"damaged FAT32 image: {in_use - root} clusters in use belong to no file or directory"
+    if how == "second FAT differs":
+        with image.open("r+b") as f:
+            f.seek(layout[1] + layout[2] + 4 * 5)
+            value = struct.unpack("<I", f.read(4))[0]
+            f.seek(-4, 1)
+            f.write(struct.pack("<I", value ^ 1))
+        return "damaged FAT32 image: FAT copy 2 differs from the first"
+    if how == "backup boot sector differs":
+        _patch(image, layout[0] + 6 * 512 + 3, b"X")
+        return "damaged FAT32 image: the backup boot sector (sector 6) differs from the boot sector"
     if how == "root chain loops":
         with image.open("r+b") as f:
             _set_fat(f, layout, 2, 2)
@@ -484,10 +494,10 @@ def _craft_fat(image: Path, how: str) -> str:
     raise AssertionError(how)
 
 
-FAT_CRAFTS = ["boot sector zeroed", "FAT zeroed", "root directory zeroed", "root chain loops",
-              "directory points at the root", "duplicate name", "slash in a long name",
-              "control character in a long name", "dot-dot long name", "size past the image",
-              "chain longer than the size", "shared clusters"]
+FAT_CRAFTS = ["boot sector zeroed", "FAT zeroed", "second FAT differs", "backup boot sector differs",
+              "root directory zeroed", "root chain loops", "directory points at the root", "duplicate name",
+              "slash in a long name", "control character in a long name", "dot-dot long name",
+              "size past the image", "chain longer than the size", "shared clusters"]
 
 
 @pytest.mark.parametrize("how", FAT_CRAFTS)

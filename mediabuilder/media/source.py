@@ -392,6 +392,11 @@ class FatSource(_ImageSource):
         data_sector = reserved + fats * self._fat_sectors
         if reserved < 1 or fats < 1 or self._fat_sectors < 1 or data_sector >= total:
             raise self._damaged("the boot sector's layout is impossible")
+        backup = struct.unpack_from("<H", boot, 50)[0]
+        fd = self._image.fileno()
+        if 0 < backup < reserved and os.pread(fd, SECTOR, self.offset + backup * self._sector) != boot:
+            raise self._damaged(f"the backup boot sector (sector {backup}) differs from the boot sector")
+        self._fats = fats
         self._cluster_bytes = per_cluster * self._sector
         self._clusters = (total - data_sector) // per_cluster
         self._fat_offset = self.offset + reserved * self._sector
@@ -400,8 +405,14 @@ class FatSource(_ImageSource):
             raise self._damaged(f"its FAT of {self._fat_sectors} sectors cannot hold {self._clusters} clusters")
 
     def _read_fat(self) -> array[int]:
+        """The first FAT; every other copy must be the same (fsck.fat and Windows read those too)."""
         fat = array("I")
-        data = os.pread(self._image.fileno(), (self._clusters + 2) * 4, self._fat_offset)
+        length = (self._clusters + 2) * 4
+        fd = self._image.fileno()
+        data = os.pread(fd, length, self._fat_offset)
+        for copy in range(1, self._fats):
+            if os.pread(fd, length, self._fat_offset + copy * self._fat_sectors * self._sector) != data:
+                raise self._damaged(f"FAT copy {copy + 1} differs from the first")
         fat.frombytes(data)
         if sys.byteorder != "little":
             fat.byteswap()
