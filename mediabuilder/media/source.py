@@ -159,7 +159,7 @@ class DirSource(MediaSource):
 
     def dirs(self) -> Iterator[str]:
         for top, dirnames, _ in os.walk(self.path):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if stat.S_ISDIR(os.lstat(os.path.join(top, d)).st_mode))
             for name in dirnames:
                 yield Path(top, name).relative_to(self.path).as_posix()
 
