@@ -290,7 +290,11 @@ def test_verify_and_inspect_write_nothing(media: Media, tmp_path: Path, fmt: str
     assert inspected.returncode == 0, inspected.stderr
     summary = json.loads(inspected.stdout)
     assert summary["kind"] == {"dir": "dir", "iso": "iso"}.get(fmt, "fat32")
-    assert summary["files"] == 106 and summary["hosts"][HOST]["nar_bytes"] > 0
+    on_disk = sorted(p for p in media.dir.rglob("*") if p.is_file())
+    assert summary["files"] == len(on_disk)  # the same tree in every format
+    assert summary["bytes"] == sum(p.stat().st_size for p in on_disk)
+    assert summary["hosts"][HOST]["nar_bytes"] == json.loads((media.dir / "manifest.json").read_text()
+                                                             )["hosts"][HOST]["nar_bytes"]
     assert list(scratch.iterdir()) == []
 
 
