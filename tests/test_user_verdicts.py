@@ -87,6 +87,7 @@ def fault_paths(proc: subprocess.CompletedProcess[str]) -> set[str]:
 
 def run_install(tmp: Path, medium: Path) -> subprocess.CompletedProcess[str]:
     """install.sh --dry-run from a read-only bind mount of the medium, no network."""
+    _needs_root()
     root, scratch = tmp / "target", tmp / "scratch"
     for d in (root, scratch):
         d.mkdir(exist_ok=True)
@@ -101,6 +102,11 @@ def run_install(tmp: Path, medium: Path) -> subprocess.CompletedProcess[str]:
     )
     assert list(root.iterdir()) == [] and list(scratch.iterdir()) == []
     return proc
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare (mount namespaces)")
 
 
 def install_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -300,6 +306,7 @@ def test_verify_and_inspect_write_nothing(media: Media, tmp_path: Path, fmt: str
 
 def test_verify_an_image_on_a_tiny_tmp(media: Media, tmp_path: Path) -> None:
     """A $TMPDIR of 64 KiB, far smaller than the images: nothing goes there."""
+    _needs_root()
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     script = ('set -e; mount -t tmpfs -o size=64k tiny "$1"; shift; export TMPDIR="$1"; shift; '
