@@ -606,3 +606,27 @@ def test_split_nar_read_joined_and_gaps_refused(media: Media, tmp_path: Path) ->
     assert verified.stdout.splitlines() == [
         f"{store_path.group(1)}: cannot read {url}: {url}: split parts 000, 002 do not run from 000 without a gap"]
     assert verified.returncode == 1
+
+
+def test_an_unsigned_decompression_bomb_is_not_unpacked(media: Media, tmp_path: Path) -> None:
+    """1 GiB of zeros in 32 KiB of zstd, behind a narinfo whose NarSize claims a TiB: the
+    signature no longer holds, and nothing unsigned is unpacked."""
+    import zstandard
+
+    cache = tmp_path / "cache"
+    shutil.copytree(media.base / "cache", cache, symlinks=True)
+    narinfo = sorted(cache.glob("*.narinfo"))[0]
+    nar = _nar_of(narinfo)
+    with nar.open("wb") as f, zstandard.ZstdCompressor().stream_writer(f) as z:
+        for _ in range(1024):
+            z.write(bytes(1 << 20))
+    text = re.sub(r"^NarSize: .*$", f"NarSize: {1 << 40}", narinfo.read_text(), flags=re.M)
+    text = re.sub(r"^(FileHash|FileSize): .*\n", "", text, flags=re.M)
+    narinfo.write_text(text)
+    verified = mb("verify", cache)
+    store_path = re.search(r"^StorePath: (.+)$", text, re.M)
+    assert store_path is not None
+    lines = verified.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{store_path.group(1)}: no valid signature by a trusted key "
+                                                   "(signed by "), lines
+    assert verified.returncode == 1

@@ -198,9 +198,10 @@ def check_path(job: _Job) -> _Checked:
     if info.store_path.hash_part != hash_part:
         return _Checked(hash_part, label, refs, 0, (Fault(label, f"narinfo file {hash_part}.narinfo describes "
                                                                  "another path"),))
-    faults: list[str] = []
     if (problem := check_signature(info, list(job.trusted))) is not None:
-        faults.append(problem)
+        # Nothing unsigned is unpacked: its NarSize could promise any amount of work.
+        return _Checked(hash_part, label, refs, info.nar_size, (Fault(label, problem),))
+    faults: list[str] = []
     shas: dict[str, str] = {}
     try:
         name = job.prefix + info.url
