@@ -471,8 +471,9 @@ class FatSource(_ImageSource):
     def _check_lost(self) -> None:
         """Clusters the FAT marks in use must belong to a file or directory: a chain nothing
         points to is what is left of a damaged directory."""
-        fat, owner = self._fat, self._owner
-        lost = sum(1 for c in range(2, self._clusters + 2) if not owner[c] and fat[c] & FAT_MASK not in (0, FAT_BAD))
+        entries = self._fat[2:]  # counted in C: a stick has millions of clusters
+        in_use = len(entries) - entries.count(0) - entries.count(FAT_BAD)
+        lost = in_use - self._owner.count(1)  # every cluster of a chain walked is in use
         if lost:
             raise self._damaged(f"{lost} clusters in use belong to no file or directory (a damaged directory?)")
 
