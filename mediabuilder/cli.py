@@ -10,17 +10,16 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mediabuilder import __version__, interrupts, nixcli, ui
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
-from mediabuilder.cache.verify import Report, verify_cache
+from mediabuilder.cache.verify import Report
 from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.profile import (
@@ -35,6 +34,9 @@ from mediabuilder.profile import (
 )
 from mediabuilder.store.keys import PublicKey, write_key_pair
 from mediabuilder.store.storepath import StorePath
+
+if TYPE_CHECKING:
+    from mediabuilder.media.source import MediaSource
 
 
 def trusted_key(text: str) -> PublicKey:
@@ -162,54 +164,74 @@ def _print_report(report: Report, target: Path, as_json: bool) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
-    target = Path(args.target)
-    if not target.exists():
-        raise InvalidInput(f"{target}: no such file or directory")
-    with open_target(target) as root:
-        from mediabuilder.media.verify import verify_media
+    from mediabuilder.cache.verify import verify_cache_on
+    from mediabuilder.media.verify import first_line, verify_media
 
-        is_media = (root / "manifest.json").is_file()
-        trusted = [trusted_key(k) for k in args.trusted_key]
+    target = Path(args.target)
+    trusted = [trusted_key(k) for k in args.trusted_key]
+    with open_target(target) as source:
+        is_media = source.kind != "dir" or not source.is_file("nix-cache-info")  # else a cache itself
         if not trusted:
-            own_file = root / ("media-key.pub" if is_media else "signing-key.pub")
-            if not own_file.is_file():
-                raise InvalidInput(f"{target}: no trusted key",
+            own_file = "media-key.pub" if is_media else "signing-key.pub"
+            if not source.is_file(own_file):
+                raise InvalidInput(f"{target}: no trusted key (no {own_file} on it)",
                                    hint="pass --trusted-key NAME:BASE64 or a .pub file")
-            own = PublicKey.load(own_file)
-            ui.warn(f"trusting the key the medium carries ({own.name}, {own.fingerprint()}): "
-                    "pass --trusted-key to check who signed it")
-            trusted = [own]
+            try:
+                own = PublicKey.parse(first_line(source.read_bytes(own_file, 4096)), f"{target}/{own_file}")
+            except MediabuilderError:
+                if not is_media:
+                    raise
+                trusted = []  # verify_media reports the damaged key file as a fault
+            else:
+                ui.warn(f"trusting the key the medium carries ({own.name}, {own.fingerprint()}): "
+                        "pass --trusted-key to check who signed it")
+                trusted = [own]
         started = time.monotonic()
-        check = verify_media if is_media else verify_cache
-        report = check(root, trusted, args.jobs or 0)
+        if is_media:
+            report = verify_media(source, trusted, args.jobs or 0)
+        else:
+            report = verify_cache_on(source, "", trusted, args.jobs or 0)
         ui.debug(f"verified in {time.monotonic() - started:.1f} s")
     return _print_report(report, target, args.json)
 
 
-def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
-    from mediabuilder.media.source import open_source
+def _summary_hosts(target: Path, hosts: object) -> dict[str, dict[str, Any]]:
+    """The manifest's hosts, as far as inspect shows them; InvalidMedia for absurd values."""
+    if not isinstance(hosts, dict):
+        raise InvalidMedia(f"{target}: manifest.json: hosts is not an object")
+    for host, entry in hosts.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool) and 0 <= entry[k] < 1 << 60
+            for k in ("paths", "nar_bytes"))
+        if not ok or not isinstance(entry.get("toplevel"), str):
+            raise InvalidMedia(f"{target}: manifest.json: hosts.{host}: not a toplevel with a path count and a "
+                               "size of 0 or more bytes (damaged media; run `mediabuilder verify`)")
+    return hosts
 
+
+def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
     target = Path(args.target)
-    if not target.exists():
-        raise InvalidInput(f"{target}: no such file or directory")
-    with open_source(target) as source:
+    with open_target(target) as source:
         names = dict(source.files())
         if "manifest.json" not in names:
             raise InvalidMedia(f"{target}: no manifest.json: not mediabuilder media")
-        with source.open("manifest.json") as f:
-            try:
-                manifest = json.load(f)
-            except ValueError:
-                raise InvalidMedia(f"{target}/manifest.json: not valid JSON") from None
-        summary = {
+        try:
+            manifest = json.loads(source.read_bytes("manifest.json", 64 * 1024 * 1024))
+            if not isinstance(manifest, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            raise InvalidMedia(f"{target}/manifest.json: not a JSON object") from None
+        key, flake = manifest.get("key"), manifest.get("flake")
+        summary: dict[str, Any] = {
             "target": str(target),
             "kind": source.kind,
             "created": manifest.get("created"),
             "mediabuilder": manifest.get("mediabuilder"),
             "nix": manifest.get("nix"),
-            "key": manifest.get("key", {}),
-            "hosts": manifest.get("hosts", {}),
-            "flake": {k: manifest.get("flake", {}).get(k) for k in ("rev", "branch", "dirty", "remotes")},
+            "key": key if isinstance(key, dict) else {},
+            "hosts": _summary_hosts(target, manifest.get("hosts", {})),
+            "flake": {k: flake.get(k) if isinstance(flake, dict) else None
+                      for k in ("rev", "branch", "dirty", "remotes")},
             "files": len(names),
             "bytes": sum(names.values()),
             "free_bytes": source.free_bytes,
@@ -233,21 +255,15 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
 
 
 @contextlib.contextmanager
-def open_target(target: Path) -> Iterator[Path]:
-    """A directory as it is; an ISO or FAT32 image extracted to a temporary directory."""
-    if target.is_dir():
-        yield target
-        return
+def open_target(target: Path) -> Iterator[MediaSource]:
+    """The medium at `target`, read in place: a directory as it is, an ISO or FAT32 image through
+    its own structures. Nothing is extracted or written anywhere."""
     from mediabuilder.media.source import open_source
 
-    with open_source(target) as source, tempfile.TemporaryDirectory(prefix="mediabuilder-verify-") as tmp:
-        root = Path(tmp)
-        for directory in source.dirs():
-            (root / directory).mkdir(parents=True, exist_ok=True)
-        for name, _size in source.files():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            source.extract(name, root / name)
-        yield root
+    if not target.exists():
+        raise InvalidInput(f"{target}: no such file or directory")
+    with open_source(target) as source:
+        yield source
 
 
 def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
@@ -392,16 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("inspect", help="show what is on a medium (directory, ISO or FAT32 image)",
-                       description="Show the hosts, key, sizes and free space of a medium without mounting it.")
+                       description="Show the hosts, key, sizes and free space of a medium without mounting or "
+                                   "extracting it (what its manifest.json says, unverified: run verify for that). "
+                                   "Exit 0, or 2 with one error: line when it is not readable as a medium.")
     _add_common(p)
     p.add_argument("target", metavar="MEDIA", help="a media directory, ISO image or FAT32 image")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="verify media or a binary cache (no Nix needed)",
-                       description="Check the signed manifest and every file of a medium (directory or image) "
-                                   "or a binary cache: every narinfo, signature, NAR hash and reference. Exit 0 when "
-                                   "all hold, 1 with one line per bad path otherwise, 2 on bad input.")
+                       description="Check a medium (directory, ISO or FAT32 image, read in place: nothing is "
+                                   "extracted) for everything install.sh checks before it installs, and a binary "
+                                   "cache for every narinfo, signature, NAR hash and reference. Exit 0 when every "
+                                   "check holds; 1 when the medium was read and faults were found (one line each); "
+                                   "2 when it is not readable as a medium at all (not an image, truncated, damaged "
+                                   "structure) or on bad arguments (one error: line).")
     _add_common(p)
     p.add_argument("target", metavar="TARGET", help="a media tree, an ISO or FAT32 image, or a binary cache directory")
     p.add_argument("--trusted-key", action="append", default=[], metavar="KEY",

@@ -7,22 +7,36 @@ and FileSize, the NAR inside matches NarHash and NarSize, and every reference is
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+import hashlib
+import io
+import lzma
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
+
+import zstandard
 
 from mediabuilder import ui
 from mediabuilder.cache.compression import decompressing_reader
-from mediabuilder.cache.layout import BinaryCache
+from mediabuilder.cache.layout import _NARINFO, SUBDIRS
 from mediabuilder.cache.writer import default_jobs
-from mediabuilder.errors import MediabuilderError
+from mediabuilder.errors import InvalidMedia, MediabuilderError
 from mediabuilder.store import contentaddress
 from mediabuilder.store.hashes import Hash, sha256_stream
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import STORE_DIR
 
+if TYPE_CHECKING:
+    from mediabuilder.media.source import MediaSource
+
 CHUNK = 1 << 20
+MAX_NARINFO = 1 << 20  # a narinfo lists references by name: a megabyte is thousands of them
+_PART = re.compile(r"^[0-9]{3}$")
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class Report:
     paths: int = 0
     nar_bytes: int = 0
     faults: list[Fault] = field(default_factory=list)
+    file_sha256: dict[str, str] = field(default_factory=dict)  # NAR files and split parts read → hex
 
     @property
     def ok(self) -> bool:
@@ -52,8 +67,7 @@ class _Checked:
     references: tuple[str, ...]
     nar_size: int
     faults: tuple[Fault, ...]
-
-
+    file_sha256: dict[str, str] = field(default_factory=dict)  # NAR file and its parts, as read → hex
 
 
 def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
@@ -79,81 +93,226 @@ def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
     return f"no valid signature by a trusted key (signed by {names})"
 
 
-def check_path(root: str, narinfo_file: str, trusted_keys: list[str]) -> _Checked:
-    """Worker: check one narinfo and its NAR file."""
-    cache = BinaryCache(Path(root))
-    hash_part = Path(narinfo_file).name.removesuffix(".narinfo")
+class _Hashing:
+    """The bytes of `stream` as they are read, hashed (the compressed file, while the NAR inside
+    it is decompressed from it), with the byte count handed to `progress`."""
+
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._stream, self._progress = stream, progress
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._stream.read(n if n is not None and n >= 0 else CHUNK)
+        self.sha.update(data)
+        self.size += len(data)
+        self._progress(len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+class _Joined(io.RawIOBase):
+    """Split parts `NAME.part000`, `NAME.part001`, ... read as one stream."""
+
+    def __init__(self, source: MediaSource, parts: list[str]) -> None:
+        super().__init__()
+        self._source, self._parts = source, parts
+        self._current: BinaryIO | None = None
+        self._sha: Any = None
+        self._name = ""
+        self.part_sha256: dict[str, str] = {}  # of each part read to its end
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            if self._current is None:
+                if not self._parts:
+                    return 0
+                self._name = self._parts.pop(0)
+                self._current, self._sha = self._source.open(self._name).__enter__(), hashlib.sha256()
+            data = self._current.read(len(buffer))
+            if data:
+                self._sha.update(data)
+                buffer[: len(data)] = data
+                return len(data)
+            self._current.close()
+            self._current = None
+            self.part_sha256[self._name] = self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        super().close()
+
+
+def nar_file_names(source: MediaSource, name: str) -> list[str] | None:
+    """The file or split parts that hold the NAR file `name`: [name], [name.part000, ...] or
+    None when it is missing. Parts must run from 000 with no gap (install.sh joins what it finds)."""
+    if source.is_file(name):
+        return [name]
+    prefix = f"{name}.part"
+    numbers = sorted(int(rel[len(prefix):]) for rel, _ in source.files()
+                     if rel.startswith(prefix) and _PART.match(rel[len(prefix):]))
+    if not numbers:
+        return None
+    if numbers != list(range(len(numbers))):
+        raise InvalidMedia(f"{name}: split parts {', '.join(f'{n:03d}' for n in numbers)} do not run from 000 "
+                           "without a gap")
+    return [f"{prefix}{n:03d}" for n in numbers]
+
+
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: MediaSource
+    prefix: str  # where the cache is on the source: "cache/" on media, "" for a cache itself
+    narinfo: str  # its name on the source
+    trusted: tuple[PublicKey, ...]
+    progress: Callable[[int], None]
+
+
+def check_path(job: _Job) -> _Checked:
+    """Check one narinfo and its NAR file."""
+    hash_part = job.narinfo.rsplit("/", 1)[-1].removesuffix(".narinfo")
     label = f"{STORE_DIR}/{hash_part}-?"
-
-    def failed(message: str, refs: tuple[str, ...] = (), size: int = 0) -> _Checked:
-        return _Checked(hash_part, label, refs, size, (Fault(label, message),))
-
     try:
-        info = NarInfo.parse(Path(narinfo_file).read_text(), source=narinfo_file)
+        text = job.source.read_bytes(job.narinfo, MAX_NARINFO).decode()
+        info = NarInfo.parse(text, source=job.narinfo)
     except (MediabuilderError, OSError, UnicodeDecodeError) as e:
-        return failed(f"unreadable narinfo {Path(narinfo_file).name}: {e}")
-    label = str(info.store_path)
-    refs = info.references
+        return _Checked(hash_part, label, (), 0, (Fault(label, f"unreadable narinfo {hash_part}.narinfo: {e}"),))
+    label, refs = str(info.store_path), info.references
     if info.store_path.hash_part != hash_part:
-        return failed(f"narinfo file {hash_part}.narinfo describes another path", refs)
+        return _Checked(hash_part, label, refs, 0, (Fault(label, f"narinfo file {hash_part}.narinfo describes "
+                                                                 "another path"),))
+    if (problem := check_signature(info, list(job.trusted))) is not None:
+        # Nothing unsigned is unpacked: its NarSize could promise any amount of work.
+        return _Checked(hash_part, label, refs, info.nar_size, (Fault(label, problem),))
     faults: list[str] = []
-    trusted = [PublicKey.parse(k) for k in trusted_keys]
-    if (problem := check_signature(info, trusted)) is not None:
-        faults.append(problem)
+    shas: dict[str, str] = {}
     try:
-        file = cache.file_path(info.url)
-        with open(file, "rb") as f:
-            file_sha, file_size = sha256_stream(f)
-    except FileNotFoundError:
-        faults.append(f"NAR file {info.url} is missing")
-        return _Checked(hash_part, label, refs, info.nar_size, tuple(Fault(label, m) for m in faults))
+        name = job.prefix + info.url
+        if info.url.startswith("/") or ".." in info.url.split("/") or "" in info.url.split("/"):
+            raise InvalidMedia(f"narinfo URL {info.url} points outside the cache")
+        names = nar_file_names(job.source, name)
+        if names is None:
+            faults.append(f"NAR file {info.url} is missing")
+        else:
+            shas[name] = _check_nar(job, info, names, faults, shas)
     except (OSError, MediabuilderError) as e:
         faults.append(f"cannot read {info.url}: {e}")
-        return _Checked(hash_part, label, refs, info.nar_size, tuple(Fault(label, m) for m in faults))
-    if info.file_size is not None and file_size != info.file_size:
-        faults.append(f"{info.url} is {file_size} bytes, FileSize says {info.file_size}")
-    elif info.file_hash is not None and Hash("sha256", file_sha).nix32() != info.file_hash:
-        faults.append(f"{info.url} does not match its FileHash")
-    else:
+    return _Checked(hash_part, label, refs, info.nar_size, tuple(Fault(label, m) for m in faults), shas)
+
+
+def _check_nar(job: _Job, info: NarInfo, names: list[str], faults: list[str], shas: dict[str, str]) -> str:
+    """Hash the file and the NAR in it in one read; the file's sha256 (hex)."""
+    size = sum(job.source.size(n) or 0 for n in names)
+    if info.file_size is not None and size != info.file_size:
+        faults.append(f"{info.url} is {size} bytes, FileSize says {info.file_size}")
+        job.progress(size)
+        return ""
+    broken = ""
+    joined = _Joined(job.source, list(names))
+    with io.BufferedReader(joined, CHUNK) as f:
+        hashing = _Hashing(f, job.progress)
         try:
-            with open(file, "rb") as f:
-                nar_sha, nar_size = sha256_stream(decompressing_reader(info.compression, f, info.url))
-        except (OSError, EOFError, MediabuilderError, ValueError) as e:
-            faults.append(f"{info.url} does not decompress as {info.compression}: {e}")
-        else:
-            if nar_size != info.nar_size:
-                faults.append(f"NAR is {nar_size} bytes, NarSize says {info.nar_size}")
-            elif Hash("sha256", nar_sha).nix32() != info.nar_hash:
-                faults.append("NAR does not match its NarHash")
-    return _Checked(hash_part, label, refs, info.nar_size, tuple(Fault(label, m) for m in faults))
+            stream = decompressing_reader(info.compression, cast(IO[bytes], hashing), info.url)
+            nar_sha, nar_size = sha256_stream(cast(IO[bytes], _Bounded(stream, info.nar_size)))
+        except (OSError, EOFError, MediabuilderError, ValueError, lzma.LZMAError, zstandard.ZstdError) as e:
+            broken, nar_sha, nar_size = f"{info.url} does not decompress as {info.compression}: {e}", b"", 0
+        hashing.drain()
+    file_sha = hashing.sha.hexdigest()
+    if len(names) > 1:
+        shas.update(joined.part_sha256)
+    if info.file_hash is not None and Hash("sha256", bytes.fromhex(file_sha)).nix32() != info.file_hash:
+        faults.append(f"{info.url} does not match its FileHash")
+    elif broken:
+        faults.append(broken)
+    elif nar_size > info.nar_size:
+        faults.append(f"NAR is longer than NarSize says ({info.nar_size} bytes)")
+    elif nar_size != info.nar_size:
+        faults.append(f"NAR is {nar_size} bytes, NarSize says {info.nar_size}")
+    elif Hash("sha256", nar_sha).nix32() != info.nar_hash:
+        faults.append("NAR does not match its NarHash")
+    return file_sha
+
+
+class _Bounded:
+    """A NAR stream read up to one byte past its NarSize: a decompression bomb stops there."""
+
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
+        self._stream, self._left = stream, limit + 1
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._left <= 0:
+            return b""
+        data = self._stream.read(min(n if n >= 0 else CHUNK, self._left))
+        self._left -= len(data)
+        return data
 
 
 def verify_cache(root: Path, trusted: list[PublicKey], jobs: int = 0) -> Report:
-    """Check every path in the cache at `root`."""
-    cache = BinaryCache(root)
+    """Check every path in the cache directory at `root`."""
+    from mediabuilder.media.source import DirSource
+
+    return verify_cache_on(DirSource(root), "", trusted, jobs)
+
+
+def verify_cache_on(source: MediaSource, prefix: str, trusted: list[PublicKey], jobs: int = 0,
+                    bar: Any = None) -> Report:
+    """Check every path of the cache at `prefix` ("cache/" or "") on `source`, read in place."""
     report = Report()
-    info_file = root / "nix-cache-info"
-    if not info_file.is_file():
-        report.faults.append(Fault(str(info_file), "missing: this is not a Nix binary cache"))
+    where = prefix.rstrip("/") or str(source.path)
+    info_name = f"{prefix}nix-cache-info"
+    if not source.is_file(info_name):
+        report.faults.append(Fault(f"{where}/nix-cache-info", "missing: this is not a Nix binary cache"))
         return report
-    if f"StoreDir: {STORE_DIR}" not in info_file.read_text(errors="replace"):
-        report.faults.append(Fault(str(info_file), f"StoreDir is not {STORE_DIR}"))
-    for sub in ("nar", "log", "realisations"):
-        if not (root / sub).is_dir():
-            report.faults.append(Fault(str(root / sub), "missing directory (Nix needs it on read-only media)"))
-    files = [str(f) for f in cache.narinfo_files()]
-    keys = [k.render() for k in trusted]
-    checked: list[_Checked] = []
-    with ui.progress(len(files), "verifying paths", unit="path") as bar, \
-            ProcessPoolExecutor(max_workers=jobs or default_jobs()) as pool:
-        for result in pool.map(check_path, [str(root)] * len(files), files, [keys] * len(files), chunksize=8):
-            checked.append(result)
-            bar.update(1)
+    try:
+        cache_info = source.read_bytes(info_name, MAX_NARINFO).decode(errors="replace")
+    except (OSError, MediabuilderError) as e:
+        cache_info = ""
+        report.faults.append(Fault(f"{where}/nix-cache-info", str(e)))
+    if f"StoreDir: {STORE_DIR}" not in cache_info.splitlines():
+        report.faults.append(Fault(f"{where}/nix-cache-info", f"StoreDir is not {STORE_DIR}"))
+    for sub in SUBDIRS:
+        if not source.is_dir(prefix + sub):
+            report.faults.append(Fault(f"{where}/{sub}", "missing directory (Nix needs it on read-only media)"))
+    narinfos = [rel for rel, _ in source.files()
+                if rel.startswith(prefix) and _NARINFO.match(rel[len(prefix):])]
+    own_bar = bar is None
+    if own_bar:
+        total = sum(size for rel, size in source.files() if rel.startswith(prefix + "nar/"))
+        bar = ui.progress(total, "verifying the cache")
+    lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    work = [_Job(source, prefix, n, tuple(trusted), advance) for n in narinfos]
+    with ThreadPoolExecutor(max_workers=jobs or default_jobs()) as pool:
+        checked = list(pool.map(check_path, work))
+    if own_bar:
+        bar.close()
     present = {c.hash_part for c in checked}
     for c in checked:
         report.paths += 1
         report.nar_bytes += c.nar_size
         report.faults.extend(c.faults)
+        report.file_sha256.update(c.file_sha256)
         for ref in c.references:
             if ref[:32] not in present:
                 report.faults.append(Fault(c.label, f"reference {STORE_DIR}/{ref} is missing"))

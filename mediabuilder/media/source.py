@@ -1,9 +1,17 @@
-"""Reading media without mounting it: a directory, an ISO 9660 image or a FAT32 image.
+"""Reading media in place, without mounting or extracting it: a directory, an ISO 9660 image
+or a FAT32 image.
 
-ISO images are read with pycdlib by ISO 9660 (or Joliet) path, never by Rock Ridge path,
-because pycdlib by Rock Ridge path returns only the last extent of a multi-extent file; the
-names presented are the Rock Ridge ones. FAT32 images, bare or in the first FAT32 partition
-of an MBR or GPT table, are read with pyfatfs.
+Everything on a medium is hostile until verified. Opening an image indexes it once: every name
+is checked (no `/`, no `.` or `..`, no NUL or control characters, not empty, no duplicates in
+a directory) and every file's data is located as (offset, length) extents that must lie inside
+the image and belong to no other file. A damaged structure is `InvalidMedia` when the image is
+opened; files are then read by positioned reads of those extents, never copied anywhere.
+
+ISO images are indexed with pycdlib by ISO 9660 (or Joliet) path, never by Rock Ridge path
+(pycdlib by Rock Ridge path returns only the last extent of a multi-extent file); the names
+presented are the Rock Ridge ones. FAT32 images, bare or in the first FAT32 partition of an
+MBR or GPT table, are read here: boot sector, FAT and directories, each cluster chain walked
+once with loops and shared clusters refused, so time and memory are bounded by the image.
 """
 
 from __future__ import annotations
@@ -12,26 +20,57 @@ import contextlib
 import io
 import os
 import shutil
+import stat
 import struct
+import sys
 from abc import ABC, abstractmethod
+from array import array
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Generic, TypeVar, cast
+from typing import Any, BinaryIO, cast
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from mediabuilder.errors import InvalidInput, InvalidMedia
-from mediabuilder.media.fatfs import NT_LOWER_BASE, NT_LOWER_EXT
+from mediabuilder.media.fatfs import (
+    ATTR_DIRECTORY,
+    ATTR_LONG_NAME,
+    ATTR_VOLUME_ID,
+    ENTRY,
+    LAST_LONG_ENTRY,
+    MAX_DIR_ENTRIES,
+    NT_LOWER_BASE,
+    NT_LOWER_EXT,
+    checksum,
+)
 
 SECTOR = 512
 ISO_SIGNATURE_OFFSET = 32769
+ISO_BLOCK = 2048
+NM_CURRENT, NM_PARENT = 0x02, 0x04  # Rock Ridge NM flags: the name is "." or ".."
 GPT_SIGNATURE = b"EFI PART"
 MBR_PROTECTIVE = 0xEE
 CHUNK = 1024 * 1024
-Native = TypeVar("Native")  # how an image reader names a file: a path, a first cluster
+FAT_MASK = 0x0FFFFFFF
+FAT_BAD = 0x0FFFFFF7  # this and above: a bad cluster or the end of a chain
+Extents = tuple[tuple[int, int], ...]  # (byte offset in the image, length) of a file's data
+
+
+def check_name(name: str, where: str) -> str:
+    """`name` if it can be one component of a medium-relative path; InvalidMedia otherwise."""
+    if not name or name in (".", "..") or "/" in name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        raise InvalidMedia(f"{where}: invalid file name {name!r} (empty, '.', '..', '/' or a control character)")
+    return name
+
+
+def check_relpath(relpath: str, where: str) -> list[str]:
+    """The components of a medium-relative POSIX path; InvalidMedia for anything else."""
+    if relpath.startswith("/"):
+        raise InvalidMedia(f"{where}: {relpath!r} is not relative to the medium")
+    return [check_name(part, where) for part in relpath.split("/")]
 
 
 class MediaSource(ABC):
@@ -52,7 +91,30 @@ class MediaSource(ABC):
 
     @abstractmethod
     def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
-        """A stream of the file's bytes."""
+        """A stream of the file's bytes; InvalidMedia when it is not a regular file."""
+
+    @abstractmethod
+    def size(self, relpath: str) -> int | None:
+        """The size of a regular file, None when there is none by that name."""
+
+    def is_file(self, relpath: str) -> bool:
+        return self.size(relpath) is not None
+
+    def is_dir(self, relpath: str) -> bool:
+        return relpath in set(self.dirs())
+
+    def read_bytes(self, relpath: str, limit: int) -> bytes:
+        """The whole file, refused (InvalidMedia) when it is bigger than `limit` bytes."""
+        size = self.size(relpath)
+        if size is None:
+            raise self._missing(relpath)
+        if size > limit:
+            raise InvalidMedia(f"{self.path}: {relpath} is {size} bytes, more than the {limit} it may have")
+        with self.open(relpath) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise InvalidMedia(f"{self.path}: {relpath} grew while it was read")
+        return data
 
     @property
     def free_bytes(self) -> int:
@@ -83,39 +145,91 @@ class MediaSource(ABC):
 
 
 class DirSource(MediaSource):
+    """A media tree in a directory. Symbolic links are not followed: media hold regular files."""
+
     kind = "dir"
 
     def files(self) -> Iterator[tuple[str, int]]:
         for top, dirnames, filenames in os.walk(self.path):
             dirnames.sort()
             for name in sorted(filenames):
-                path = Path(top, name)
-                if path.is_file() and not path.is_symlink():
-                    yield path.relative_to(self.path).as_posix(), path.stat().st_size
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(st.st_mode):
+                    yield Path(top, name).relative_to(self.path).as_posix(), st.st_size
 
     def dirs(self) -> Iterator[str]:
         for top, dirnames, _ in os.walk(self.path):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if stat.S_ISDIR(os.lstat(os.path.join(top, d)).st_mode))
             for name in dirnames:
                 yield Path(top, name).relative_to(self.path).as_posix()
 
+    def _lstat(self, relpath: str) -> os.stat_result | None:
+        """The file's own status, None when it or a directory on the way is missing or a link."""
+        path = self.path
+        try:
+            for part in check_relpath(relpath, str(self.path)):
+                if not stat.S_ISDIR(os.lstat(path).st_mode):
+                    return None
+                path = path / part
+            return os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def size(self, relpath: str) -> int | None:
+        st = self._lstat(relpath)
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
+    def is_dir(self, relpath: str) -> bool:
+        st = self._lstat(relpath)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
     def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
-        path = self.path / relpath
-        if not path.is_file():
-            raise self._missing(relpath)
-        return path.open("rb")
+        st = self._lstat(relpath)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            kind = "missing" if st is None else "not a regular file"
+            raise InvalidMedia(f"{self.path}: {relpath}: {kind} (media hold regular files, no links)")
+        fd = os.open(self.path / relpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InvalidMedia(f"{self.path}: {relpath}: not a regular file")
+        return os.fdopen(fd, "rb")
 
     @property
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.path).free
 
 
-class _IndexedSource(MediaSource, Generic[Native]):
-    """An image read through an index built when it is opened: relative path → (what the
-    reader needs to open the file, size), and the directories."""
+class _ImageSource(MediaSource):
+    """An image indexed once: relative path → (extents, size), and the directories."""
 
-    _files: dict[str, tuple[Native, int]]
-    _dirs: list[str]
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._files: dict[str, tuple[Extents, int]] = {}
+        self._dirs: set[str] = set()
+        self._taken: dict[str, set[str]] = {}  # directory → its names, as compared on this medium
+        self._image = path.open("rb", buffering=0)
+        self.image_size = os.fstat(self._image.fileno()).st_size
+
+    def _fold(self, name: str) -> str:
+        return name
+
+    def _add(self, parent: str, name: str, where: str) -> str:
+        """The child's relative path, its name checked and unique in `parent`."""
+        check_name(name, f"{self.path}: {where}")
+        taken = self._taken.setdefault(parent, set())
+        if self._fold(name) in taken:
+            raise InvalidMedia(f"{self.path}: {where}: the name {name!r} is in the directory twice")
+        taken.add(self._fold(name))
+        return f"{parent}/{name}" if parent else name
+
+    def _add_file(self, rel: str, extents: Extents) -> None:
+        for offset, length in extents:
+            if offset + length > self.image_size:
+                raise InvalidMedia(
+                    f"{self.path}: truncated or damaged image: {rel} lies at bytes {offset}-{offset + length}, "
+                    f"the image has {self.image_size}"
+                )
+        self._files[rel] = (extents, sum(length for _, length in extents))
 
     def files(self) -> Iterator[tuple[str, int]]:
         for rel, (_, size) in sorted(self._files.items()):
@@ -124,17 +238,24 @@ class _IndexedSource(MediaSource, Generic[Native]):
     def dirs(self) -> Iterator[str]:
         yield from sorted(self._dirs)
 
+    def is_dir(self, relpath: str) -> bool:
+        return relpath in self._dirs
+
+    def size(self, relpath: str) -> int | None:
+        entry = self._files.get(relpath)
+        return None if entry is None else entry[1]
+
     def open(self, relpath: str) -> AbstractContextManager[BinaryIO]:
         if relpath not in self._files:
             raise self._missing(relpath)
-        native, size = self._files[relpath]
-        return self._open_native(relpath, native, size)
+        reader = _ExtentReader(self._image, self._files[relpath][0], f"{self.path}: {relpath}")
+        return cast(AbstractContextManager[BinaryIO], io.BufferedReader(reader, CHUNK))
 
-    @abstractmethod
-    def _open_native(self, relpath: str, native: Native, size: int) -> AbstractContextManager[BinaryIO]: ...
+    def close(self) -> None:
+        self._image.close()
 
 
-class IsoSource(_IndexedSource[str]):
+class IsoSource(_ImageSource):
     """An ISO 9660 image, by Rock Ridge names if it has them, else Joliet, else ISO 9660."""
 
     kind = "iso"
@@ -143,140 +264,276 @@ class IsoSource(_IndexedSource[str]):
         super().__init__(path)
         self._iso = pycdlib.PyCdlib()
         try:
-            self._iso.open(os.fspath(path))
+            self._check_size()
+            self._iso.open_fp(self._image)
             joliet_only = not self._iso.has_rock_ridge() and self._iso.has_joliet()
             self._key = "joliet_path" if joliet_only else "iso_path"
-            self._files: dict[str, tuple[str, int]] = {}
-            self._dirs: list[str] = []
+            self._seen: set[int] = set()  # directory extents indexed: a directory met twice is a loop
             self._index("", "/")
-        except PyCdlibException as e:
-            self._iso.close()
+            self._check_overlaps()
+        except InvalidMedia:
+            self.close()
+            raise
+        except (PyCdlibException, ValueError, LookupError, struct.error, UnicodeError, RecursionError) as e:
+            self.close()
             raise InvalidMedia(f"{path}: damaged ISO 9660 image: {e}") from e
 
+    def _check_size(self) -> None:
+        pvd = os.pread(self._image.fileno(), ISO_BLOCK, 16 * ISO_BLOCK)
+        if len(pvd) < 88:
+            raise InvalidMedia(f"{self.path}: truncated ISO 9660 image: it ends inside its volume descriptor")
+        blocks, block_size = struct.unpack_from("<I", pvd, 80)[0], struct.unpack_from("<H", pvd, 128)[0]
+        if block_size != ISO_BLOCK:
+            raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: logical block size {block_size}, not 2048")
+        if blocks * block_size > self.image_size:
+            raise InvalidMedia(
+                f"{self.path}: truncated ISO 9660 image: {self.image_size} bytes, its volume descriptor says "
+                f"{blocks * block_size}"
+            )
+
     def _index(self, rel: str, path: str) -> None:
-        names: dict[str, int] = {}  # multi-extent files are several records with one name
+        previous: tuple[str, Any, str] | None = None  # a multi-extent file: several records, one name
         for record in self._iso.list_children(**{self._key: path}):
             if record.is_dot() or record.is_dotdot():
                 continue
             name, ident = self._name(record)
             if record.rock_ridge is not None and record.rock_ridge.is_symlink():
                 continue
-            child_rel = f"{rel}/{name}" if rel else name
-            child_path = f"{path.rstrip('/')}/{ident}"
+            if previous is not None and previous[0] == name and previous[1].file_flags & 0x80:
+                extents, _ = self._files[previous[2]]
+                self._add_file(previous[2], (*extents, self._extent(record)))
+                previous = (name, record, previous[2])
+                continue
             moved = record.rock_ridge.cl_to_moved_dr if record.rock_ridge is not None else None
-            if moved is not None:  # a directory relocated (deeper than 8 levels) by Rock Ridge
-                child_path = self._iso.full_path_from_dirrecord(moved)
-                self._dirs.append(child_rel)
+            if record.is_dir() and moved is None and record.rock_ridge is not None and (
+                record.rock_ridge.relocated_record() or (rel == "" and ident == "RR_MOVED")
+            ):
+                continue  # where Rock Ridge keeps relocated directories, not part of the tree
+            child_rel = self._add(rel, name, f"{rel or '/'}")
+            if moved is not None or record.is_dir():
+                target = moved if moved is not None else record
+                if target.extent_location() in self._seen:
+                    raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: directory {child_rel} loops")
+                self._seen.add(target.extent_location())
+                self._dirs.add(child_rel)
+                child_path = self._iso.full_path_from_dirrecord(moved) if moved else f"{path.rstrip('/')}/{ident}"
                 self._index(child_rel, child_path)
-            elif record.is_dir():
-                if record.rock_ridge is not None and (
-                    record.rock_ridge.relocated_record() or (rel == "" and ident == "RR_MOVED")
-                ):
-                    continue  # where Rock Ridge keeps relocated directories, not part of the tree
-                self._dirs.append(child_rel)
-                self._index(child_rel, child_path)
-            elif name in names:
-                iso_path, size = self._files[child_rel]
-                self._files[child_rel] = (iso_path, size + record.get_data_length())
+                previous = None
             else:
-                names[name] = 1
-                self._files[child_rel] = (child_path, record.get_data_length())
+                self._add_file(child_rel, (self._extent(record),))
+                previous = (name, record, child_rel)
+
+    @staticmethod
+    def _extent(record: Any) -> tuple[int, int]:
+        return int(record.extent_location()) * ISO_BLOCK, int(record.get_data_length())
 
     def _name(self, record: Any) -> tuple[str, str]:
         ident = record.file_identifier().decode("utf-16-be" if self._key == "joliet_path" else "ascii")
-        if record.rock_ridge is not None and record.rock_ridge.name():
-            return record.rock_ridge.name().decode(), ident
+        rr = record.rock_ridge
+        if rr is not None:
+            for entries in (rr.dr_entries, rr.ce_entries):
+                for nm in entries.nm_records if entries is not None else ():
+                    if nm.posix_name_flags & (NM_CURRENT | NM_PARENT):  # Linux reads these as '.', '..'
+                        return "." if nm.posix_name_flags & NM_CURRENT else "..", ident
+        if rr is not None and rr.name():
+            return rr.name().decode(), ident
         return ident.split(";")[0], ident
 
-    def _open_native(self, relpath: str, native: str, size: int) -> AbstractContextManager[BinaryIO]:
-        stream = self._iso.open_file_from_iso(**{self._key: native})
-        return cast(AbstractContextManager[BinaryIO], stream)
+    def _check_overlaps(self) -> None:
+        """No two files share bytes: one extent read for many names would multiply the work."""
+        extents = sorted((o, n, rel) for rel, (ext, _) in self._files.items() for o, n in ext if n)
+        for (o1, n1, r1), (o2, _, r2) in zip(extents, extents[1:], strict=False):
+            if o1 + n1 > o2:
+                raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: {r1} and {r2} share their data")
 
     def close(self) -> None:
-        with contextlib.suppress(PyCdlibException):
+        with contextlib.suppress(PyCdlibException, ValueError, OSError):
             self._iso.close()
+        super().close()
 
 
-class FatSource(_IndexedSource[int]):
-    """A FAT32 filesystem at `offset` bytes into an image file, read with pyfatfs.
+class FatSource(_ImageSource):
+    """A FAT32 filesystem at `offset` bytes into an image file (Microsoft's FAT specification).
 
-    pyfatfs reads the boot sector, the FAT and the directories. File data is read here, along
-    each file's cluster chain in pyfatfs's FAT: pyfatfs's own `openbin` looks the path up
-    again, one entry at a time, which took 18 ms a file in a directory of 3,000 (a verify of a
-    big cache would spend minutes on it)."""
+    Each cluster chain is walked once, from a FAT read whole: a cluster met twice (a loop, or two
+    files or directories sharing clusters) or a chain that does not hold exactly its file's size
+    is damaged media."""
 
     kind = "fat32"
 
     def __init__(self, path: Path, offset: int) -> None:
         super().__init__(path)
         self.offset = offset
-        from pyfatfs.PyFatFS import PyFatFS
-
         try:
-            self._fs = PyFatFS(os.fspath(path), offset=offset, read_only=True, preserve_case=True)
-        except Exception as e:  # pyfatfs raises several kinds on damaged images
-            raise InvalidMedia(f"{path}: damaged FAT32 image: {e}") from e
+            self._geometry()
+            self._fat = self._read_fat()
+            self._owner = bytearray(self._clusters + 2)  # 1: the cluster belongs to a file already
+            self._index()
+        except InvalidMedia:
+            self.close()
+            raise
 
-        self._files: dict[str, tuple[int, int]] = {}  # relpath -> (first cluster, size)
-        self._dirs: list[str] = []
-        self._index(self._fs.fs.root_dir, "")
-        self._image = path.open("rb", buffering=0)
+    def _damaged(self, what: str) -> InvalidMedia:
+        return InvalidMedia(f"{self.path}: damaged FAT32 image: {what}")
 
-    def _index(self, directory: Any, rel: str) -> None:
-        subdirs, files, _ = directory.get_entries()
-        for entry in subdirs + files:
-            name = _fat_name(entry)
-            child_rel = f"{rel}/{name}" if rel else name
-            if entry.is_directory():
-                self._dirs.append(child_rel)
-                self._index(entry, child_rel)
-            else:
-                self._files[child_rel] = (int(entry.get_cluster()), int(entry.filesize))
+    def _geometry(self) -> None:
+        boot = os.pread(self._image.fileno(), SECTOR, self.offset)
+        if not is_fat32_boot_sector(boot):
+            raise self._damaged(f"no FAT32 boot sector at byte {self.offset}")
+        self._sector, per_cluster, reserved, fats = struct.unpack_from("<HBHB", boot, 11)
+        total = struct.unpack_from("<H", boot, 19)[0] or struct.unpack_from("<I", boot, 32)[0]
+        self._fat_sectors, self._root = struct.unpack_from("<I", boot, 36)[0], struct.unpack_from("<I", boot, 44)[0]
+        end = self.offset + total * self._sector
+        if end > self.image_size:
+            raise InvalidMedia(
+                f"{self.path}: truncated FAT32 image: {self.image_size} bytes, its boot sector says the "
+                f"filesystem ends at byte {end}"
+            )
+        data_sector = reserved + fats * self._fat_sectors
+        if reserved < 1 or fats < 1 or self._fat_sectors < 1 or data_sector >= total:
+            raise self._damaged("the boot sector's layout is impossible")
+        backup = struct.unpack_from("<H", boot, 50)[0]
+        fd = self._image.fileno()
+        if 0 < backup < reserved and os.pread(fd, SECTOR, self.offset + backup * self._sector) != boot:
+            raise self._damaged(f"the backup boot sector (sector {backup}) differs from the boot sector")
+        self._fats = fats
+        self._cluster_bytes = per_cluster * self._sector
+        self._clusters = (total - data_sector) // per_cluster
+        self._fat_offset = self.offset + reserved * self._sector
+        self._data_offset = self.offset + data_sector * self._sector
+        if (self._clusters + 2) * 4 > self._fat_sectors * self._sector:
+            raise self._damaged(f"its FAT of {self._fat_sectors} sectors cannot hold {self._clusters} clusters")
 
-    def _open_native(self, relpath: str, native: int, size: int) -> AbstractContextManager[BinaryIO]:
-        reader = _ExtentReader(self._image, self._extents(relpath, native, size), f"{self.path}: {relpath}")
-        return cast(AbstractContextManager[BinaryIO], reader)
+    def _read_fat(self) -> array[int]:
+        """The first FAT; every other copy must be the same (fsck.fat and Windows read those too)."""
+        fat = array("I")
+        length = (self._clusters + 2) * 4
+        fd = self._image.fileno()
+        data = os.pread(fd, length, self._fat_offset)
+        for copy in range(1, self._fats):
+            if os.pread(fd, length, self._fat_offset + copy * self._fat_sectors * self._sector) != data:
+                raise self._damaged(f"FAT copy {copy + 1} differs from the first")
+        fat.frombytes(data)
+        if sys.byteorder != "little":
+            fat.byteswap()
+        return fat
 
-    def _extents(self, rel: str, first_cluster: int, size: int) -> list[tuple[int, int]]:
-        """(byte offset in the image, length) of the file's data, contiguous clusters merged."""
-        fat = self._fs.fs
-        cluster_bytes = fat.bytes_per_cluster
+    def _chain(self, first: int, clusters: int, what: str, size: int | None) -> Extents:
+        """The extents of the chain from `first`: exactly the clusters a file of `size` bytes
+        needs, or for a directory (`size` None) at most `clusters`."""
         extents: list[tuple[int, int]] = []
-        cluster = first_cluster
-        for done in range(0, size, cluster_bytes):
-            if not 2 <= cluster < len(fat.fat):  # free, bad, end of chain or out of range
-                raise InvalidMedia(
-                    f"{self.path}: damaged FAT32 image: the cluster chain of {rel} ends before its "
-                    f"{size} bytes"
-                )
-            address = self.offset + fat.get_data_cluster_address(cluster)
-            length = min(cluster_bytes, size - done)
+        cluster, count = first, 0
+        while True:
+            if not 2 <= cluster < self._clusters + 2:
+                if size is not None and count:
+                    raise self._damaged(f"the cluster chain of {what} ends before its {size} bytes")
+                raise self._damaged(f"the cluster chain of {what} points at cluster {cluster:#x}")
+            if self._owner[cluster]:
+                raise self._damaged(f"the cluster chain of {what} loops or shares cluster {cluster} with another file")
+            self._owner[cluster] = 1
+            count += 1
+            if count > clusters:
+                raise self._damaged(f"the cluster chain of {what} is longer than its size allows")
+            address = self._data_offset + (cluster - 2) * self._cluster_bytes
             if extents and sum(extents[-1]) == address:
-                extents[-1] = (extents[-1][0], extents[-1][1] + length)
+                extents[-1] = (extents[-1][0], extents[-1][1] + self._cluster_bytes)
             else:
-                extents.append((address, length))
-            cluster = fat.fat[cluster]
-        return extents
+                extents.append((address, self._cluster_bytes))
+            cluster = self._fat[cluster] & FAT_MASK
+            if cluster >= FAT_BAD:
+                if cluster != FAT_BAD and (count == clusters or size is None):
+                    return tuple(extents)
+                raise self._damaged(f"the cluster chain of {what} ends before its {size} bytes")
+
+    def _index(self) -> None:
+        pending = [("", self._root)]
+        dir_clusters = -(-MAX_DIR_ENTRIES * ENTRY // self._cluster_bytes)
+        while pending:
+            rel, first = pending.pop()
+            extents = self._chain(first, dir_clusters, f"directory /{rel}", None)
+            data = b"".join(os.pread(self._image.fileno(), n, o) for o, n in extents)
+            for name, attr, cluster, size in self._entries(data, rel):
+                child = self._add(rel, name, f"/{rel}")
+                if attr & ATTR_DIRECTORY:
+                    self._dirs.add(child)
+                    pending.append((child, cluster))
+                elif size == 0:
+                    if cluster != 0:
+                        raise self._damaged(f"{child} is empty but has cluster {cluster}")
+                    self._add_file(child, ())
+                else:
+                    chain = self._chain(cluster, -(-size // self._cluster_bytes), child, size)
+                    last_offset, last_length = chain[-1]
+                    trimmed = (*chain[:-1], (last_offset, last_length - (-size % self._cluster_bytes)))
+                    self._add_file(child, trimmed)
+        self._check_lost()
+
+    def _check_lost(self) -> None:
+        """Clusters the FAT marks in use must belong to a file or directory: a chain nothing
+        points to is what is left of a damaged directory."""
+        entries = self._fat[2:]  # counted in C: a stick has millions of clusters
+        in_use = len(entries) - entries.count(0) - entries.count(FAT_BAD)
+        lost = in_use - self._owner.count(1)  # every cluster of a chain walked is in use
+        if lost:
+            raise self._damaged(f"{lost} clusters in use belong to no file or directory (a damaged directory?)")
+
+    def _entries(self, data: bytes, rel: str) -> Iterator[tuple[str, int, int, int]]:
+        """(name, attributes, first cluster, size) of each entry in a directory's bytes."""
+        long_parts: dict[int, bytes] = {}
+        long_check = -1
+        for at in range(0, len(data) - ENTRY + 1, ENTRY):
+            entry = data[at : at + ENTRY]
+            if entry[0] == 0:
+                return
+            attr = entry[11]
+            if entry[0] == 0xE5:
+                long_parts = {}
+            elif attr & 0x3F == ATTR_LONG_NAME:
+                if entry[0] & LAST_LONG_ENTRY:
+                    long_parts, long_check = {}, entry[13]
+                long_parts[entry[0] & 0x1F] = entry[1:11] + entry[14:26] + entry[28:32]
+            elif attr & ATTR_VOLUME_ID:
+                long_parts = {}
+            else:
+                short = entry[:11]
+                name = self._long_name(long_parts, long_check, short, rel) or _short_name(short, entry[12])
+                long_parts = {}
+                if short in (b".          ", b"..         "):
+                    continue
+                cluster = struct.unpack_from("<H", entry, 20)[0] << 16 | struct.unpack_from("<H", entry, 26)[0]
+                yield name, attr, cluster, struct.unpack_from("<I", entry, 28)[0]
+
+    def _long_name(self, parts: dict[int, bytes], check: int, short: bytes, rel: str) -> str | None:
+        if not parts or check != checksum(short) or sorted(parts) != list(range(1, len(parts) + 1)):
+            return None  # an orphaned long name: readers use the short one, and so do we
+        units = b"".join(parts[i] for i in sorted(parts))
+        end = next((i for i in range(0, len(units), 2) if units[i : i + 2] == b"\0\0"), len(units))
+        try:
+            return units[:end].decode("utf-16-le")
+        except UnicodeDecodeError:
+            raise self._damaged(f"/{rel}: a long name that is not UTF-16") from None
 
     @property
     def free_bytes(self) -> int:
-        fat = self._fs.fs
-        bpb = fat.bpb_header
-        total = bpb["BPB_TotSec16"] or bpb["BPB_TotSec32"]
-        data = total - bpb["BPB_RsvdSecCnt"] - bpb["BPB_NumFATs"] * bpb["BPB_FATSz32"]
-        clusters = data // bpb["BPB_SecPerClus"]
-        free = sum(1 for entry in fat.fat[2 : clusters + 2] if entry == 0)
-        return int(free * fat.bytes_per_cluster)
+        free = self._fat[2:].count(0)
+        return free * self._cluster_bytes
 
-    def close(self) -> None:
-        self._image.close()
-        self._fs.close()
+
+def _short_name(short: bytes, ntres: int) -> str:
+    """The 8.3 name with the case recorded in DIR_NTRes."""
+    raw = (b"\xe5" + short[1:]) if short[0] == 0x05 else short
+    base, ext = raw[:8].rstrip(b" ").decode("cp437"), raw[8:].rstrip(b" ").decode("cp437")
+    if ntres & NT_LOWER_BASE:
+        base = base.lower()
+    if ntres & NT_LOWER_EXT:
+        ext = ext.lower()
+    return f"{base}.{ext}" if ext else base
 
 
 class _ExtentReader(io.RawIOBase):
     """A file's bytes from (offset, length) extents of an image, by positioned reads."""
 
-    def __init__(self, image: BinaryIO, extents: list[tuple[int, int]], name: str) -> None:
+    def __init__(self, image: BinaryIO, extents: Extents, name: str) -> None:
         super().__init__()
         self._fd = image.fileno()
         self._extents = extents
@@ -300,18 +557,6 @@ class _ExtentReader(io.RawIOBase):
                 return len(data)
             self._index, self._done = self._index + 1, 0
         return 0
-
-
-def _fat_name(entry: Any) -> str:
-    """The long name, else the 8.3 name with the case recorded in DIR_NTRes."""
-    if entry.lfn_entry is not None:
-        return str(entry.lfn_entry)
-    base, dot, ext = entry.get_short_name().partition(".")
-    if entry.ntres & NT_LOWER_BASE:
-        base = base.lower()
-    if entry.ntres & NT_LOWER_EXT:
-        ext = ext.lower()
-    return base + dot + ext
 
 
 def _read_at(f: BinaryIO, offset: int, size: int) -> bytes:
@@ -341,7 +586,13 @@ def partition_offsets(f: BinaryIO) -> list[int]:
     types = [mbr[446 + 16 * i + 4] for i in range(4)]
     header = _read_at(f, SECTOR, 92)
     if MBR_PROTECTIVE in types and header[:8] == GPT_SIGNATURE:
+        backup_lba = struct.unpack_from("<Q", header, 32)[0]
+        if (backup_lba + 1) * SECTOR > os.fstat(f.fileno()).st_size:
+            raise InvalidMedia(f"{f.name}: truncated image: its backup GPT header (sector {backup_lba}) is past "
+                               "its end")
         entries_lba, count, entry_size = struct.unpack_from("<QII", header, 72)
+        if entry_size < 128 or entry_size > 4096:
+            return []
         table = _read_at(f, entries_lba * SECTOR, min(count, 128) * entry_size)
         offsets = []
         for i in range(len(table) // entry_size):
@@ -357,15 +608,21 @@ def detect(path: Path) -> tuple[str, int]:
     """("iso", 0), ("fat32", offset) for an image; InvalidMedia for anything else."""
     try:
         with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
             if _read_at(f, ISO_SIGNATURE_OFFSET, 5) == b"CD001":
                 return "iso", 0
             if is_fat32_boot_sector(_read_at(f, 0, SECTOR)):
                 return "fat32", 0
-            for offset in partition_offsets(f):
+            offsets = partition_offsets(f)
+            for offset in offsets:
                 if is_fat32_boot_sector(_read_at(f, offset, SECTOR)):
                     return "fat32", offset
     except OSError as e:
         raise InvalidInput(f"{path}: cannot read it: {e.strerror}") from e
+    if any(offset >= size for offset in offsets):
+        raise InvalidMedia(f"{path}: truncated image: its partition table points past its end ({size} bytes)")
+    if offsets:
+        raise InvalidMedia(f"{path}: damaged image: a partition table, but no FAT32 boot sector in its partitions")
     raise InvalidMedia(f"{path}: not a directory, ISO 9660 or FAT32 image")
 
 
@@ -376,6 +633,9 @@ def open_source(path: Path) -> MediaSource:
     if not path.exists():
         raise InvalidInput(f"{path}: no such file or directory")
     kind, offset = detect(path)
-    if kind == "iso":
-        return IsoSource(path)
-    return FatSource(path, offset)
+    try:
+        if kind == "iso":
+            return IsoSource(path)
+        return FatSource(path, offset)
+    except OSError as e:
+        raise InvalidInput(f"{path}: cannot read it: {e.strerror}") from e
