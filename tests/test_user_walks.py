@@ -236,14 +236,20 @@ def _protected_case(example: Example, tmp_path: Path, case: str) -> tuple[list[s
         "the-repository": (example.flake, "the output is the flake repository"),
         "inside-the-repository": (example.flake / "hosts", "the output lies inside the flake repository"),
         "holding-the-key": (key_dir, "the output contains the signing key"),
+        # An image is a file: over the key, in the cache, in the repository.
+        "image-over-the-key": (key_dir / "t-1.sec", "the output is the signing key"),
+        "image-in-the-cache": (cache / "signing-key.sec", "the output lies inside the cache"),
+        "image-in-the-repository": (example.flake / "flake.nix", "the output lies inside the flake repository"),
     }[case]
     args = build_args(example, cache, output, "--force", "--key", str(key_dir / "t-1.sec"))
     return args, output, message
 
 
-@pytest.mark.parametrize("case", ["the-cache", "inside-the-cache", "holding-the-cache", "the-repository",
-                                  "inside-the-repository", "holding-the-key"])
-@pytest.mark.parametrize("fmt", ["dir", "iso"])
+@pytest.mark.parametrize(("fmt", "case"), [
+    *(("dir", case) for case in ("the-cache", "inside-the-cache", "holding-the-cache", "the-repository",
+                                 "inside-the-repository", "holding-the-key")),
+    *(("iso", case) for case in ("image-over-the-key", "image-in-the-cache", "image-in-the-repository")),
+])
 def test_force_never_deletes_the_cache_the_key_or_the_repository(example: Example, tmp_path: Path, case: str,
                                                                  fmt: str) -> None:
     args, output, message = _protected_case(example, tmp_path, case)
@@ -252,6 +258,7 @@ def test_force_never_deletes_the_cache_the_key_or_the_repository(example: Exampl
     assert_one_line_error(proc, f"{output}: {message}")
     assert {root: listing(root) for root in (tmp_path, example.flake)} == before
     assert (tmp_path / "outer" / "cache" / "signing-key.sec").read_text() == "precious\n"
+    assert (tmp_path / "keys" / "t-1.sec").read_text().startswith("t-1:")
 
 
 @pytest.mark.parametrize("fmt", ["dir", "iso"])
