@@ -279,6 +279,9 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         size=_size_arg(args.size) if args.size else None,
         partition_table=PartitionTable(args.partition_table) if args.partition_table else None,
     )
+    if args.size and media.format is not MediaFormat.FAT32:  # (a profile's size may meet a --format)
+        raise InvalidInput(f"--size {args.size}: only a fat32 image has a size to choose, not --format "
+                           f"{media.format.value}", hint="pass --format fat32, or leave --size out")
     refs = tuple(args.flake or profile.flake.hosts)
     if not refs:
         raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")

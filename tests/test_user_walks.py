@@ -434,6 +434,8 @@ def _bad_input_cases(example: Example, tmp_path: Path) -> dict[str, tuple[list[s
         "output-dot-non-empty": (build_args(example, tmp_path.with_name(tmp_path.name + "-cache"), "."),
                                  f"{tmp_path}: holds files that are not part of a medium (g.pub, g.sec, latin1.toml, "
                                  "spaced.sec)"),
+        "size-for-an-iso": (build_args(example, cache, tmp_path / "m.iso", "--format", "iso", "--size", "8G"),
+                            "--size 8G: only a fat32 image has a size to choose, not --format iso"),
         "iso-onto-a-directory": (build_args(example, tmp_path.with_name(tmp_path.name + "-cache"), tmp_path,
                                             "--format", "iso"),
                                  f"{tmp_path}: is a directory, but --format iso writes an image file"),
@@ -441,7 +443,8 @@ def _bad_input_cases(example: Example, tmp_path: Path) -> dict[str, tuple[list[s
 
 
 @pytest.mark.parametrize("case", ["jobs-negative", "jobs-word", "profile-not-utf8", "keygen-non-ascii",
-                                  "keygen-space", "key-with-space", "output-dot-non-empty", "iso-onto-a-directory"])
+                                  "keygen-space", "key-with-space", "output-dot-non-empty", "iso-onto-a-directory",
+                                  "size-for-an-iso"])
 def test_ordinary_bad_input(example: Example, tmp_path: Path, case: str) -> None:
     args, message = _bad_input_cases(example, tmp_path)[case]
     before = listing(tmp_path)
