@@ -1,0 +1,94 @@
+"""The trust chain of a medium (issue 12, items 5-7): no credentials of the user's remotes on the
+medium or the installed machine, install.sh using only the copies it verified, and the media
+key's fingerprint shown, asked for and checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import PREPARE, make_nix_env, run_cli
+
+from mediabuilder.media.flakerepo import without_credentials
+
+TOKEN = "ghp_s3cretT0kenXYZ"
+PASSWORD = "hunter2pw"
+
+
+# Unit tier
+
+
+@pytest.mark.parametrize(("url", "clean"), [
+    (f"https://deploy:{TOKEN}@git.example.org/a/b.git", "https://git.example.org/a/b.git"),
+    (f"https://{TOKEN}@git.example.org/a/b.git", "https://git.example.org/a/b.git"),
+    (f"http://u:{TOKEN}@host:8080/x?y=1", "http://host:8080/x?y=1"),
+    (f"https://u:p@ss{TOKEN}@host/x", "https://host/x"),
+    (f"ssh://git:{PASSWORD}@host.example/srv/x.git", "ssh://git@host.example/srv/x.git"),
+    (f"git+ssh://deploy:{PASSWORD}@host/x", "git+ssh://deploy@host/x"),
+    (f"ssh://:{PASSWORD}@host/x", "ssh://host/x"),
+    ("ssh://git@host.example/srv/x.git", "ssh://git@host.example/srv/x.git"),
+    ("git@github.com:owner/repo.git", "git@github.com:owner/repo.git"),
+    ("https://git.example.org/a/b.git", "https://git.example.org/a/b.git"),
+    ("https://git.example.org/a/b@c.git", "https://git.example.org/a/b@c.git"),
+    ("/srv/git/x.git", "/srv/git/x.git"),
+    ("file:///srv/git/x.git", "file:///srv/git/x.git"),
+])
+def test_without_credentials(url: str, clean: str) -> None:
+    assert without_credentials(url) == clean
+
+
+# Integration tier: item 7, a real build and install
+
+
+@pytest.mark.integration
+def test_remote_credentials_reach_neither_medium_nor_target(tmp_path: Path) -> None:
+    from test_install import install_offline
+
+    dest = tmp_path / "example"
+    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    flake = dest / "flake"
+    origin = f"https://deploy:{TOKEN}@git.example.invalid/example/machines.git"
+    backup = f"ssh://git:{PASSWORD}@backup.example.invalid/srv/git/machines.git"
+    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "origin", origin], check=True)
+    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "backup", backup], check=True)
+    media = tmp_path / "media"
+    proc = run_cli("build", f"--flake={flake}#alpha", "--cache", tmp_path / "cache", "--output", media)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "carries credentials" in line]
+    assert warnings == [
+        f"warning: {flake}: remote origin: its URL carries credentials; the media records it without them "
+        "(https://git.example.invalid/example/machines.git)",
+        f"warning: {flake}: remote backup: its URL carries credentials; the media records it without them "
+        "(ssh://git@backup.example.invalid/srv/git/machines.git)",
+    ]
+    assert TOKEN not in proc.stderr + proc.stdout and PASSWORD not in proc.stderr + proc.stdout
+    manifest = json.loads((media / "manifest.json").read_text())
+    assert manifest["flake"]["remotes"] == {
+        "origin": "https://git.example.invalid/example/machines.git",
+        "backup": "ssh://git@backup.example.invalid/srv/git/machines.git",
+    }
+    files = [Path(d, n) for d, _, names in os.walk(media) for n in names]
+    assert media / "flake" / "repo.bundle" in files
+    for file in files:
+        data = file.read_bytes()
+        assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
+    # The user's own repository keeps its URLs (it is only read).
+    url = subprocess.run(["git", "-C", str(flake), "remote", "get-url", "origin"], capture_output=True, text=True)
+    assert url.stdout.strip() == origin
+
+    root = tmp_path / "root"
+    root.mkdir()
+    proc = install_offline(media, root, "--yes", "--expect-key", (media / "media-key.pub").read_text().strip())
+    assert proc.returncode == 0, proc.stderr
+    assert TOKEN not in proc.stderr and PASSWORD not in proc.stderr
+    config = (root / "etc/nixos/.git/config").read_text()
+    assert "url = https://git.example.invalid/example/machines.git" in config
+    assert "url = ssh://git@backup.example.invalid/srv/git/machines.git" in config
+    for file in [Path(d, n) for d, _, names in os.walk(root / "etc") for n in names] + \
+            [Path(d, n) for d, _, names in os.walk(root / "var/lib/mediabuilder") for n in names]:
+        data = file.read_bytes()
+        assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
