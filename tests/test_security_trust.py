@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 from conftest import PREPARE, make_nix_env, run_cli
+from test_install_script import NIX_CONFIG, Medium, _git, _needs_real_tools, make_medium
 
 from mediabuilder.media.flakerepo import without_credentials
+from mediabuilder.store.keys import SecretKey
 
 TOKEN = "ghp_s3cretT0kenXYZ"
 PASSWORD = "hunter2pw"
@@ -92,3 +94,65 @@ def test_remote_credentials_reach_neither_medium_nor_target(tmp_path: Path) -> N
             [Path(d, n) for d, _, names in os.walk(root / "var/lib/mediabuilder") for n in names]:
         data = file.read_bytes()
         assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
+
+
+# Integration tier: item 5, a medium that answers differently once checked
+
+PHASES_AFTER_CHECK = ("choose_host check_target check_bundle confirm copy_closure set_profile install_bootloader "
+                      "clone_flake configure_nix done_summary")
+
+
+def _evil_files(tmp: Path, medium: Medium) -> Path:
+    """Other, valid-looking versions of the files install.sh reads from a medium."""
+    evil = tmp / "evil"
+    evil.mkdir()
+    registry = {"version": 2, "flakes": [{"from": {"type": "indirect", "id": "nixpkgs"},
+                                         "to": {"type": "github", "owner": "attacker", "repo": "nixpkgs"}}]}
+    (evil / "registry.json").write_text(json.dumps(registry))
+    manifest = (medium.root / "manifest.json").read_text()
+    (evil / "manifest.json").write_text(manifest.replace("https://example.org/flake.git", "https://attacker.example/x"))
+    (evil / "media-key.pub").write_text(SecretKey.generate("attacker").public().render() + "\n")
+    repo = tmp / "evil-repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "flake.nix").write_text("{ outputs = _: { attacker = true; }; }\n")
+    _git(repo, "add", "flake.nix")
+    _git(repo, "commit", "-q", "-m", "evil")
+    _git(repo, "bundle", "create", "-q", str(evil / "repo.bundle"), "--all")
+    return evil
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",)])
+def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, ...]) -> None:
+    """install.sh's phases with the medium's files swapped (bind mounts over the read-only
+    medium) right after check_media: the target gets the files as they were checked."""
+    _needs_real_tools()
+    medium = make_medium(tmp_path, split=False)
+    evil = _evil_files(tmp_path, medium)
+    installed = ("registry.json", "manifest.json", "media-key.pub")
+    originals = {name: (medium.root / name).read_bytes() for name in installed}
+    root = tmp_path / "target"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    swaps = " ".join(f'mount --bind "$EVIL_DIR/{Path(name).name}" "$MEDIA_DIR/{name}";' for name in swapped)
+    phases = (
+        'INSTALL_SH_SOURCE_ONLY=1 source "$MEDIA_DIR/install.sh"; trap cleanup EXIT; '
+        'parse_args --media "$MEDIA_DIR" --root "$TARGET_ROOT" --yes; locate_media; check_media; '
+        f'{swaps} for phase in {PHASES_AFTER_CHECK}; do "$phase"; done'
+    )
+    wrapper = ('set -e; mount --make-rprivate /; mount --bind "$MEDIA_DIR" "$MEDIA_DIR"; '
+               'mount -o remount,bind,ro "$MEDIA_DIR"; mount --bind "$TARGET_ROOT" "$TARGET_ROOT"; exec bash -c "$1"')
+    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "TMPDIR": str(scratch), "HOME": str(tmp_path / "home"),
+           "MEDIA_DIR": str(medium.root), "TARGET_ROOT": str(root), "EVIL_DIR": str(evil)}
+    result = subprocess.run(["unshare", "-m", "-n", "--", "bash", "-c", wrapper, "_", phases],
+                            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert list(scratch.iterdir()) == []
+    lib = root / "var/lib/mediabuilder"
+    for name, data in originals.items():
+        assert (lib / name).read_bytes() == data, name
+    assert _git(root / "etc/nixos", "rev-parse", "HEAD").strip() == medium.rev
+    assert _git(root / "etc/nixos", "remote", "get-url", "origin").strip() == "https://example.org/flake.git"

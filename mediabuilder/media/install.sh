@@ -20,6 +20,9 @@ readonly STORE_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+$'
 readonly MANIFEST_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$'
 readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
+# Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
+# may answer differently the second time it is read.
+readonly COPIED=(media-key.pub manifest.json registry.json flake/repo.bundle)
 
 # Options.
 HOST=""
@@ -32,6 +35,7 @@ MEDIA=""
 
 # State, filled by the phases.
 SCRATCH=""
+VERIFIED=""         # $SCRATCH/verified: the COPIED files, as checked
 KEY=""              # name:base64 of the media key
 FINGERPRINT=""
 MANIFEST_PATH=""    # /nix/store/<hash>-mediabuilder-manifest
@@ -185,13 +189,25 @@ locate_media() {
         [[ -d $MEDIA/$f ]] || die "$f/" "directory missing from the media (Nix needs it on read-only media; rebuild it)"
     done
     SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/mediabuilder-install.XXXXXXXX")
+    VERIFIED=$SCRATCH/verified
+}
+
+# Each of COPIED, read from the media once into $VERIFIED.
+copy_from_media() {
+    local f
+    mkdir -p -- "$VERIFIED/flake"
+    for f in "${COPIED[@]}"; do
+        cp -- "$MEDIA/$f" "$VERIFIED/$f" 2>"$SCRATCH/cp.err" ||
+            die "$f" "cannot be read from the media ($(head -n1 "$SCRATCH/cp.err"); damaged media)"
+    done
 }
 
 # The key, the signed manifest path and every file's hash.
 check_media() {
     step "checking the media (key, signed manifest, sha256 of every file)"
     local name b64 nbytes
-    KEY=$(first_line "$MEDIA/media-key.pub")
+    copy_from_media
+    KEY=$(first_line "$VERIFIED/media-key.pub")
     name=${KEY%%:*}
     b64=${KEY#*:}
     if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
@@ -246,7 +262,7 @@ check_media() {
     for f in manifest.json sha256sums hosts store-paths key; do
         [[ -f $TRUSTED/$f ]] || die "$MANIFEST_PATH/$f" "missing from the signed manifest (media made by an incompatible mediabuilder)"
     done
-    cmp -s -- "$TRUSTED/manifest.json" "$MEDIA/manifest.json" ||
+    cmp -s -- "$TRUSTED/manifest.json" "$VERIFIED/manifest.json" ||
         die manifest.json "differs from the signed copy in $MANIFEST_PATH (edited by hand or damaged)"
     [[ $(first_line "$TRUSTED/key") == "$KEY" ]] ||
         die media-key.pub "differs from the key recorded in the signed manifest (damaged or tampered media)"
@@ -254,10 +270,12 @@ check_media() {
     check_sums
 }
 
-# sha256 of every file listed in the signed sha256sums, from the media root.
+# sha256 of every file listed in the signed sha256sums: the COPIED ones in $VERIFIED, the others
+# on the media.
 check_sums() {
-    local sums=$SCRATCH/sha256sums line sum name count=0
+    local sums=$SCRATCH/sha256sums copied=$SCRATCH/sha256sums.copied line name count=0
     : >"$sums"
+    : >"$copied"
     while IFS= read -r line || [[ -n $line ]]; do
         [[ -z $line || $line == '#'* ]] && continue
         [[ $line =~ ^([0-9a-f]{64})\ [\ *](.+)$ ]] ||
@@ -266,28 +284,46 @@ check_sums() {
         [[ $name != /* && /$name/ != */../* && /$name/ != */./* ]] ||
             die "$MANIFEST_PATH/sha256sums" "file name '$name' points outside the media (forged media)"
         [[ -f $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media; rebuild or recopy it)"
-        printf '%s\n' "$line" >>"$sums"
+        if is_copied "$name"; then
+            printf '%s\n' "$line" >>"$copied"
+        else
+            printf '%s\n' "$line" >>"$sums"
+        fi
         count=$((count + 1))
     done <"$TRUSTED/sha256sums"
     for name in registry.json flake/repo.bundle; do
-        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$sums") ||
+        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$copied") ||
             die "$MANIFEST_PATH/sha256sums" "does not list $name (media made by an incompatible mediabuilder)"
     done
     info "hashing $count files"
-    local out=$SCRATCH/sha256sum.out
-    if ! (cd -- "$MEDIA" && LC_ALL=C sha256sum -c --quiet -- "$sums") >"$out" 2>"$SCRATCH/sha256sum.err"; then
+    hash_files "$VERIFIED" "$copied"
+    hash_files "$MEDIA" "$sums"
+    # Split files: the parts were just checked; their whole is checked when reassembled.
+    sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
+}
+
+is_copied() {
+    local f
+    for f in "${COPIED[@]}"; do
+        [[ $1 == "$f" ]] && return 0
+    done
+    return 1
+}
+
+# hash_files DIR SUMS: sha256sum -c SUMS in DIR; the first bad file named in one error line.
+hash_files() {
+    local out=$SCRATCH/sha256sum.out line name
+    if ! (cd -- "$1" && LC_ALL=C sha256sum -c --quiet -- "$2") >"$out" 2>"$SCRATCH/sha256sum.err"; then
         line=$(grep -m1 ': FAILED' "$out" || true)
         name=${line%: FAILED*}
         if [[ -z $line ]]; then
             die "$MEDIA" "sha256sum failed: $(head -n1 "$SCRATCH/sha256sum.err")"
         elif [[ $line == *'open or read'* ]]; then
-            [[ -e $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media)"
+            [[ -e $1/$name ]] || die "$name" "missing from the media (damaged or incomplete media)"
             die "$name" "cannot be read (damaged media)"
         fi
         die "$name" "sha256 mismatch (damaged media)"
     fi
-    # Split files: the parts were just checked; their whole is checked when reassembled.
-    sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
 }
 
 choose_host() {
@@ -418,7 +454,7 @@ check_target() {
 check_bundle() {
     step "checking the flake repository (clone of flake/repo.bundle)"
     find_git
-    local dir=$SCRATCH/flake bundle=$MEDIA/flake/repo.bundle
+    local dir=$SCRATCH/flake bundle=$VERIFIED/flake/repo.bundle
     "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir" 2>"$SCRATCH/git.log" ||
         die flake/repo.bundle "git cannot clone the bundle (damaged media, or made from a shallow clone): $(tail -n1 "$SCRATCH/git.log")"
     local -a g=("${GIT[@]}" -C "$dir")
@@ -656,9 +692,10 @@ configure_nix() {
     step "configuring Nix in the target for offline flake evaluation"
     local lib=$ROOT/var/lib/mediabuilder
     mkdir -p -- "$lib"
-    install -m 0644 -- "$MEDIA/registry.json" "$lib/registry.json"
-    install -m 0644 -- "$MEDIA/manifest.json" "$lib/manifest.json"
-    install -m 0644 -- "$MEDIA/media-key.pub" "$lib/media-key.pub"
+    local f
+    for f in registry.json manifest.json media-key.pub; do
+        install -m 0644 -- "$VERIFIED/$f" "$lib/$f"
+    done
     [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
     mkdir -p -- "$ROOT/root/.config/nix"
     printf '%s\n' \
