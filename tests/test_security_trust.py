@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import PREPARE, make_nix_env, run_cli
-from test_install_script import NIX_CONFIG, Medium, _git, _needs_real_tools, make_medium
+from test_install_script import NIX_CONFIG, Medium, _git, _needs_real_tools, make_medium, run_installer
 
 from mediabuilder.media.flakerepo import without_credentials
 from mediabuilder.store.keys import SecretKey
@@ -156,3 +157,66 @@ def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, .
         assert (lib / name).read_bytes() == data, name
     assert _git(root / "etc/nixos", "rev-parse", "HEAD").strip() == medium.rev
     assert _git(root / "etc/nixos", "remote", "get-url", "origin").strip() == "https://example.org/flake.git"
+
+
+# Item 6: the fingerprint shown, asked for and checked
+
+
+@pytest.mark.integration
+def test_yes_without_expect_key_warns_loudly(tmp_path: Path) -> None:
+    _needs_real_tools()
+    medium = make_medium(tmp_path, split=False)
+    fp = medium.key.public().fingerprint()
+    result, root = run_installer(tmp_path, medium, "--yes")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("install.sh: warning:")] == [
+        "install.sh: warning: THE MEDIA KEY IS NOT CHECKED: --yes without --expect-key installs whatever a medium "
+        "signed by",
+        "install.sh: warning: any key holds, and install.sh itself comes from the medium. Pass --expect-key " + fp,
+        "install.sh: warning: only if that is the fingerprint the medium's maker gave you.",
+    ]
+    assert f"==> installing alpha into {root} (--yes, MEDIA KEY NOT CHECKED)" in result.stderr.splitlines()
+    assert "    medium created 2026-01-01T00:00:00Z (signed manifest)" in result.stderr.splitlines()
+    # With the key given, no warning.
+    shutil.rmtree(root)
+    result, root = run_installer(tmp_path, medium, "--yes", "--expect-key", fp.upper())
+    assert result.returncode == 0, result.stderr
+    assert "warning: THE MEDIA KEY" not in result.stderr
+    assert f"==> installing alpha into {root} (--yes, media key as expected)" in result.stderr.splitlines()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("answer", ["y", "n"])
+def test_interactive_install_asks_to_confirm_the_fingerprint(tmp_path: Path, answer: str) -> None:
+    _needs_real_tools()
+    medium = make_medium(tmp_path, split=False)
+    result, root = run_installer(tmp_path, medium, typed=f"{answer}\ny\n")
+    out = result.stdout.replace("\r\n", "\n")
+    shown = ["==> confirm the media key (no --expect-key given)",
+             "    media key:   test-media-1",
+             f"    fingerprint: {medium.key.public().fingerprint()}",
+             "    created:     2026-01-01T00:00:00Z"]
+    lines = out.splitlines()
+    start = lines.index(shown[0])
+    assert lines[start:start + 4] == shown, out
+    assert "Is this, group by group, the fingerprint the medium's maker gave you? [y/N]" in out
+    if answer == "y":
+        assert result.returncode == 0, out
+        assert _git(root / "etc/nixos", "rev-parse", "HEAD").strip() == medium.rev
+    else:
+        assert result.returncode == 2, out
+        assert lines[-1].endswith("[y/N] install.sh: error: media-key.pub: fingerprint not confirmed; nothing was "
+                                  "written (get the fingerprint from the medium's maker, pass --expect-key)"), out
+        assert list(root.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_dry_run_and_expect_key_ask_nothing(tmp_path: Path) -> None:
+    _needs_real_tools()
+    medium = make_medium(tmp_path, split=False)
+    result, root = run_installer(tmp_path, medium, "--dry-run", typed="")
+    assert result.returncode == 0, result.stdout
+    assert "confirm the media key" not in result.stdout
+    result, root = run_installer(tmp_path, medium, "--expect-key", medium.key.public().fingerprint(), typed="y\n")
+    assert result.returncode == 0, result.stdout
+    assert "confirm the media key" not in result.stdout

@@ -18,7 +18,10 @@ set -euo pipefail
 readonly PROG=install.sh
 readonly STORE_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+$'
 readonly MANIFEST_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$'
-readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
+# The fingerprint: the first 128 bits of the key's sha256, in groups of four hex digits.
+readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){7}$'
+# The 64-bit fingerprint of mediabuilder before 0.2: too short to trust (a colliding key can be ground).
+readonly SHORT_FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
 # Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
 # may answer differently the second time it is read.
@@ -38,6 +41,7 @@ SCRATCH=""
 VERIFIED=""         # $SCRATCH/verified: the COPIED files, as checked
 KEY=""              # name:base64 of the media key
 FINGERPRINT=""
+CREATED=""          # the medium's creation time, from the signed manifest
 MANIFEST_PATH=""    # /nix/store/<hash>-mediabuilder-manifest
 TRUSTED=""          # the manifest directory inside the scratch store
 TOPLEVEL=""
@@ -61,7 +65,9 @@ Install a NixOS host from this medium into ROOT, with no network.
   --host NAME        the host to install (default: the only one; else a menu)
   --root DIR         the mounted target file system (default: /mnt)
   --flake-dir DIR    where the flake repository goes inside the target (default: /etc/nixos)
-  --expect-key KEY   the media key you expect: "name:base64" or its fingerprint "abcd:ef01:2345:6789"
+  --expect-key KEY   the media key you expect: "name:base64" or its fingerprint
+                     "abcd:ef01:2345:6789:abcd:ef01:2345:6789" (the build prints it); without it
+                     you are asked to confirm the fingerprint shown
   --media DIR        the media directory (default: the directory of this script)
   --dry-run          check everything, print what would be done, change nothing
   --yes              do not ask for confirmation
@@ -110,13 +116,15 @@ run() {
     fi
 }
 
-# The fingerprint of a public key "name:base64": sha256 of the 32 raw key bytes, first 16 hex
-# digits in groups of four (mediabuilder.store.keys.PublicKey.fingerprint).
+# The fingerprint of a public key "name:base64": sha256 of the 32 raw key bytes, first 32 hex
+# digits (128 bits) in groups of four (mediabuilder.store.keys.PublicKey.fingerprint).
 key_fingerprint() {
-    local hex
+    local hex out="" i
     hex=$(printf '%s' "${1#*:}" | base64 -d | sha256sum)
-    hex=${hex:0:16}
-    printf '%s:%s:%s:%s\n' "${hex:0:4}" "${hex:4:4}" "${hex:8:4}" "${hex:12:4}"
+    for ((i = 0; i < 32; i += 4)); do
+        out+=${out:+:}${hex:i:4}
+    done
+    printf '%s\n' "$out"
 }
 
 # The first line of a file, without trailing whitespace.
@@ -217,6 +225,8 @@ check_media() {
     FINGERPRINT=$(key_fingerprint "$KEY")
     info "media key: $name, fingerprint $FINGERPRINT"
     if [[ -n $EXPECT_KEY ]]; then
+        [[ ! $EXPECT_KEY =~ $SHORT_FINGERPRINT_RE ]] ||
+            die --expect-key "'$EXPECT_KEY' is a 64-bit fingerprint, too short to trust; pass the 128-bit one (eight groups of four) the medium's maker printed, or the whole key"
         if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
             [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
                 die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
@@ -225,6 +235,10 @@ check_media() {
                 die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
         fi
         info "the media key is the expected one"
+    elif ((YES && !DRY_RUN)); then
+        warn "THE MEDIA KEY IS NOT CHECKED: --yes without --expect-key installs whatever a medium signed by"
+        warn "any key holds, and install.sh itself comes from the medium. Pass --expect-key $FINGERPRINT"
+        warn "only if that is the fingerprint the medium's maker gave you."
     else
         info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
     fi
@@ -266,6 +280,9 @@ check_media() {
         die manifest.json "differs from the signed copy in $MANIFEST_PATH (edited by hand or damaged)"
     [[ $(first_line "$TRUSTED/key") == "$KEY" ]] ||
         die media-key.pub "differs from the key recorded in the signed manifest (damaged or tampered media)"
+    CREATED=$(sed -n -E 's/^  "created": "([0-9A-Za-z:.+-]+)",?$/\1/p' "$TRUSTED/manifest.json")
+    [[ -n $CREATED ]] || CREATED="unknown (not recorded in the signed manifest)"
+    info "medium created $CREATED (signed manifest)"
 
     check_sums
 }
@@ -564,15 +581,35 @@ confirm() {
         exit 0
     fi
     if ((YES)); then
-        step "installing $HOST into $ROOT (--yes)"
+        local checked="media key as expected"
+        [[ -n $EXPECT_KEY ]] || checked="MEDIA KEY NOT CHECKED"
+        step "installing $HOST into $ROOT (--yes, $checked)"
         return
     fi
-    step "confirm"
     [[ -r /dev/tty ]] || die /dev/tty "no terminal to ask on; pass --yes to install without asking"
+    confirm_key
+    step "confirm"
     local answer=""
     printf 'Install %s into %s? [y/N] ' "$HOST" "$ROOT" >&2
     IFS= read -r answer </dev/tty || true
     [[ $answer == [yY] || $answer == [yY][eE][sS] ]] || die "$ROOT" "not confirmed; nothing was written"
+}
+
+# Without --expect-key, the operator compares the fingerprint with the one the medium's maker gave.
+confirm_key() {
+    [[ -z $EXPECT_KEY ]] || return 0
+    step "confirm the media key (no --expect-key given)"
+    {
+        printf '    media key:   %s\n' "${KEY%%:*}"
+        printf '    fingerprint: %s\n' "$FINGERPRINT"
+        printf '    created:     %s\n' "$CREATED"
+        printf 'install.sh comes from the medium: a forged medium installs the forger'"'"'s system.\n'
+    } >&2
+    local answer=""
+    printf 'Is this, group by group, the fingerprint the medium'"'"'s maker gave you? [y/N] ' >&2
+    IFS= read -r answer </dev/tty || true
+    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] ||
+        die media-key.pub "fingerprint not confirmed; nothing was written (get the fingerprint from the medium's maker, pass --expect-key)"
 }
 
 # Reassemble split NARs into a cache on the target disk that links to everything else.
