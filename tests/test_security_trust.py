@@ -4,10 +4,13 @@ key's fingerprint shown, asked for and checked."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ from mediabuilder.store.keys import SecretKey
 
 TOKEN = "ghp_s3cretT0kenXYZ"
 PASSWORD = "hunter2pw"
+ORIGIN = f"https://deploy:{TOKEN}@git.example.invalid/example/machines.git"
+BACKUP = f"ssh://git:{PASSWORD}@backup.example.invalid/srv/git/machines.git"
 
 
 # Unit tier
@@ -46,21 +51,34 @@ def test_without_credentials(url: str, clean: str) -> None:
 # Integration tier: item 7, a real build and install
 
 
-@pytest.mark.integration
-def test_remote_credentials_reach_neither_medium_nor_target(tmp_path: Path) -> None:
-    from test_install import install_offline
+@dataclass(frozen=True)
+class Built:
+    flake: Path
+    media: Path
+    proc: subprocess.CompletedProcess[str]
 
-    dest = tmp_path / "example"
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    """The example flake, its remotes given a token and a password, built into a medium."""
+    base = tmp_path_factory.mktemp("trust")
+    dest = base / "example"
     proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     flake = dest / "flake"
-    origin = f"https://deploy:{TOKEN}@git.example.invalid/example/machines.git"
-    backup = f"ssh://git:{PASSWORD}@backup.example.invalid/srv/git/machines.git"
-    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "origin", origin], check=True)
-    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "backup", backup], check=True)
-    media = tmp_path / "media"
-    proc = run_cli("build", f"--flake={flake}#alpha", "--cache", tmp_path / "cache", "--output", media)
+    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "origin", ORIGIN], check=True)
+    subprocess.run(["git", "-C", str(flake), "remote", "set-url", "backup", BACKUP], check=True)
+    media = base / "media"
+    proc = run_cli("build", f"--flake={flake}#alpha", "--cache", base / "cache", "--output", media)
     assert proc.returncode == 0, proc.stderr
+    return Built(flake, media, proc)
+
+
+@pytest.mark.integration
+def test_remote_credentials_reach_neither_medium_nor_target(built: Built, tmp_path: Path) -> None:
+    from test_install import install_offline
+
+    flake, media, proc = built.flake, built.media, built.proc
     warnings = [line for line in proc.stderr.splitlines() if "carries credentials" in line]
     assert warnings == [
         f"warning: {flake}: remote origin: its URL carries credentials; the media records it without them "
@@ -81,7 +99,7 @@ def test_remote_credentials_reach_neither_medium_nor_target(tmp_path: Path) -> N
         assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
     # The user's own repository keeps its URLs (it is only read).
     url = subprocess.run(["git", "-C", str(flake), "remote", "get-url", "origin"], capture_output=True, text=True)
-    assert url.stdout.strip() == origin
+    assert url.stdout.strip() == ORIGIN
 
     root = tmp_path / "root"
     root.mkdir()
@@ -220,3 +238,17 @@ def test_dry_run_and_expect_key_ask_nothing(tmp_path: Path) -> None:
     result, root = run_installer(tmp_path, medium, "--expect-key", medium.key.public().fingerprint(), typed="y\n")
     assert result.returncode == 0, result.stdout
     assert "confirm the media key" not in result.stdout
+
+
+@pytest.mark.integration
+def test_build_prints_fingerprint_and_install_sh_sha256(built: Built) -> None:
+    key = (built.media / "media-key.pub").read_text().strip()
+    digest = hashlib.sha256(base64.b64decode(key.split(":", 1)[1])).hexdigest()
+    fingerprint = ":".join(digest[i : i + 4] for i in range(0, 32, 4))
+    script_sha = hashlib.sha256((built.media / "install.sh").read_bytes()).hexdigest()
+    (line,) = [ln for ln in built.proc.stderr.splitlines() if ln.startswith("  Writing the medium … ")]
+    assert line.startswith(f"  Writing the medium … {built.media}, media key fingerprint {fingerprint}, "
+                           f"install.sh sha256 {script_sha}, "), line
+    readme = (built.media / "README.txt").read_text()
+    assert "    bash /iso/install.sh --expect-key abcd:ef01:2345:6789:abcd:ef01:2345:6789\n" in readme
+    assert "Take it from the maker, never from this medium" in readme
