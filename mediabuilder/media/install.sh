@@ -20,7 +20,7 @@ readonly STORE_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+$'
 readonly MANIFEST_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$'
 # The fingerprint: the first 128 bits of the key's sha256, in groups of four hex digits.
 readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){7}$'
-# The 64-bit fingerprint of mediabuilder before 0.2: too short to trust (a colliding key can be ground).
+# The 64-bit fingerprint of earlier mediabuilder versions: too short to trust (a colliding key can be ground).
 readonly SHORT_FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
 # Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
@@ -213,37 +213,8 @@ copy_from_media() {
 # The key, the signed manifest path and every file's hash.
 check_media() {
     step "checking the media (key, signed manifest, sha256 of every file)"
-    local name b64 nbytes
     copy_from_media
-    KEY=$(first_line "$VERIFIED/media-key.pub")
-    name=${KEY%%:*}
-    b64=${KEY#*:}
-    if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
-        ((nbytes != 32)); then
-        die media-key.pub "not a Nix public key 'name:base64' of 32 bytes (damaged media)"
-    fi
-    FINGERPRINT=$(key_fingerprint "$KEY")
-    info "media key: $name, fingerprint $FINGERPRINT"
-    if [[ -n $EXPECT_KEY ]]; then
-        [[ ! $EXPECT_KEY =~ $SHORT_FINGERPRINT_RE ]] ||
-            die --expect-key "'$EXPECT_KEY' is a 64-bit fingerprint, too short to trust; pass the 128-bit one (eight groups of four) the medium's maker printed, or the whole key"
-        if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
-            [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
-                die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
-        else
-            [[ $EXPECT_KEY == "$KEY" ]] ||
-                die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
-        fi
-        info "the media key is the expected one"
-    elif ((YES && !DRY_RUN)); then
-        warn "THE MEDIA KEY IS NOT CHECKED: --yes without --expect-key installs whatever a medium signed by"
-        warn "any key holds, and install.sh itself comes from the medium. Pass --expect-key $FINGERPRINT"
-        warn "only if that is the fingerprint the medium's maker gave you."
-    else
-        info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
-    fi
-    NIX_TRUST=(--extra-experimental-features 'nix-command flakes'
-        --option trusted-public-keys "$KEY" --option require-sigs true)
+    check_key
 
     MANIFEST_PATH=$(first_line "$MEDIA/manifest.storepath")
     [[ $MANIFEST_PATH =~ $MANIFEST_PATH_RE ]] ||
@@ -285,6 +256,40 @@ check_media() {
     info "medium created $CREATED (signed manifest)"
 
     check_sums
+}
+
+# The key (media-key.pub's copy): a Nix public key, the expected one if --expect-key was given.
+check_key() {
+    local name b64 nbytes
+    KEY=$(first_line "$VERIFIED/media-key.pub")
+    name=${KEY%%:*}
+    b64=${KEY#*:}
+    if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
+        ((nbytes != 32)); then
+        die media-key.pub "not a Nix public key 'name:base64' of 32 bytes (damaged media)"
+    fi
+    FINGERPRINT=$(key_fingerprint "$KEY")
+    info "media key: $name, fingerprint $FINGERPRINT"
+    if [[ -n $EXPECT_KEY ]]; then
+        [[ ! $EXPECT_KEY =~ $SHORT_FINGERPRINT_RE ]] ||
+            die --expect-key "'$EXPECT_KEY' is a 64-bit fingerprint, too short to trust; pass the 128-bit one (eight groups of four) the medium's maker printed, or the whole key"
+        if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
+            [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
+                die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        else
+            [[ $EXPECT_KEY == "$KEY" ]] ||
+                die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        fi
+        info "the media key is the expected one"
+    elif ((YES && !DRY_RUN)); then
+        warn "THE MEDIA KEY IS NOT CHECKED: --yes without --expect-key installs whatever a medium signed by"
+        warn "any key holds, and install.sh itself comes from the medium. Pass --expect-key $FINGERPRINT"
+        warn "only if that is the fingerprint the medium's maker gave you."
+    else
+        info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
+    fi
+    NIX_TRUST=(--extra-experimental-features 'nix-command flakes'
+        --option trusted-public-keys "$KEY" --option require-sigs true)
 }
 
 # sha256 of every file listed in the signed sha256sums: the COPIED ones in $VERIFIED, the others
@@ -603,10 +608,10 @@ confirm_key() {
         printf '    media key:   %s\n' "${KEY%%:*}"
         printf '    fingerprint: %s\n' "$FINGERPRINT"
         printf '    created:     %s\n' "$CREATED"
-        printf 'install.sh comes from the medium: a forged medium installs the forger'"'"'s system.\n'
+        printf "install.sh comes from the medium: a forged medium installs the forger's system.\n"
     } >&2
     local answer=""
-    printf 'Is this, group by group, the fingerprint the medium'"'"'s maker gave you? [y/N] ' >&2
+    printf "Is this, group by group, the fingerprint the medium's maker gave you? [y/N] " >&2
     IFS= read -r answer </dev/tty || true
     [[ $answer == [yY] || $answer == [yY][eE][sS] ]] ||
         die media-key.pub "fingerprint not confirmed; nothing was written (get the fingerprint from the medium's maker, pass --expect-key)"
