@@ -39,9 +39,15 @@ from mediabuilder.substituter.prefetch import prefetch
 README = """\
 This medium installs a NixOS system with no network.
 
-Boot the NixOS installer, partition and mount the target at /mnt, then run:
+Boot the NixOS installer, partition and mount the target at /mnt, then run (from /iso, or the
+directory this file is in):
 
-    bash /iso/install.sh            (or the directory this file is in)
+    bash /iso/install.sh --expect-key abcd:ef01:2345:6789:abcd:ef01:2345:6789
+
+with the fingerprint of the media key that the medium's maker gave you (`mediabuilder build`
+printed it). Take it from the maker, never from this medium: install.sh is on the medium too, so
+only a key checked out of band tells a forged medium from a real one. Without --expect-key,
+install.sh shows the fingerprint and asks you to confirm it.
 
 It checks the medium first (signatures and sha256 of every file), then copies the system,
 installs the boot loader and puts the flake repository with its history in /etc/nixos.
@@ -323,7 +329,9 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
                 step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
             write_output(tree, target, req)
-            step.detail = str(req.output)
+            # What the operator checks the medium against, out of band (install.sh --expect-key).
+            step.detail = (f"{req.output}, media key fingerprint {key.public().fingerprint()}, "
+                           f"install.sh sha256 {manifest.files['install.sh'].sha256}")
 
 
 def _source_flake(req: BuildRequest) -> tuple[str, Path]:

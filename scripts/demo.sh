@@ -17,21 +17,26 @@ git -C "$out/example/flake" log --oneline >&2
 
 step "mediabuilder build --profile profiles/example.toml (hosts alpha and beta)"
 mediabuilder build --profile profiles/example.toml --force
+# The maker's key (the cache's, never copied to a medium) and its fingerprint, as install.sh and
+# the build print it: the first 128 bits of the key's sha256 in groups of four.
+key=$(cat cache/signing-key.pub)
+fingerprint=$(printf '%s' "${key#*:}" | base64 -d | sha256sum | cut -c1-32 | sed 's/..../&:/g; s/:$//')
+echo "media key fingerprint: $fingerprint" >&2
 
 step "mediabuilder verify $out/media (Python only: manifest, every file, signatures, NARs)"
-mediabuilder verify "$out/media" --trusted-key "$(cat "$out/media/media-key.pub")"
+mediabuilder verify "$out/media" --trusted-key "$key"
 
 step "The same media as a USB stick image: FAT32 in a GPT partition, read back without mounting"
 mediabuilder build --profile profiles/example.toml --format fat32 --partition-table gpt \
     --output "$out/media.img" --force
 mediabuilder inspect "$out/media.img"
-mediabuilder verify "$out/media.img" --trusted-key "$(cat "$out/media/media-key.pub")"
+mediabuilder verify "$out/media.img" --trusted-key "$key"
 
 step "Moving the flake inputs' sources out of reach"
 mv "$out/example/inputs" "$out/example/inputs.away"
 trap 'mv "$out/example/inputs.away" "$out/example/inputs" 2>/dev/null || true' EXIT
 
-step "install.sh --host alpha: no network (unshare -n), media mounted read-only"
+step "install.sh --host alpha --expect-key $fingerprint: no network (unshare -n), media mounted read-only"
 mkdir -p "$out/root" "$out/media-ro"
 chmod 755 "$out/root"
 # shellcheck disable=SC2016  # expanded by the inner bash, from its arguments
@@ -39,8 +44,8 @@ as_root unshare --net --mount --propagation private bash -c '
     set -e
     mount --bind "$1" "$2" && mount -o remount,bind,ro "$2"
     mount --bind "$3" "$3"
-    env -u NIX_CONFIG bash "$2/install.sh" --root "$3" --host alpha --yes
-' demo "$PWD/$out/media" "$PWD/$out/media-ro" "$PWD/$out/root"
+    env -u NIX_CONFIG bash "$2/install.sh" --root "$3" --host alpha --yes --expect-key "$4"
+' demo "$PWD/$out/media" "$PWD/$out/media-ro" "$PWD/$out/root" "$fingerprint"
 
 step "What the target holds"
 root="$PWD/$out/root"

@@ -336,7 +336,7 @@ def test_host_menu_on_a_terminal(built: Built, tmp_path: Path) -> None:
 def test_confirmation_declined_writes_nothing(built: Built, tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    proc = _on_a_terminal(built.media, root, "n\n", "--host", "alpha")
+    proc = _on_a_terminal(built.media, root, "y\nn\n", "--host", "alpha")  # the fingerprint yes, the install no
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "not confirmed" in proc.stdout + proc.stderr
+    assert f"install.sh: error: {root}: not confirmed; nothing was written" in proc.stdout + proc.stderr
     assert tree_state(root) == []

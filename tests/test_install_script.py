@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -233,10 +234,11 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
 
 
 def run_installer(
-    tmp: Path, medium: Medium, *args: str, mode: int = 0o755, hide_git: bool = False
+    tmp: Path, medium: Medium, *args: str, mode: int = 0o755, hide_git: bool = False, typed: str | None = None
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """Run install.sh from a read-only bind mount of the medium into a bind-mounted root, with
-    no network. `hide_git`: no git on PATH, and an empty tmpfs as the live /nix."""
+    no network. `hide_git`: no git on PATH, and an empty tmpfs as the live /nix. `typed`: run on
+    a terminal (script(1) gives it a pty as /dev/tty, its output then on stdout) and type this."""
     root = tmp / "target"
     root.mkdir(exist_ok=True)
     root.chmod(mode)
@@ -249,10 +251,13 @@ def run_installer(
         'shift 3; exec "$@"'
     )
     env = {**os.environ, "NIX_CONFIG": NIX_CONFIG, "TMPDIR": str(scratch), "HOME": str(tmp / "home")}
+    install = ["bash", str(medium.root / "install.sh"), "--media", str(medium.root), "--root", str(root), *args]
+    if typed is not None:
+        install = ["setsid", "script", "-qec", shlex.join(install), "/dev/null"]
     result = subprocess.run(
         ["unshare", "-m", "-n", "--", "bash", "-c", wrapper, "_", str(medium.root), str(root), str(int(hide_git)),
-         "bash", str(medium.root / "install.sh"), "--media", str(medium.root), "--root", str(root), *args],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+         *install],
+        capture_output=True, text=True, env=env, input=typed if typed is not None else "",
     )
     assert list(scratch.iterdir()) == [], "the scratch directory was not cleaned up"
     return result, root
@@ -328,7 +333,7 @@ def _flip_byte(path: Path) -> None:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("damage", ["part", "narinfo", "missing", "manifest", "key", "expect", "target"])
+@pytest.mark.parametrize("damage", ["part", "narinfo", "missing", "manifest", "key", "expect", "short", "target"])
 def test_bad_medium_or_target_is_refused_before_writing(tmp_path: Path, damage: str) -> None:
     _needs_real_tools()
     medium = make_medium(tmp_path)
@@ -354,11 +359,15 @@ def test_bad_medium_or_target_is_refused_before_writing(tmp_path: Path, damage: 
         subject = "is not signed by media-key.pub"
     elif damage == "expect":
         subject = "media-key.pub: fingerprint"
+    elif damage == "short":  # the 64-bit fingerprint of old mediabuilder, even the right one
+        subject = "is a 64-bit fingerprint, too short to trust"
     elif damage == "target":
         subject = "owned by uid 0 with mode 700"
     args = ["--yes"]
     if damage == "expect":
-        args += ["--expect-key", "0000:0000:0000:0000"]
+        args += ["--expect-key", ":".join(["0000"] * 8)]
+    elif damage == "short":
+        args += ["--expect-key", medium.key.public().fingerprint()[:19]]
     result, root = run_installer(tmp_path, medium, *args, mode=0o700 if damage == "target" else 0o755)
     assert result.returncode == 2, result.stderr
     errors = error_lines(result)

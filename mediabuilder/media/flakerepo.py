@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import fnmatch
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -32,6 +33,10 @@ _IDENTITY = {
 # `nix build` leaves these symlinks in the working directory; they are never the user's changes.
 _RESULT_LINKS = ("result", "result-*")
 _LISTED = 3  # dirty files named in the error
+# scheme://authority...: the authority ends at the first '/', '?' or '#'.
+_URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+_SSH_SCHEMES = frozenset({"ssh", "git+ssh", "ssh+git"})
+_warned: set[tuple[Path, str]] = set()  # (repository, remote) warned about credentials: once per run
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,38 @@ def check_shippable(top: Path, flake_dir: Path) -> None:
 
 
 def _remotes(top: Path) -> dict[str, str]:
+    """The remotes' URLs as the media records them: without passwords or tokens (see
+    `without_credentials`), each remote that had some named in one warning."""
     remotes: dict[str, str] = {}
     proc = runner.run(["git", "-C", str(top), "config", "-z", "--get-regexp", r"^remote\..*\.url$"], check=False)
     config = proc.stdout.decode()
     for entry in config.split("\0"):
         key, _, url = entry.partition("\n")
         if key:
-            remotes[key.removeprefix("remote.").removesuffix(".url")] = url
+            name = key.removeprefix("remote.").removesuffix(".url")
+            clean = without_credentials(url)
+            if clean != url and (top, name) not in _warned:
+                _warned.add((top, name))
+                ui.warn(f"{top}: remote {name}: its URL carries credentials; the media records it without them "
+                        f"({clean})")
+            remotes[name] = clean
     return remotes
+
+
+def without_credentials(url: str) -> str:
+    """`url` without the secret in its userinfo: ssh URLs keep their user name
+    (`ssh://git@host/x`) and lose a password; any other scheme loses the whole userinfo, which
+    is a token or `user:password` (`https://deploy:TOKEN@host/x` -> `https://host/x`).
+    scp-like `git@host:path` and local paths carry no secret and stay as they are."""
+    match = _URL_RE.fullmatch(url)
+    if match is None or "@" not in match[2]:
+        return url
+    scheme, authority, rest = match.groups()
+    userinfo, _, host = authority.rpartition("@")
+    if scheme.lower() in _SSH_SCHEMES:
+        user = userinfo.partition(":")[0]
+        return f"{scheme}://{user}@{host}{rest}" if user else f"{scheme}://{host}{rest}"
+    return f"{scheme}://{host}{rest}"
 
 
 def dirty_paths(top: Path, ignore: Iterable[Path] = ()) -> tuple[str, ...]:

@@ -18,8 +18,14 @@ set -euo pipefail
 readonly PROG=install.sh
 readonly STORE_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+$'
 readonly MANIFEST_PATH_RE='^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$'
-readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
+# The fingerprint: the first 128 bits of the key's sha256, in groups of four hex digits.
+readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){7}$'
+# The 64-bit fingerprint of earlier mediabuilder versions: too short to trust (a colliding key can be ground).
+readonly SHORT_FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
+# Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
+# may answer differently the second time it is read.
+readonly COPIED=(media-key.pub manifest.json registry.json flake/repo.bundle)
 
 # Options.
 HOST=""
@@ -32,8 +38,10 @@ MEDIA=""
 
 # State, filled by the phases.
 SCRATCH=""
+VERIFIED=""         # $SCRATCH/verified: the COPIED files, as checked
 KEY=""              # name:base64 of the media key
 FINGERPRINT=""
+CREATED=""          # the medium's creation time, from the signed manifest
 MANIFEST_PATH=""    # /nix/store/<hash>-mediabuilder-manifest
 TRUSTED=""          # the manifest directory inside the scratch store
 TOPLEVEL=""
@@ -57,7 +65,9 @@ Install a NixOS host from this medium into ROOT, with no network.
   --host NAME        the host to install (default: the only one; else a menu)
   --root DIR         the mounted target file system (default: /mnt)
   --flake-dir DIR    where the flake repository goes inside the target (default: /etc/nixos)
-  --expect-key KEY   the media key you expect: "name:base64" or its fingerprint "abcd:ef01:2345:6789"
+  --expect-key KEY   the media key you expect: "name:base64" or its fingerprint
+                     "abcd:ef01:2345:6789:abcd:ef01:2345:6789" (the build prints it); without it
+                     you are asked to confirm the fingerprint shown
   --media DIR        the media directory (default: the directory of this script)
   --dry-run          check everything, print what would be done, change nothing
   --yes              do not ask for confirmation
@@ -106,13 +116,15 @@ run() {
     fi
 }
 
-# The fingerprint of a public key "name:base64": sha256 of the 32 raw key bytes, first 16 hex
-# digits in groups of four (mediabuilder.store.keys.PublicKey.fingerprint).
+# The fingerprint of a public key "name:base64": sha256 of the 32 raw key bytes, first 32 hex
+# digits (128 bits) in groups of four (mediabuilder.store.keys.PublicKey.fingerprint).
 key_fingerprint() {
-    local hex
+    local hex out="" i
     hex=$(printf '%s' "${1#*:}" | base64 -d | sha256sum)
-    hex=${hex:0:16}
-    printf '%s:%s:%s:%s\n' "${hex:0:4}" "${hex:4:4}" "${hex:8:4}" "${hex:12:4}"
+    for ((i = 0; i < 32; i += 4)); do
+        out+=${out:+:}${hex:i:4}
+    done
+    printf '%s\n' "$out"
 }
 
 # The first line of a file, without trailing whitespace.
@@ -185,35 +197,24 @@ locate_media() {
         [[ -d $MEDIA/$f ]] || die "$f/" "directory missing from the media (Nix needs it on read-only media; rebuild it)"
     done
     SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/mediabuilder-install.XXXXXXXX")
+    VERIFIED=$SCRATCH/verified
+}
+
+# Each of COPIED, read from the media once into $VERIFIED.
+copy_from_media() {
+    local f
+    mkdir -p -- "$VERIFIED/flake"
+    for f in "${COPIED[@]}"; do
+        cp -- "$MEDIA/$f" "$VERIFIED/$f" 2>"$SCRATCH/cp.err" ||
+            die "$f" "cannot be read from the media ($(head -n1 "$SCRATCH/cp.err"); damaged media)"
+    done
 }
 
 # The key, the signed manifest path and every file's hash.
 check_media() {
     step "checking the media (key, signed manifest, sha256 of every file)"
-    local name b64 nbytes
-    KEY=$(first_line "$MEDIA/media-key.pub")
-    name=${KEY%%:*}
-    b64=${KEY#*:}
-    if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
-        ((nbytes != 32)); then
-        die media-key.pub "not a Nix public key 'name:base64' of 32 bytes (damaged media)"
-    fi
-    FINGERPRINT=$(key_fingerprint "$KEY")
-    info "media key: $name, fingerprint $FINGERPRINT"
-    if [[ -n $EXPECT_KEY ]]; then
-        if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
-            [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
-                die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
-        else
-            [[ $EXPECT_KEY == "$KEY" ]] ||
-                die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
-        fi
-        info "the media key is the expected one"
-    else
-        info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
-    fi
-    NIX_TRUST=(--extra-experimental-features 'nix-command flakes'
-        --option trusted-public-keys "$KEY" --option require-sigs true)
+    copy_from_media
+    check_key
 
     MANIFEST_PATH=$(first_line "$MEDIA/manifest.storepath")
     [[ $MANIFEST_PATH =~ $MANIFEST_PATH_RE ]] ||
@@ -246,18 +247,57 @@ check_media() {
     for f in manifest.json sha256sums hosts store-paths key; do
         [[ -f $TRUSTED/$f ]] || die "$MANIFEST_PATH/$f" "missing from the signed manifest (media made by an incompatible mediabuilder)"
     done
-    cmp -s -- "$TRUSTED/manifest.json" "$MEDIA/manifest.json" ||
+    cmp -s -- "$TRUSTED/manifest.json" "$VERIFIED/manifest.json" ||
         die manifest.json "differs from the signed copy in $MANIFEST_PATH (edited by hand or damaged)"
     [[ $(first_line "$TRUSTED/key") == "$KEY" ]] ||
         die media-key.pub "differs from the key recorded in the signed manifest (damaged or tampered media)"
+    CREATED=$(sed -n -E 's/^  "created": "([0-9A-Za-z:.+-]+)",?$/\1/p' "$TRUSTED/manifest.json")
+    [[ -n $CREATED ]] || CREATED="unknown (not recorded in the signed manifest)"
+    info "medium created $CREATED (signed manifest)"
 
     check_sums
 }
 
-# sha256 of every file listed in the signed sha256sums, from the media root.
+# The key (media-key.pub's copy): a Nix public key, the expected one if --expect-key was given.
+check_key() {
+    local name b64 nbytes
+    KEY=$(first_line "$VERIFIED/media-key.pub")
+    name=${KEY%%:*}
+    b64=${KEY#*:}
+    if [[ $KEY != *:* || -z $name || -z $b64 ]] || ! nbytes=$(printf '%s' "$b64" | base64 -d 2>/dev/null | wc -c) ||
+        ((nbytes != 32)); then
+        die media-key.pub "not a Nix public key 'name:base64' of 32 bytes (damaged media)"
+    fi
+    FINGERPRINT=$(key_fingerprint "$KEY")
+    info "media key: $name, fingerprint $FINGERPRINT"
+    if [[ -n $EXPECT_KEY ]]; then
+        [[ ! $EXPECT_KEY =~ $SHORT_FINGERPRINT_RE ]] ||
+            die --expect-key "'$EXPECT_KEY' is a 64-bit fingerprint, too short to trust; pass the 128-bit one (eight groups of four) the medium's maker printed, or the whole key"
+        if [[ $EXPECT_KEY =~ $FINGERPRINT_RE ]]; then
+            [[ ${EXPECT_KEY,,} == "$FINGERPRINT" ]] ||
+                die media-key.pub "fingerprint $FINGERPRINT is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        else
+            [[ $EXPECT_KEY == "$KEY" ]] ||
+                die media-key.pub "key $KEY is not the expected $EXPECT_KEY (media not made by whom you expect)"
+        fi
+        info "the media key is the expected one"
+    elif ((YES && !DRY_RUN)); then
+        warn "THE MEDIA KEY IS NOT CHECKED: --yes without --expect-key installs whatever a medium signed by"
+        warn "any key holds, and install.sh itself comes from the medium. Pass --expect-key $FINGERPRINT"
+        warn "only if that is the fingerprint the medium's maker gave you."
+    else
+        info "compare the fingerprint with the one its maker gave you (or pass --expect-key)"
+    fi
+    NIX_TRUST=(--extra-experimental-features 'nix-command flakes'
+        --option trusted-public-keys "$KEY" --option require-sigs true)
+}
+
+# sha256 of every file listed in the signed sha256sums: the COPIED ones in $VERIFIED, the others
+# on the media.
 check_sums() {
-    local sums=$SCRATCH/sha256sums line sum name count=0
+    local sums=$SCRATCH/sha256sums copied=$SCRATCH/sha256sums.copied line name count=0
     : >"$sums"
+    : >"$copied"
     while IFS= read -r line || [[ -n $line ]]; do
         [[ -z $line || $line == '#'* ]] && continue
         [[ $line =~ ^([0-9a-f]{64})\ [\ *](.+)$ ]] ||
@@ -266,28 +306,46 @@ check_sums() {
         [[ $name != /* && /$name/ != */../* && /$name/ != */./* ]] ||
             die "$MANIFEST_PATH/sha256sums" "file name '$name' points outside the media (forged media)"
         [[ -f $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media; rebuild or recopy it)"
-        printf '%s\n' "$line" >>"$sums"
+        if is_copied "$name"; then
+            printf '%s\n' "$line" >>"$copied"
+        else
+            printf '%s\n' "$line" >>"$sums"
+        fi
         count=$((count + 1))
     done <"$TRUSTED/sha256sums"
     for name in registry.json flake/repo.bundle; do
-        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$sums") ||
+        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$copied") ||
             die "$MANIFEST_PATH/sha256sums" "does not list $name (media made by an incompatible mediabuilder)"
     done
     info "hashing $count files"
-    local out=$SCRATCH/sha256sum.out
-    if ! (cd -- "$MEDIA" && LC_ALL=C sha256sum -c --quiet -- "$sums") >"$out" 2>"$SCRATCH/sha256sum.err"; then
+    hash_files "$VERIFIED" "$copied"
+    hash_files "$MEDIA" "$sums"
+    # Split files: the parts were just checked; their whole is checked when reassembled.
+    sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
+}
+
+is_copied() {
+    local f
+    for f in "${COPIED[@]}"; do
+        [[ $1 == "$f" ]] && return 0
+    done
+    return 1
+}
+
+# hash_files DIR SUMS: sha256sum -c SUMS in DIR; the first bad file named in one error line.
+hash_files() {
+    local out=$SCRATCH/sha256sum.out line name
+    if ! (cd -- "$1" && LC_ALL=C sha256sum -c --quiet -- "$2") >"$out" 2>"$SCRATCH/sha256sum.err"; then
         line=$(grep -m1 ': FAILED' "$out" || true)
         name=${line%: FAILED*}
         if [[ -z $line ]]; then
             die "$MEDIA" "sha256sum failed: $(head -n1 "$SCRATCH/sha256sum.err")"
         elif [[ $line == *'open or read'* ]]; then
-            [[ -e $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media)"
+            [[ -e $1/$name ]] || die "$name" "missing from the media (damaged or incomplete media)"
             die "$name" "cannot be read (damaged media)"
         fi
         die "$name" "sha256 mismatch (damaged media)"
     fi
-    # Split files: the parts were just checked; their whole is checked when reassembled.
-    sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
 }
 
 choose_host() {
@@ -418,7 +476,7 @@ check_target() {
 check_bundle() {
     step "checking the flake repository (clone of flake/repo.bundle)"
     find_git
-    local dir=$SCRATCH/flake bundle=$MEDIA/flake/repo.bundle
+    local dir=$SCRATCH/flake bundle=$VERIFIED/flake/repo.bundle
     "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir" 2>"$SCRATCH/git.log" ||
         die flake/repo.bundle "git cannot clone the bundle (damaged media, or made from a shallow clone): $(tail -n1 "$SCRATCH/git.log")"
     local -a g=("${GIT[@]}" -C "$dir")
@@ -528,15 +586,35 @@ confirm() {
         exit 0
     fi
     if ((YES)); then
-        step "installing $HOST into $ROOT (--yes)"
+        local checked="media key as expected"
+        [[ -n $EXPECT_KEY ]] || checked="MEDIA KEY NOT CHECKED"
+        step "installing $HOST into $ROOT (--yes, $checked)"
         return
     fi
-    step "confirm"
     [[ -r /dev/tty ]] || die /dev/tty "no terminal to ask on; pass --yes to install without asking"
+    confirm_key
+    step "confirm"
     local answer=""
     printf 'Install %s into %s? [y/N] ' "$HOST" "$ROOT" >&2
     IFS= read -r answer </dev/tty || true
     [[ $answer == [yY] || $answer == [yY][eE][sS] ]] || die "$ROOT" "not confirmed; nothing was written"
+}
+
+# Without --expect-key, the operator compares the fingerprint with the one the medium's maker gave.
+confirm_key() {
+    [[ -z $EXPECT_KEY ]] || return 0
+    step "confirm the media key (no --expect-key given)"
+    {
+        printf '    media key:   %s\n' "${KEY%%:*}"
+        printf '    fingerprint: %s\n' "$FINGERPRINT"
+        printf '    created:     %s\n' "$CREATED"
+        printf "install.sh comes from the medium: a forged medium installs the forger's system.\n"
+    } >&2
+    local answer=""
+    printf "Is this, group by group, the fingerprint the medium's maker gave you? [y/N] " >&2
+    IFS= read -r answer </dev/tty || true
+    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] ||
+        die media-key.pub "fingerprint not confirmed; nothing was written (get the fingerprint from the medium's maker, pass --expect-key)"
 }
 
 # Reassemble split NARs into a cache on the target disk that links to everything else.
@@ -656,9 +734,10 @@ configure_nix() {
     step "configuring Nix in the target for offline flake evaluation"
     local lib=$ROOT/var/lib/mediabuilder
     mkdir -p -- "$lib"
-    install -m 0644 -- "$MEDIA/registry.json" "$lib/registry.json"
-    install -m 0644 -- "$MEDIA/manifest.json" "$lib/manifest.json"
-    install -m 0644 -- "$MEDIA/media-key.pub" "$lib/media-key.pub"
+    local f
+    for f in registry.json manifest.json media-key.pub; do
+        install -m 0644 -- "$VERIFIED/$f" "$lib/$f"
+    done
     [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
     mkdir -p -- "$ROOT/root/.config/nix"
     printf '%s\n' \

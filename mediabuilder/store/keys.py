@@ -89,9 +89,11 @@ class PublicKey:
         return True
 
     def fingerprint(self) -> str:
-        """A short form for people to compare: the first 16 hex digits of the key's sha256, in fours."""
-        digest = hashlib.sha256(self.key).hexdigest()[:16]
-        return ":".join(digest[i : i + 4] for i in range(0, 16, 4))
+        """The form people compare: the first 128 bits of the key's sha256 as 32 hex digits in
+        groups of four, long enough that no one can grind a key with the same fingerprint
+        (install.sh's key_fingerprint computes the same)."""
+        digest = hashlib.sha256(self.key).hexdigest()[:32]
+        return ":".join(digest[i : i + 4] for i in range(0, 32, 4))
 
 
 @dataclass(frozen=True)
