@@ -8,8 +8,9 @@ of what a prefetch of a thousand small paths cost (README, "Substituters").
 
 A NAR is streamed into the destination cache's `nar/` under a deterministic partial name, checked
 against FileSize and FileHash as it arrives, resumed with `Range` after a dropped connection or a
-killed run, and renamed when complete. It is stored as the substituter compressed it: never
-recompressed.
+killed run, and renamed when complete and the NAR inside, decompressed, matches the signed NarHash
+and NarSize (the narinfo's URL, FileHash, FileSize and Compression are not signed). It is stored
+as the substituter compressed it: never recompressed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import lzma
 import netrc
 import os
 import re
@@ -31,11 +33,12 @@ from urllib.parse import unquote, urlsplit
 
 import urllib3
 import urllib3.exceptions
+import zstandard
 
 from mediabuilder import __version__
 from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
-from mediabuilder.store.hashes import Hash, sha256_stream
+from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import STORE_DIR, StorePath
@@ -256,8 +259,9 @@ class Substituter:
                     os.truncate(partial, 0)
                     on_bytes(-(info.file_size or 0))
                     file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                # FileHash, FileSize, URL and Compression are not signed: only NarHash is.
+                self._check_nar_hash(info, partial)
                 if info.file_hash is None:
-                    self._check_nar_hash(info, partial)
                     final = dest / f"nar/{file_hash.removeprefix('sha256:')}{_extension(info)}"
             except InvalidMedia:
                 partial.unlink(missing_ok=True)
@@ -266,8 +270,10 @@ class Substituter:
         return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
 
     def _reused(self, info: NarInfo, final: Path, on_bytes: Callable[[int], None]) -> Downloaded | None:
-        """The NAR file already complete in the cache, if it is."""
-        if info.file_hash is None or not final.is_file() or not self._complete(final, info):
+        """The NAR file already complete in the cache, if it is, and the NAR inside is the signed one
+        (an unsigned FileHash may name another path's file)."""
+        if info.file_hash is None or not final.is_file() or not self._complete(final, info) or \
+                nar_problem(info, final) is not None:
             return None
         size = final.stat().st_size
         on_bytes(size)
@@ -293,14 +299,10 @@ class Substituter:
                             hint="the substituter serves a corrupt file; try again later or use another one")
 
     def _check_nar_hash(self, info: NarInfo, file: Path) -> None:
-        """No FileHash to check against: decompress and check NarHash and NarSize instead."""
-        try:
-            with open(file, "rb") as f:
-                sha, size = sha256_stream(decompressing_reader(info.compression, f, info.url))
-        except (OSError, EOFError, ValueError, FormatError) as e:
-            raise self._mismatch(info, f"does not decompress as {info.compression}: {e}") from None
-        if size != info.nar_size or Hash("sha256", sha).nix32() != info.nar_hash:
-            raise self._mismatch(info, "the NAR inside does not match NarHash and NarSize")
+        """The NAR inside `file` must be the one the signed NarHash and NarSize describe."""
+        problem = nar_problem(info, file)
+        if problem is not None:
+            raise self._mismatch(info, problem)
 
     def _fetch_into(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
                     cancel: Cancel | None) -> tuple[bytes, int]:
@@ -465,6 +467,26 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
                 return
         finally:
             os.close(fd)
+
+
+def nar_problem(info: NarInfo, file: Path) -> str | None:
+    """Why the NAR inside the file `file` (compressed as `info` says) is not the one `info`'s
+    signed NarHash and NarSize describe, or None. Reads at most NarSize + 1 bytes of NAR."""
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with open(file, "rb") as f:
+            reader = decompressing_reader(info.compression, f, info.url)
+            while size <= info.nar_size and (data := reader.read(min(CHUNK, info.nar_size + 1 - size))):
+                sha.update(data)
+                size += len(data)
+    except (OSError, EOFError, ValueError, FormatError, lzma.LZMAError, zstandard.ZstdError) as e:
+        return f"it does not decompress as {info.compression}: {e}"
+    if size > info.nar_size:
+        return f"decompressed, it is longer than its signed NarSize {info.nar_size}"
+    if size != info.nar_size or Hash("sha256", sha.digest()).nix32() != info.nar_hash:
+        return "decompressed, it is not the NAR its signed NarHash and NarSize describe"
+    return None
 
 
 def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
