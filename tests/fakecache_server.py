@@ -2,7 +2,8 @@
 
 Serves a directory with Range support (206), and can: drop the connection in the middle of a
 file once, answer 500 a few times before succeeding, flip one byte of a file, serve other bytes
-in place of a file (a narinfo re-signed by another key), and send slowly. It counts requests.
+in place of a file (a narinfo re-signed by another key), send slowly, leave out Content-Length and
+require credentials. It counts requests.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Faults:
     replace: dict[str, bytes] = field(default_factory=dict)
     bytes_per_second: int = 0  # 0: as fast as possible
     ignore_range: bool = False  # answer 200 with the whole file, as servers without Range support do
+    hide_length: set[str] = field(default_factory=set)  # no Content-Length: the body ends when the connection closes
+    auth: str | None = None  # the Authorization header every request must carry, else 401
 
 
 class FakeCache:
@@ -90,6 +93,9 @@ class _Handler(BaseHTTPRequestHandler):
         if error:
             self._send(500, b"injected failure\n")
             return
+        if faults.auth is not None and self.headers.get("Authorization") != faults.auth:
+            self._send(401, b"who are you?\n", {"WWW-Authenticate": 'Basic realm="cache"'})
+            return
         file = cache.root / path
         if path in faults.replace:
             data = faults.replace[path]
@@ -112,14 +118,19 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Accept-Ranges": "bytes"}
         if match:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self._send(206 if match else 200, body, headers, path=path, drop_at=drop_at)
+        self._send(206 if match else 200, body, headers, path=path, drop_at=drop_at,
+                   length=path not in faults.hide_length)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, path: str = "",
-              drop_at: int | None = None) -> None:
+              drop_at: int | None = None, length: bool = True) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         limit = len(body) if drop_at is None else min(drop_at, len(body))
         rate = self.cache.faults.bytes_per_second

@@ -9,14 +9,18 @@ decompressed and checked against the signed NarHash and NarSize before it is tak
 # ruff: noqa: F811 - the fixtures of test_substituter, imported, are test arguments here
 from __future__ import annotations
 
+import base64
 import hashlib
 import lzma
+import subprocess
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from fakecache_server import FakeCache
 from test_substituter import (  # noqa: F401 - fixtures
+    FAST_BACKOFF,
     media_key,
     nar_files,
     run_prefetch,
@@ -29,10 +33,12 @@ from test_substituter import (  # noqa: F401 - fixtures
 
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.verify import verify_cache
-from mediabuilder.errors import InvalidMedia
+from mediabuilder.errors import InvalidInput, InvalidMedia
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
+from mediabuilder.store.storepath import StorePath
+from mediabuilder.substituter.client import Substituter
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +127,143 @@ def test_narinfo_in_the_cache_not_signed_by_the_media_key_is_not_present(
     ours = upstream_infos(dest)[victim.store_path.full]
     assert (ours.url, ours.file_hash) == (victim.url, victim.file_hash)
     assert media_key.public().verify(ours.fingerprint(), ours.sigs[-1])
+
+
+# Limits: what a server sends is bounded in size and in time
+
+
+BIG_BODY = 32 << 20  # bytes: far more than any file of the example's closure
+
+
+def test_filesize_out_of_proportion_to_narsize_is_refused_before_downloading(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, tmp_path: Path
+) -> None:
+    victim, _ = victim_and_donor(upstream)
+    forged = replace(victim, file_size=300_000_000)
+    dest = tmp_path / "cache"
+    BinaryCache(dest).create()
+    with pytest.raises(InvalidMedia) as caught:
+        substituter(server).download_nar(forged, dest)
+    assert str(caught.value) == (f"{victim.store_path}: the NAR from {server.url} ({victim.url}) is damaged: its "
+                                 f"FileSize 300000000 is out of proportion to its signed NarSize {victim.nar_size}")
+    assert server.requests[victim.url] == 0
+    assert list((dest / "nar").iterdir()) == []
+
+
+@pytest.mark.parametrize("announced", [True, False])
+@pytest.mark.parametrize("file_size", [True, False])
+def test_body_longer_than_allowed_is_cut_off(announced: bool, file_size: bool, server: FakeCache, upstream: Path,
+                                             upstream_key: SecretKey, tmp_path: Path) -> None:
+    """Announced in Content-Length (refused before it is read) or not (cut off as it arrives); the
+    limit is FileSize, or what NarSize allows when the narinfo has no FileSize."""
+    victim, _ = victim_and_donor(upstream)
+    info = victim if file_size else replace(victim, file_size=None, file_hash=None)
+    server.faults.replace[victim.url] = (upstream / victim.url).read_bytes() + bytes(BIG_BODY)
+    if not announced:
+        server.faults.hide_length.add(victim.url)
+    dest = tmp_path / "cache"
+    BinaryCache(dest).create()
+    with pytest.raises(InvalidMedia) as caught:
+        substituter(server).download_nar(info, dest)
+    limit = f"FileSize {victim.file_size}" if file_size else \
+        f"what its signed NarSize allows, {victim.nar_size + victim.nar_size // 64 + (64 << 10)}"
+    assert str(caught.value) == \
+        f"{victim.store_path}: the NAR from {server.url} ({victim.url}) is damaged: more than {limit} bytes"
+    assert server.sent[victim.url] < BIG_BODY // 2  # the rest was never sent: the connection closed
+    assert list((dest / "nar").iterdir()) == []
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_narinfo_longer_than_4_mib_is_refused(announced: bool, server: FakeCache, toplevel: str,
+                                              upstream_key: SecretKey) -> None:
+    top = StorePath.parse(toplevel)
+    name = f"{top.hash_part}.narinfo"
+    server.faults.replace[name] = f"StorePath: {toplevel}\n".encode() + b"X" * BIG_BODY
+    if not announced:
+        server.faults.hide_length.add(name)
+    with pytest.raises(InvalidMedia) as caught:
+        substituter(server).narinfo(top)
+    assert str(caught.value) == f"{server.url}/{name}: longer than 4 MiB: not a Nix binary cache's file"
+    assert server.sent[name] < BIG_BODY // 2
+
+
+def test_narinfo_longer_than_4_mib_in_a_file_cache_is_refused(toplevel: str, upstream_key: SecretKey,
+                                                              tmp_path: Path) -> None:
+    top = StorePath.parse(toplevel)
+    (tmp_path / f"{top.hash_part}.narinfo").write_bytes(f"StorePath: {toplevel}\n".encode() + b"X" * (5 << 20))
+    with pytest.raises(InvalidMedia) as caught:
+        Substituter(f"file://{tmp_path}", [upstream_key.public()]).narinfo(top)
+    assert str(caught.value) == f"file://{tmp_path}/{top.hash_part}.narinfo: longer than 4 MiB: not a Nix binary " \
+                                "cache's file"
+
+
+def test_slow_body_is_given_up_after_its_time_budget(server: FakeCache, upstream: Path, upstream_key: SecretKey,
+                                                     tmp_path: Path) -> None:
+    """Each try may take a floor plus its size at the minimum rate (here 0.2 s + 4 MiB/s); the
+    server sends at 256 KiB/s, and keeps sending: the read timeout alone would never stop it."""
+    victim, _ = victim_and_donor(upstream)
+    assert victim.file_size is not None and victim.file_size > 512 << 10
+    server.faults.bytes_per_second = 256 << 10
+    dest = tmp_path / "cache"
+    BinaryCache(dest).create()
+    slow = Substituter(server.url, [upstream_key.public()], tries=2, backoff=FAST_BACKOFF, min_rate=4 << 20,
+                       deadline_floor=0.2)
+    with pytest.raises(InvalidInput) as caught:
+        slow.download_nar(victim, dest)
+    assert str(caught.value) == (f"{server.url}: cannot download {victim.url} after 2 tries: too slow: the answer "
+                                 "did not arrive in the time its size allows")
+    assert server.requests[victim.url] == 2
+    assert server.sent[victim.url] < victim.file_size
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs (root may mount one; elsewhere the test is skipped)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True,
+                          check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_removes_the_partial_file(server: FakeCache, upstream: Path, upstream_key: SecretKey,
+                                            small_filesystem: Path) -> None:
+    victim, _ = victim_and_donor(upstream)
+    assert victim.file_size is not None and victim.file_size > 512 << 10
+    dest = small_filesystem / "cache"
+    BinaryCache(dest).create()
+    with pytest.raises(InvalidInput) as caught:
+        substituter(server).download_nar(victim, dest)
+    assert str(caught.value) == f"{dest}: no space left for the NAR of {victim.store_path} ({victim.file_size} bytes)"
+    assert list((dest / "nar").iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["url", "netrc"])
+def test_credentials_go_with_every_request(source: str, server: FakeCache, upstream: Path, upstream_key: SecretKey,
+                                           media_key: SecretKey, toplevel: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the URL's user info or from $NETRC: narinfos and NARs alike (per-request headers must
+    not replace the pool's)."""
+    server.faults.auth = "Basic " + base64.b64encode(b"deploy:s3cret").decode()
+    url = server.url
+    if source == "url":
+        url = url.replace("http://", "http://deploy:s3cret@")
+    else:
+        netrc = tmp_path / "netrc"
+        netrc.write_text("machine 127.0.0.1 login deploy password s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+    dest = tmp_path / "cache"
+    result = run_prefetch(url, upstream_key, media_key, dest, toplevel)
+    assert result.downloaded == len(upstream_infos(upstream))
+    assert nar_files(dest) == nar_files(upstream)
+    assert verify_cache(dest, [media_key.public()], jobs=2).ok
+
+
+def substituter(server: FakeCache) -> Substituter:
+    return Substituter(server.url, [], tries=2, backoff=FAST_BACKOFF)
