@@ -54,6 +54,12 @@ class FakeCache:
         self._thread.start()
         return self
 
+    def __enter__(self) -> FakeCache:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import lzma
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import nix
 from fakecache_server import FakeCache
 from test_substituter import (  # noqa: F401 - fixtures
     FAST_BACKOFF,
@@ -34,11 +36,13 @@ from test_substituter import (  # noqa: F401 - fixtures
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.verify import verify_cache
 from mediabuilder.errors import InvalidInput, InvalidMedia
+from mediabuilder.store import contentaddress, nar
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
 from mediabuilder.substituter.client import Substituter
+from mediabuilder.substituter.prefetch import prefetch
 
 pytestmark = pytest.mark.integration
 
@@ -267,3 +271,88 @@ def test_credentials_go_with_every_request(source: str, server: FakeCache, upstr
 
 def substituter(server: FakeCache) -> Substituter:
     return Substituter(server.url, [], tries=2, backoff=FAST_BACKOFF)
+
+
+# Content-addressed paths: trusted without a signature, so their content is checked
+
+
+@pytest.fixture(scope="module", params=["flat", "text"])
+def ca_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, NarInfo]:
+    """One unsigned content-addressed path copied by Nix into a file:// cache (uncompressed):
+    `nix store add-file` (fixed:sha256, flat) or builtins.toFile (text:sha256)."""
+    root = tmp_path_factory.mktemp("ca")
+    store = root / "store"
+    if request.param == "flat":
+        genuine = root / "genuine.txt"
+        genuine.write_text("the genuine contents\n")
+        path = nix("nix", "--store", store, "store", "add-file", genuine).stdout.strip()
+    else:
+        path = nix("nix", "--store", store, "eval", "--raw", "--expr",
+                   'builtins.toFile "genuine.txt" "the genuine contents\\n"').stdout.strip()
+    cache = root / "cache"
+    nix("nix", "copy", "--from", store, "--to", f"file://{cache}?compression=none", path)
+    info = upstream_infos(cache)[path]
+    assert info.ca is not None and info.ca.startswith("fixed:sha256:" if request.param == "flat" else "text:sha256:")
+    assert info.sigs == ()
+    return cache, info
+
+
+def forged_ca(cache: Path, info: NarInfo, tmp_path: Path) -> tuple[NarInfo, bytes]:
+    """`info` (its CA and so its store path intact) describing a NAR of other contents."""
+    fake = tmp_path / "forged.txt"
+    fake.write_text("the forged contents\n")
+    chunks: list[bytes] = []
+    nar.dump(fake, chunks.append)
+    data = b"".join(chunks)
+    digest = Hash("sha256", hashlib.sha256(data).digest()).nix32()
+    forged = replace(info, url=f"nar/{digest.removeprefix('sha256:')}.nar", compression="none", file_hash=digest,
+                     file_size=len(data), nar_hash=digest, nar_size=len(data))
+    return forged, data
+
+
+def test_content_addressed_path_with_forged_contents_is_refused(ca_cache: tuple[Path, NarInfo],
+                                                                media_key: SecretKey, tmp_path: Path) -> None:
+    cache, info = ca_cache
+    forged, data = forged_ca(cache, info, tmp_path)
+    with FakeCache(cache) as fake:
+        fake.faults.replace[f"{info.store_path.hash_part}.narinfo"] = forged.render().encode()
+        fake.faults.replace[forged.url] = data
+        dest = tmp_path / "cache"
+        with pytest.raises(InvalidMedia) as caught:
+            prefetch([info.store_path], [Substituter(fake.url, [], backoff=FAST_BACKOFF)], BinaryCache(dest),
+                     media_key, jobs=1)
+        assert str(caught.value) == (f"{info.store_path}: the NAR from {fake.url} ({forged.url}) is damaged: its "
+                                     f"contents do not have the content address {info.ca}")
+        assert sorted(p.name for p in (dest / "nar").iterdir()) == []
+        assert not (dest / f"{info.store_path.hash_part}.narinfo").exists()
+        # The genuine one is taken, and signed by the media key.
+        fake.faults.replace.clear()
+        result = prefetch([info.store_path], [Substituter(fake.url, [], backoff=FAST_BACKOFF)], BinaryCache(dest),
+                          media_key, jobs=1)
+    assert result.downloaded == 1
+    assert verify_cache(dest, [media_key.public()], jobs=1).ok
+
+
+def nar_of(path: Path) -> bytes:
+    chunks: list[bytes] = []
+    nar.dump(path, chunks.append)
+    return b"".join(chunks)
+
+
+def test_content_address_checks_what_each_method_hashes(tmp_path: Path) -> None:
+    """Flat and text: the contents of the one file, which must be a non-executable regular file;
+    recursive: the NAR, with the address's own algorithm."""
+    file = tmp_path / "f"
+    file.write_bytes(b"contents\n")
+    flat = Hash("sha256", hashlib.sha256(b"contents\n").digest()).nix32()
+    sha1_nar = Hash("sha1", hashlib.sha1(nar_of(file)).digest()).nix32()
+    assert contentaddress.content_problem(f"fixed:{flat}", io.BytesIO(nar_of(file))) is None
+    assert contentaddress.content_problem(f"text:{flat}", io.BytesIO(nar_of(file))) is None
+    assert contentaddress.content_problem(f"fixed:r:{sha1_nar}", io.BytesIO(nar_of(file))) is None
+    assert contentaddress.content_problem(f"fixed:r:{flat}", io.BytesIO(nar_of(file))) == \
+        f"its contents do not have the content address fixed:r:{flat}"
+    file.chmod(0o755)
+    assert contentaddress.content_problem(f"fixed:{flat}", io.BytesIO(nar_of(file))) == \
+        f"its content address fixed:{flat} is of one regular file, but the NAR is an executable file"
+    assert contentaddress.content_problem(f"text:{flat}", io.BytesIO(nar_of(tmp_path))) == \
+        f"its content address text:{flat} is of one regular file, but the NAR is a directory"

@@ -43,6 +43,7 @@ import zstandard
 from mediabuilder import __version__
 from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
+from mediabuilder.store import contentaddress
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
@@ -555,7 +556,23 @@ def nar_problem(info: NarInfo, file: Path) -> str | None:
         return f"decompressed, it is longer than its signed NarSize {info.nar_size}"
     if size != info.nar_size or Hash("sha256", sha.digest()).nix32() != info.nar_hash:
         return "decompressed, it is not the NAR its signed NarHash and NarSize describe"
-    return None
+    return _ca_problem(info, file)
+
+
+def _ca_problem(info: NarInfo, file: Path) -> str | None:
+    """Why the NAR in `file` (already checked against NarHash) does not have `info`'s content
+    address, or None: a CA path is trusted without a signature, so its content must be checked."""
+    if info.ca is None:
+        return None
+    try:
+        nar_hash = contentaddress.nar_hash_of_ca(info.ca)
+        if nar_hash is not None and nar_hash.nix32() == info.nar_hash:
+            return None  # fixed:r:sha256: the NarHash just checked is the content address
+        with open(file, "rb") as f:
+            return contentaddress.content_problem(info.ca, decompressing_reader(info.compression, f, info.url),
+                                                  info.url)
+    except (OSError, EOFError, ValueError, FormatError, lzma.LZMAError, zstandard.ZstdError) as e:
+        return f"its content address {info.ca} cannot be checked: {e}"
 
 
 def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
