@@ -251,7 +251,7 @@ class Substituter:
                     _drain(response, deadline)
                     return None
                 self._check_status(response, url)
-                if int(response.headers.get("Content-Length") or 0) > TEXT_MAX:
+                if (response.length_remaining or 0) > TEXT_MAX:  # as Content-Length announces
                     raise self._too_long(name)
                 data = bytearray()
                 for chunk in _read_all(response, deadline):
@@ -431,7 +431,7 @@ class Substituter:
                 if not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
                     raise _ServerError(f"HTTP 206 with Content-Range {r.headers.get('Content-Range')!r}")
                 start = offset
-            if start + int(r.headers.get("Content-Length") or 0) > limit:
+            if start + (r.length_remaining or 0) > limit:  # as Content-Length announces
                 raise self._too_big(info, limit)
             yield start, _read_all(r, deadline)
             complete = True
