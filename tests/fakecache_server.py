@@ -2,8 +2,8 @@
 
 Serves a directory with Range support (206), and can: drop the connection in the middle of a
 file once, answer 500 a few times before succeeding, flip one byte of a file, serve other bytes
-in place of a file (a narinfo re-signed by another key), send slowly, leave out Content-Length and
-require credentials. It counts requests.
+in place of a file (a narinfo re-signed by another key), send slowly, leave out Content-Length,
+require credentials and redirect. It counts requests.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Faults:
     ignore_range: bool = False  # answer 200 with the whole file, as servers without Range support do
     hide_length: set[str] = field(default_factory=set)  # no Content-Length: the body ends when the connection closes
     auth: str | None = None  # the Authorization header every request must carry, else 401
+    redirect: dict[str, str] = field(default_factory=dict)  # path -> URL to answer 302 with
 
 
 class FakeCache:
@@ -42,6 +43,7 @@ class FakeCache:
         self.requests: Counter[str] = Counter()
         self.ranges: list[tuple[str, str]] = []  # (path, Range header)
         self.sent: Counter[str] = Counter()  # body bytes sent per path
+        self.authorization: dict[str, str | None] = {}  # path -> the Authorization header last received
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"cache": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -90,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         range_header = self.headers.get("Range")
         with cache.lock:
             cache.requests[path] += 1
+            cache.authorization[path] = self.headers.get("Authorization")
             if range_header:
                 cache.ranges.append((path, range_header))
             error = faults.errors.get(path, 0) > 0
@@ -101,6 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if faults.auth is not None and self.headers.get("Authorization") != faults.auth:
             self._send(401, b"who are you?\n", {"WWW-Authenticate": 'Basic realm="cache"'})
+            return
+        if path in faults.redirect:
+            self._send(302, b"", {"Location": faults.redirect[path]})
             return
         file = cache.root / path
         if path in faults.replace:

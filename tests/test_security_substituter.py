@@ -356,3 +356,19 @@ def test_content_address_checks_what_each_method_hashes(tmp_path: Path) -> None:
         f"its content address fixed:{flat} is of one regular file, but the NAR is an executable file"
     assert contentaddress.content_problem(f"text:{flat}", io.BytesIO(nar_of(tmp_path))) == \
         f"its content address text:{flat} is of one regular file, but the NAR is a directory"
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_host(server: FakeCache, upstream: Path,
+                                                              upstream_key: SecretKey, media_key: SecretKey,
+                                                              toplevel: str, tmp_path: Path) -> None:
+    """A NAR redirected elsewhere (a CDN) is fetched there without the cache's credentials."""
+    victim, _ = victim_and_donor(upstream)
+    server.faults.auth = "Basic " + base64.b64encode(b"deploy:s3cret").decode()
+    with FakeCache(upstream) as cdn:
+        server.faults.redirect[victim.url] = f"{cdn.url}/{victim.url}"
+        dest = tmp_path / "cache"
+        run_prefetch(server.url.replace("http://", "http://deploy:s3cret@"), upstream_key, media_key, dest, toplevel)
+        assert cdn.requests == {victim.url: 1}
+        assert cdn.authorization == {victim.url: None}
+    assert server.authorization[victim.url] == server.faults.auth
+    assert nar_files(dest) == nar_files(upstream)
