@@ -2,7 +2,8 @@
 
 Serves a directory with Range support (206), and can: drop the connection in the middle of a
 file once, answer 500 a few times before succeeding, flip one byte of a file, serve other bytes
-in place of a file (a narinfo re-signed by another key), and send slowly. It counts requests.
+in place of a file (a narinfo re-signed by another key), send slowly, leave out Content-Length,
+require credentials and redirect. It counts requests.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Faults:
     replace: dict[str, bytes] = field(default_factory=dict)
     bytes_per_second: int = 0  # 0: as fast as possible
     ignore_range: bool = False  # answer 200 with the whole file, as servers without Range support do
+    hide_length: set[str] = field(default_factory=set)  # no Content-Length: the body ends when the connection closes
+    auth: str | None = None  # the Authorization header every request must carry, else 401
+    redirect: dict[str, str] = field(default_factory=dict)  # path -> URL to answer 302 with
 
 
 class FakeCache:
@@ -39,6 +43,7 @@ class FakeCache:
         self.requests: Counter[str] = Counter()
         self.ranges: list[tuple[str, str]] = []  # (path, Range header)
         self.sent: Counter[str] = Counter()  # body bytes sent per path
+        self.authorization: dict[str, str | None] = {}  # path -> the Authorization header last received
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"cache": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -50,6 +55,12 @@ class FakeCache:
     def start(self) -> FakeCache:
         self._thread.start()
         return self
+
+    def __enter__(self) -> FakeCache:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -81,6 +92,7 @@ class _Handler(BaseHTTPRequestHandler):
         range_header = self.headers.get("Range")
         with cache.lock:
             cache.requests[path] += 1
+            cache.authorization[path] = self.headers.get("Authorization")
             if range_header:
                 cache.ranges.append((path, range_header))
             error = faults.errors.get(path, 0) > 0
@@ -89,6 +101,12 @@ class _Handler(BaseHTTPRequestHandler):
             drop_at = faults.drop_once.pop(path, None)
         if error:
             self._send(500, b"injected failure\n")
+            return
+        if faults.auth is not None and self.headers.get("Authorization") != faults.auth:
+            self._send(401, b"who are you?\n", {"WWW-Authenticate": 'Basic realm="cache"'})
+            return
+        if path in faults.redirect:
+            self._send(302, b"", {"Location": faults.redirect[path]})
             return
         file = cache.root / path
         if path in faults.replace:
@@ -112,14 +130,19 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"Accept-Ranges": "bytes"}
         if match:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self._send(206 if match else 200, body, headers, path=path, drop_at=drop_at)
+        self._send(206 if match else 200, body, headers, path=path, drop_at=drop_at,
+                   length=path not in faults.hide_length)
 
     def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None, path: str = "",
-              drop_at: int | None = None) -> None:
+              drop_at: int | None = None, length: bool = True) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         limit = len(body) if drop_at is None else min(drop_at, len(body))
         rate = self.cache.faults.bytes_per_second

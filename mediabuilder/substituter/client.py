@@ -8,15 +8,22 @@ of what a prefetch of a thousand small paths cost (README, "Substituters").
 
 A NAR is streamed into the destination cache's `nar/` under a deterministic partial name, checked
 against FileSize and FileHash as it arrives, resumed with `Range` after a dropped connection or a
-killed run, and renamed when complete. It is stored as the substituter compressed it: never
-recompressed.
+killed run, and renamed when complete and the NAR inside, decompressed, matches the signed NarHash
+and NarSize (the narinfo's URL, FileHash, FileSize and Compression are not signed). It is stored
+as the substituter compressed it: never recompressed.
+
+What a server sends is bounded: a narinfo by TEXT_MAX bytes, a NAR file by its FileSize, which
+the signed NarSize bounds in turn; every body by a time budget (a floor, then MIN_RATE bytes a
+second), so that a trickle cannot keep a build waiting. A full disk removes the partial file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import lzma
 import netrc
 import os
 import re
@@ -31,11 +38,13 @@ from urllib.parse import unquote, urlsplit
 
 import urllib3
 import urllib3.exceptions
+import zstandard
 
 from mediabuilder import __version__
 from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
-from mediabuilder.store.hashes import Hash, sha256_stream
+from mediabuilder.store import contentaddress
+from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import PublicKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import STORE_DIR, StorePath
@@ -47,11 +56,13 @@ TRIES = 5
 BACKOFF = 0.2  # seconds before the second try; doubled for each further one
 CHUNK = 1 << 20
 PARTIAL_PREFIX = ".partial-"
+TEXT_MAX = 4 << 20  # a narinfo or nix-cache-info longer than this is not one
+MIN_RATE = 32 << 10  # bytes per second: a body slower than this on average is given up (and resumed)
+DEADLINE_FLOOR = 120.0  # seconds every request may take, however small
 _EXTENSION = re.compile(r"\.nar(\.[A-Za-z0-9]+)?$")
 
 T = TypeVar("T")
 
-TIMEOUT = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT)
 # urllib3 follows redirects (a CDN, presigned S3 URLs); everything else is retried by us, below.
 REDIRECTS = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=10)
 
@@ -65,7 +76,7 @@ _TRANSIENT = (
     urllib3.exceptions.SSLError,
     urllib3.exceptions.ProxyError,
     ConnectionError,
-    TimeoutError,
+    TimeoutError,  # and _TooSlow
 )
 
 
@@ -81,6 +92,10 @@ class Cancel(Protocol):
 
 class _ServerError(Exception):
     """A 5xx answer: retried like a dropped connection."""
+
+
+class _TooSlow(TimeoutError):
+    """A body that did not arrive within its time budget: retried (a NAR resumes where it was)."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +149,8 @@ class Substituter:
     """A binary cache to prefetch from, and the keys whose signatures it is trusted with."""
 
     def __init__(self, url: str, trusted_keys: Sequence[PublicKey], jobs: int = 8,
-                 tries: int = TRIES, backoff: float = BACKOFF) -> None:
+                 tries: int = TRIES, backoff: float = BACKOFF, min_rate: int = MIN_RATE,
+                 deadline_floor: float = DEADLINE_FLOOR) -> None:
         scheme = urlsplit(url).scheme
         if scheme not in ("file", "http", "https"):
             raise InvalidInput(f"substituter {url!r}: only file://, http:// and https:// URLs are supported")
@@ -142,6 +158,8 @@ class Substituter:
         self.trusted_keys = tuple(trusted_keys)
         self.tries = max(1, tries)
         self.backoff = backoff
+        self.min_rate = min_rate
+        self.deadline_floor = deadline_floor
         self._local = Path(unquote(urlsplit(self.url).path)) if scheme == "file" else None
         self._given_url = self.url
         self._connections = max(jobs, 10)
@@ -209,24 +227,51 @@ class Substituter:
         return info
 
     def _get_text(self, name: str) -> str | None:
+        """A small file of the cache (at most TEXT_MAX bytes), or None when it has none."""
         if self._local is not None:
             try:
-                return (self._local / name).read_text()
+                with open(self._local / name, "rb") as f:
+                    data = f.read(TEXT_MAX + 1)
             except FileNotFoundError:
                 return None
-            except (OSError, UnicodeDecodeError) as e:
+            except OSError as e:
                 raise InvalidInput(f"{self.url}/{name}: cannot read: {e}") from None
+            if len(data) > TEXT_MAX:
+                raise self._too_long(name)
+            return data.decode("utf-8", errors="replace")
         url = f"{self.url}/{name}"
 
         def get() -> str | None:
             assert self._http is not None
-            response = self._http.request("GET", url, timeout=TIMEOUT, retries=REDIRECTS)
-            if response.status in (403, 404, 410):  # S3 answers 403 for a missing key
-                return None
-            self._check_status(response, url)
-            return response.data.decode("utf-8", errors="replace")
+            deadline = time.monotonic() + self.deadline_floor
+            response = self._http.request("GET", url, timeout=self._timeout(self.deadline_floor),
+                                          retries=REDIRECTS, preload_content=False)
+            with _released(response):
+                if response.status in (403, 404, 410):  # S3 answers 403 for a missing key
+                    _drain(response, deadline)
+                    return None
+                self._check_status(response, url)
+                if (response.length_remaining or 0) > TEXT_MAX:  # as Content-Length announces
+                    raise self._too_long(name)
+                data = bytearray()
+                for chunk in _read_all(response, deadline):
+                    data += chunk
+                    if len(data) > TEXT_MAX:
+                        raise self._too_long(name)
+                return data.decode("utf-8", errors="replace")
 
         return self._retrying(get, url)
+
+    def _too_long(self, name: str) -> InvalidMedia:
+        return InvalidMedia(f"{self.url}/{name}: longer than {TEXT_MAX >> 20} MiB: not a Nix binary cache's file",
+                            hint="the substituter is broken or hostile; use another one")
+
+    def _timeout(self, budget: float) -> urllib3.Timeout:
+        return urllib3.Timeout(connect=CONNECT_TIMEOUT, read=min(READ_TIMEOUT, budget))
+
+    def _budget(self, size: int) -> float:
+        """Seconds a body of `size` bytes may take: a floor, then at least `min_rate` bytes a second."""
+        return self.deadline_floor + size / self.min_rate
 
     # NARs
     def download_nar(self, info: NarInfo, dest: Path, on_bytes: Callable[[int], None] = lambda n: None,
@@ -256,18 +301,28 @@ class Substituter:
                     os.truncate(partial, 0)
                     on_bytes(-(info.file_size or 0))
                     file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                # FileHash, FileSize, URL and Compression are not signed: only NarHash is.
+                self._check_nar_hash(info, partial)
                 if info.file_hash is None:
-                    self._check_nar_hash(info, partial)
                     final = dest / f"nar/{file_hash.removeprefix('sha256:')}{_extension(info)}"
             except InvalidMedia:
                 partial.unlink(missing_ok=True)
                 raise
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                partial.unlink(missing_ok=True)
+                raise InvalidInput(f"{dest}: no space left for the NAR of {info.store_path} "
+                                   f"({info.file_size or info.nar_size} bytes)",
+                                   hint="free space there, or build into another directory") from None
             os.replace(partial, final)
         return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
 
     def _reused(self, info: NarInfo, final: Path, on_bytes: Callable[[int], None]) -> Downloaded | None:
-        """The NAR file already complete in the cache, if it is."""
-        if info.file_hash is None or not final.is_file() or not self._complete(final, info):
+        """The NAR file already complete in the cache, if it is, and the NAR inside is the signed one
+        (an unsigned FileHash may name another path's file)."""
+        if info.file_hash is None or not final.is_file() or not self._complete(final, info) or \
+                nar_problem(info, final) is not None:
             return None
         size = final.stat().st_size
         on_bytes(size)
@@ -293,19 +348,16 @@ class Substituter:
                             hint="the substituter serves a corrupt file; try again later or use another one")
 
     def _check_nar_hash(self, info: NarInfo, file: Path) -> None:
-        """No FileHash to check against: decompress and check NarHash and NarSize instead."""
-        try:
-            with open(file, "rb") as f:
-                sha, size = sha256_stream(decompressing_reader(info.compression, f, info.url))
-        except (OSError, EOFError, ValueError, FormatError) as e:
-            raise self._mismatch(info, f"does not decompress as {info.compression}: {e}") from None
-        if size != info.nar_size or Hash("sha256", sha).nix32() != info.nar_hash:
-            raise self._mismatch(info, "the NAR inside does not match NarHash and NarSize")
+        """The NAR inside `file` must be the one the signed NarHash and NarSize describe."""
+        problem = nar_problem(info, file)
+        if problem is not None:
+            raise self._mismatch(info, problem)
 
     def _fetch_into(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
                     cancel: Cancel | None) -> tuple[bytes, int]:
         """Append the rest of the file to `partial` (retrying, resuming); its sha256 and size."""
         expected = info.file_size
+        self._file_limit(info)  # refuses a FileSize out of proportion before a byte is downloaded
         if expected is not None and partial.stat().st_size > expected:
             os.truncate(partial, 0)
         failures = 0
@@ -325,8 +377,8 @@ class Substituter:
 
     def _append(self, info: NarInfo, partial: Path, sha: hashlib._Hash, size: int,
                 on_bytes: Callable[[int], None], cancel: Cancel | None) -> tuple[hashlib._Hash, int]:
-        expected = info.file_size
-        with open(partial, "ab") as out, self._open_nar(info, size) as (start, chunks):
+        limit = self._file_limit(info)
+        with open(partial, "ab") as out, self._open_nar(info, size, limit) as (start, chunks):
             if start != size:  # the server sent the whole file: start over with it
                 on_bytes(-size)
                 out.truncate(0)
@@ -336,16 +388,18 @@ class Substituter:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
                 size += len(chunk)
-                if expected is not None and size > expected:
-                    raise self._mismatch(info, f"more than FileSize {expected} bytes")
+                if size > limit:
+                    raise self._too_big(info, limit)
                 sha.update(chunk)
                 out.write(chunk)
                 on_bytes(len(chunk))
         return sha, size
 
     @contextlib.contextmanager
-    def _open_nar(self, info: NarInfo, offset: int) -> Iterator[tuple[int, Iterator[bytes]]]:
-        """The NAR file's bytes from `offset`, or from 0 when the server ignores Range: (start, chunks)."""
+    def _open_nar(self, info: NarInfo, offset: int, limit: int) -> Iterator[tuple[int, Iterator[bytes]]]:
+        """The NAR file's bytes from `offset`, or from 0 when the server ignores Range: (start, chunks).
+        A body announced longer than `limit` bytes is refused before it is read; one that takes
+        longer than its time budget raises _TooSlow."""
         if self._local is not None:
             try:
                 f = open(self._nar_file(info), "rb")  # noqa: SIM115 - closed below
@@ -357,11 +411,14 @@ class Substituter:
             return
         assert self._http is not None
         url = self._nar_url(info)
-        headers = {"Accept-Encoding": "identity"}
+        # Per-request headers replace the pool's: keep its User-Agent and credentials.
+        headers = {**self._http.headers, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        budget = self._budget(max(0, limit - offset))
+        deadline = time.monotonic() + budget
         r = self._http.request("GET", url, headers=headers, preload_content=False, decode_content=False,
-                               timeout=TIMEOUT, retries=REDIRECTS)
+                               timeout=self._timeout(budget), retries=REDIRECTS)
         complete = False
         try:
             if r.status in (403, 404, 410):
@@ -374,12 +431,27 @@ class Substituter:
                 if not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
                     raise _ServerError(f"HTTP 206 with Content-Range {r.headers.get('Content-Range')!r}")
                 start = offset
-            yield start, _read_all(r)
+            if start + (r.length_remaining or 0) > limit:  # as Content-Length announces
+                raise self._too_big(info, limit)
+            yield start, _read_all(r, deadline)
             complete = True
         finally:
             if not complete:  # what is left of the body is not worth reading: a new connection
                 r.close()
             r.release_conn()
+
+    def _file_limit(self, info: NarInfo) -> int:
+        """The most bytes `info`'s file may have: FileSize, which NarSize (signed) bounds, as
+        compressing adds little even to what does not compress (zstd, xz, bzip2: well under 1/64)."""
+        bound = info.nar_size + info.nar_size // 64 + (64 << 10)
+        if info.file_size is not None and info.file_size > bound:
+            raise self._mismatch(info, f"its FileSize {info.file_size} is out of proportion to its signed "
+                                       f"NarSize {info.nar_size}")
+        return bound if info.file_size is None else info.file_size
+
+    def _too_big(self, info: NarInfo, limit: int) -> InvalidMedia:
+        what = "FileSize" if info.file_size is not None else "what its signed NarSize allows,"
+        return self._mismatch(info, f"more than {what} {limit} bytes")
 
     def _no_nar(self, info: NarInfo) -> InvalidMedia:
         return InvalidMedia(f"{info.store_path}: {self.url} has its narinfo but not its NAR {info.url}")
@@ -424,7 +496,7 @@ def _reason(error: Exception) -> str:
     """A few words for the user instead of urllib3's nested reprs."""
     if isinstance(error, urllib3.exceptions.MaxRetryError) and error.reason is not None:
         error = error.reason
-    if isinstance(error, _ServerError):
+    if isinstance(error, (_ServerError, _TooSlow)):
         return str(error)
     if isinstance(error, urllib3.exceptions.ResponseError):
         return "too many redirects"
@@ -467,6 +539,42 @@ def _claimed(partial: Path, cancel: Cancel | None) -> Iterator[None]:
             os.close(fd)
 
 
+def nar_problem(info: NarInfo, file: Path) -> str | None:
+    """Why the NAR inside the file `file` (compressed as `info` says) is not the one `info`'s
+    signed NarHash and NarSize describe, or None. Reads at most NarSize + 1 bytes of NAR."""
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with open(file, "rb") as f:
+            reader = decompressing_reader(info.compression, f, info.url)
+            while size <= info.nar_size and (data := reader.read(min(CHUNK, info.nar_size + 1 - size))):
+                sha.update(data)
+                size += len(data)
+    except (OSError, EOFError, ValueError, FormatError, lzma.LZMAError, zstandard.ZstdError) as e:
+        return f"it does not decompress as {info.compression}: {e}"
+    if size > info.nar_size:
+        return f"decompressed, it is longer than its signed NarSize {info.nar_size}"
+    if size != info.nar_size or Hash("sha256", sha.digest()).nix32() != info.nar_hash:
+        return "decompressed, it is not the NAR its signed NarHash and NarSize describe"
+    return _ca_problem(info, file)
+
+
+def _ca_problem(info: NarInfo, file: Path) -> str | None:
+    """Why the NAR in `file` (already checked against NarHash) does not have `info`'s content
+    address, or None: a CA path is trusted without a signature, so its content must be checked."""
+    if info.ca is None:
+        return None
+    try:
+        nar_hash = contentaddress.nar_hash_of_ca(info.ca)
+        if nar_hash is not None and nar_hash.nix32() == info.nar_hash:
+            return None  # fixed:r:sha256: the NarHash just checked is the content address
+        with open(file, "rb") as f:
+            return contentaddress.content_problem(info.ca, decompressing_reader(info.compression, f, info.url),
+                                                  info.url)
+    except (OSError, EOFError, ValueError, FormatError, lzma.LZMAError, zstandard.ZstdError) as e:
+        return f"its content address {info.ca} cannot be checked: {e}"
+
+
 def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
     sha = hashlib.sha256()
     size = 0
@@ -478,9 +586,32 @@ def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
 
 
 
-def _read_all(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
-    """The body as it arrives, undecoded; a connection that closes early raises ProtocolError."""
+@contextlib.contextmanager
+def _released(response: urllib3.BaseHTTPResponse) -> Iterator[None]:
+    """The connection back to the pool when the body was read to its end, else closed (what is
+    left of a body is not worth reading, and a hostile one may have no end)."""
+    try:
+        yield
+    finally:
+        if response.length_remaining != 0:  # None: no Content-Length, the body ends when it closes
+            response.close()
+        response.release_conn()
+
+
+def _drain(response: urllib3.BaseHTTPResponse, deadline: float) -> None:
+    """Read the short rest of an answer (an error page), so that its connection can serve again."""
+    if response.length_remaining is not None and response.length_remaining <= 64 << 10:
+        with contextlib.suppress(*_TRANSIENT):
+            for _ in _read_all(response, deadline):
+                pass
+
+
+def _read_all(response: urllib3.BaseHTTPResponse, deadline: float) -> Iterator[bytes]:
+    """The body as it arrives, undecoded, until `deadline` (time.monotonic()); a connection that
+    closes early raises ProtocolError, a body still arriving at the deadline _TooSlow."""
     while chunk := response.read1(CHUNK, decode_content=False):
+        if time.monotonic() > deadline:
+            raise _TooSlow("too slow: the answer did not arrive in the time its size allows")
         yield chunk
     if response.length_remaining:
         raise urllib3.exceptions.ProtocolError(f"connection closed with {response.length_remaining} bytes to go")

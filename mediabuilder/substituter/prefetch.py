@@ -1,7 +1,8 @@
 """Prefetch closures from binary caches into our cache, the NARs copied as they are.
 
 Each path's NAR is downloaded byte for byte (no recompression) and its narinfo is the upstream
-one with our media key's signature added, written last: Nix may trust either key. A rerun skips
+one with our media key's signature added, written last (only once the NAR inside matched the
+signed NarHash and NarSize): Nix may trust either key. A rerun skips
 paths already complete and resumes partial downloads (`nar/.partial-*`) where it left off.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 from mediabuilder import ui, workers
 from mediabuilder.cache.layout import BinaryCache, remove_unless_locked
 from mediabuilder.errors import MediabuilderError
-from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
 from mediabuilder.substituter.client import (
@@ -61,11 +62,16 @@ def signed(info: NarInfo, downloaded: Downloaded, key: SecretKey) -> NarInfo:
     return local.with_sigs((*upstream, key.sign(local.fingerprint())))
 
 
-def _present(cache: BinaryCache, info: NarInfo) -> NarInfo | None:
-    """Our narinfo of `info`'s path when it describes the same NAR and its file has the right size."""
+def _present(cache: BinaryCache, info: NarInfo, key: PublicKey) -> NarInfo | None:
+    """Our narinfo of `info`'s path when it describes the same NAR, its file has the right size and
+    it is signed by our media key: we sign only what we checked against the signed NarHash. One that
+    is not (left by someone else, or by another key) is downloaded again: its file is reused once its
+    NAR is checked."""
     try:
         ours = cache.read_narinfo(info.store_path)
         if ours.nar_hash != info.nar_hash or ours.nar_size != info.nar_size:
+            return None
+        if not any(key.verify(ours.fingerprint(), s) for s in ours.sigs):
             return None
         size = cache.file_path(ours.url).stat().st_size
     except (MediabuilderError, OSError):
@@ -99,7 +105,7 @@ def prefetch(
     result = PrefetchResult()
     with _Downloads(cache, key, jobs, result, substituters) as downloads:
         closure = walk_closure(roots, substituters, jobs, on_found=downloads.add)
-        _remove_foreign_partials(cache, set(downloads.files))
+        _remove_foreign_partials(cache, {name for name, _, _ in downloads.files})
         downloads.finish()
     result.missing = tuple(closure.missing)
     result.paths = tuple(sorted(closure.found))
@@ -135,7 +141,7 @@ class _Downloads:
         self.public = key.public()
         self.result = result
         self.substituters = substituters
-        self.files: dict[str, _File] = {}  # by partial name
+        self.files: dict[tuple[str, str, int], _File] = {}  # by partial name, NarHash, NarSize
         self.done: queue.SimpleQueue[_File] = queue.SimpleQueue()
         self.total = 0  # bytes, growing as the walk finds paths
         context = multiprocessing.get_context("fork")
@@ -164,14 +170,11 @@ class _Downloads:
     def add(self, info: NarInfo, substituter: Substituter) -> None:
         """A path the walk found (called on the walking thread)."""
         self._write_completed()
-        ours = _present(self.cache, info)
-        if ours is not None:
+        if _present(self.cache, info, self.public) is not None:
             self.result.present += 1
-            if not any(self.public.verify(ours.fingerprint(), s) for s in ours.sigs):
-                others = tuple(s for s in ours.sigs if not s.startswith(self.key.name + ":"))
-                self.cache.write_narinfo(ours.with_sigs((*others, self.key.sign(ours.fingerprint()))))
             return
-        name = partial_name(info)
+        # The file is named after the unsigned FileHash: share it only with the same signed NAR.
+        name = (partial_name(info), info.nar_hash, info.nar_size)
         file = self.files.get(name)
         if file is not None:  # another path with the same contents
             file.infos.append(info)
