@@ -31,6 +31,7 @@ def stop(pool: ProcessPoolExecutor) -> None:
     temporary that the next run deletes; nothing is gained by waiting for it."""
     # The executor has no public way to end its workers before Python 3.14 (terminate_workers).
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown() forgets both
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         with contextlib.suppress(Exception):
@@ -38,3 +39,8 @@ def stop(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         with contextlib.suppress(Exception):
             process.join(timeout=10)
+    # Its manager thread then finds the pool broken and closes its wake-up pipe; wait for that, or
+    # Python 3.11's exit handler may write to the pipe as it closes ("Exception ignored ... Bad
+    # file descriptor", seen after a SIGTERM during the export).
+    if manager is not None:
+        manager.join(timeout=10)
