@@ -67,9 +67,9 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise FlipTimeout
 
 
-def verify(target: Path, key: str, capsys: pytest.CaptureFixture[str], where: str) -> int:
+def verify(target: Path, key: str, capsys: pytest.CaptureFixture[str], where: str) -> tuple[int, str]:
     """`mediabuilder verify TARGET --trusted-key KEY` in this process: its exit status, checked
-    to be 0, 1 or 2 with no traceback."""
+    to be 0, 1 or 2 with no traceback, and its standard output (the faults)."""
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(PER_FLIP)
     try:
@@ -79,10 +79,10 @@ def verify(target: Path, key: str, capsys: pytest.CaptureFixture[str], where: st
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert code in (0, 1, 2), f"{where}: exit {code}\n{err}"
     assert "Traceback" not in err, f"{where}: {err}"
-    return code
+    return code, out
 
 
 def flip(path: Path, offset: int, mask: int) -> None:
@@ -129,14 +129,14 @@ def test_dir_flips(media: Media, tmp_path: Path, capsys: pytest.CaptureFixture[s
         mask = rng.randrange(1, 256)
         where = f"dir, seed {SEED}: {path.relative_to(scratch)} byte {offset} ^ {mask:#04x}"
         flip(path, offset, mask)
-        code = verify(scratch, media.key, capsys, where)
+        code, _ = verify(scratch, media.key, capsys, where)
         flip(path, offset, mask)
         outcomes[code] += 1
         if code == 0:
             caught.append(where)
     line = summary("dir", outcomes, "passed", capsys)
     assert caught == [], f"{line}; flips in file data that verify called ok: {caught}"
-    assert verify(scratch, media.key, capsys, "dir, restored") == 0
+    assert verify(scratch, media.key, capsys, "dir, restored")[0] == 0
 
 
 def contents(source: MediaSource) -> dict[str, str]:
@@ -191,7 +191,7 @@ def test_image_flips(media: Media, fmt: str, tmp_path: Path, capsys: pytest.Capt
         mask = rng.randrange(1, 256)
         where = f"{fmt}, seed {SEED}: byte {offset} ^ {mask:#04x}"
         flip(scratch, offset, mask)
-        code = verify(scratch, media.key, capsys, where)
+        code, _ = verify(scratch, media.key, capsys, where)
         data = inside(offset, extents)
         in_data += data
         if code == 0 and data:
@@ -205,4 +205,19 @@ def test_image_flips(media: Media, fmt: str, tmp_path: Path, capsys: pytest.Capt
     line = summary(fmt, outcomes, "harmless (exit 0, padding)", capsys) + f"; {in_data} inside file data"
     assert in_data >= FLIPS // 2, line
     assert wrong == [], f"{line}: {wrong}"
-    assert verify(scratch, media.key, capsys, f"{fmt}, restored") == 0
+    assert verify(scratch, media.key, capsys, f"{fmt}, restored")[0] == 0
+
+
+def test_corrupt_manifest_nar_is_a_fault(media: Media, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flip of the zstd magic of the manifest NAR (zstd itself refuses the frame): a fault
+    naming the NAR, not an internal error."""
+    scratch = tmp_path / "media"
+    shutil.copytree(media.dir, scratch, symlinks=True)
+    digest = Path((scratch / "manifest.storepath").read_text().strip()).name.split("-")[0]
+    fields = dict(line.split(": ", 1) for line in (scratch / "cache" / f"{digest}.narinfo").read_text().splitlines())
+    assert fields["Compression"] == "zstd"
+    nar = scratch / "cache" / fields["URL"]
+    flip(nar, 0, 0xFF)
+    code, out = verify(scratch, media.key, capsys, "manifest NAR")
+    assert code == 1, out
+    assert f"cannot read the signed manifest from cache/{fields['URL']}: zstd decompress error" in out, out
