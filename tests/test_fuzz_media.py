@@ -23,7 +23,7 @@ import pytest
 from conftest import Example, run_cli
 
 from mediabuilder import cli
-from mediabuilder.media.source import MediaSource, open_source
+from mediabuilder.media.source import FatSource, IsoSource, MediaSource, open_source
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +152,7 @@ def image_offsets(image: Path) -> tuple[list[tuple[int, int]], dict[str, str]]:
     """The data extents of every file (from the reader) and every file's content; the offsets
     to flip are drawn from these by `image_targets`."""
     with open_source(image) as source:
+        assert isinstance(source, IsoSource | FatSource)
         extents = sorted((o, n) for ext, _ in source._files.values() for o, n in ext if n)
         return extents, contents(source)
 
