@@ -108,6 +108,16 @@ def test_public_parse_errors() -> None:
         PublicKey.parse("")
 
 
+def test_non_ascii_base64_is_a_format_error() -> None:
+    """A byte flipped in a key or signature read from a medium: refused, not a ValueError."""
+    flipped = PUBLIC[:10] + "\u00e9" + PUBLIC[11:]
+    with pytest.raises(FormatError, match="is not valid base64"):
+        PublicKey.parse(flipped, "media-key.pub")
+    assert not PublicKey.parse(PUBLIC).verify(FINGERPRINT, SIG[:10] + "\u00e9" + SIG[11:])
+    with pytest.raises(FormatError, match="invalid base64 digest"):
+        Hash.parse("sha256-" + "\u00e9" * 43 + "=")
+
+
 def test_load(tmp_path: Path) -> None:
     (tmp_path / "sk").write_text(SECRET + "\n")
     assert SecretKey.load(tmp_path / "sk").render() == SECRET

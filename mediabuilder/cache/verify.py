@@ -70,10 +70,16 @@ class _Checked:
     file_sha256: dict[str, str] = field(default_factory=dict)  # NAR file and its parts, as read → hex
 
 
-def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
-    """None when a trusted key signed `info` or its CA is genuine; otherwise the fault."""
+def signed_by(info: NarInfo, trusted: list[PublicKey]) -> bool:
+    """Whether a trusted key signed `info`."""
     fingerprint = info.fingerprint()
-    if any(key.verify(fingerprint, sig) for key in trusted for sig in info.sigs):
+    return any(key.verify(fingerprint, sig) for key in trusted for sig in info.sigs)
+
+
+def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
+    """None when a trusted key signed `info` or its CA gives its store path; otherwise the fault.
+    A path trusted by its CA alone must then have its NAR checked against the CA (`_check_nar`)."""
+    if signed_by(info, trusted):
         return None
     if info.ca:
         try:
@@ -224,13 +230,18 @@ def _check_nar(job: _Job, info: NarInfo, names: list[str], faults: list[str], sh
         faults.append(f"{info.url} is {size} bytes, FileSize says {info.file_size}")
         job.progress(size)
         return ""
-    broken = ""
+    broken, ca_problem = "", None
+    ca = info.ca if info.ca is not None and not signed_by(info, list(job.trusted)) else None
     joined = _Joined(job.source, list(names))
     with io.BufferedReader(joined, CHUNK) as f:
         hashing = _Hashing(f, job.progress)
         try:
             stream = decompressing_reader(info.compression, cast(IO[bytes], hashing), info.url)
-            nar_sha, nar_size = sha256_stream(cast(IO[bytes], _Bounded(stream, info.nar_size)))
+            bounded = _Bounded(stream, info.nar_size)
+            if ca is None:
+                nar_sha, nar_size = sha256_stream(cast(IO[bytes], bounded))
+            else:
+                nar_sha, nar_size, ca_problem = _ca_checked(ca, bounded, info.url)
         except (OSError, EOFError, MediabuilderError, ValueError, lzma.LZMAError, zstandard.ZstdError) as e:
             broken, nar_sha, nar_size = f"{info.url} does not decompress as {info.compression}: {e}", b"", 0
         hashing.drain()
@@ -247,7 +258,32 @@ def _check_nar(job: _Job, info: NarInfo, names: list[str], faults: list[str], sh
         faults.append(f"NAR is {nar_size} bytes, NarSize says {info.nar_size}")
     elif Hash("sha256", nar_sha).nix32() != info.nar_hash:
         faults.append("NAR does not match its NarHash")
+    elif ca_problem is not None:
+        faults.append(f"unsigned, and {ca_problem} (a forged content-addressed path)")
     return file_sha
+
+
+def _ca_checked(ca: str, nar: _Bounded, url: str) -> tuple[bytes, int, str | None]:
+    """The NAR's sha256 and size, and why its content does not have the content address `ca`
+    (None when it does), in one read of the stream."""
+    tee = _Tee(nar)
+    problem = contentaddress.content_problem(ca, tee, url)
+    while tee.read(CHUNK):
+        pass
+    return tee.sha.digest(), tee.size, problem
+
+
+class _Tee:
+    """The bytes of a stream as they are read, hashed and counted."""
+
+    def __init__(self, stream: _Bounded) -> None:
+        self._stream, self.sha, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n: int, /) -> bytes:
+        data = self._stream.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
 
 
 class _Bounded:

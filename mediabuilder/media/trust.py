@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import lzma
 from collections.abc import Callable
 from typing import IO
+
+import zstandard
 
 from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.errors import FormatError, InvalidMedia, MediabuilderError
@@ -71,7 +74,7 @@ def signed_manifest_files(source: MediaSource, info: NarInfo) -> dict[str, bytes
             parser = nar.NarParser(stream, url)
             parser.parse(sink)
             parser.finish()
-    except (MediabuilderError, OSError, ValueError, EOFError) as e:
+    except (MediabuilderError, OSError, ValueError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
         raise InvalidMedia(f"cannot read the signed manifest from {url}: {e}") from None
     if sink.problem is not None:
         raise InvalidMedia(f"{url}: the signed manifest {sink.problem}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 from typing import IO
@@ -55,7 +54,7 @@ class Hash:
         if len(rest) == 4 * ((size + 2) // 3):
             try:
                 digest = base64.b64decode(rest, validate=True)
-            except binascii.Error:
+            except ValueError:  # binascii.Error, or a str with non-ASCII characters
                 raise FormatError(f"hash {text!r}: invalid base64 digest") from None
             if len(digest) == size and base64.b64encode(digest).decode() == rest:
                 return cls(algo, digest)

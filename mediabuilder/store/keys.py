@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import os
 import re
@@ -38,7 +37,7 @@ def _split(text: str, size: int, what: str, source: str) -> tuple[str, bytes]:
         raise FormatError(f"{where}{what} name {name!r} is not {KEY_NAME_RULE}")
     try:
         data = base64.b64decode(b64, validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a str with non-ASCII characters
         raise FormatError(f"{where}{what} {name!r} is not valid base64") from None
     if len(data) != size:
         raise FormatError(f"{where}{what} {name!r} has {len(data)} bytes, not {size}")
@@ -78,7 +77,7 @@ class PublicKey:
             return False
         try:
             signature = base64.b64decode(b64, validate=True)
-        except binascii.Error:
+        except ValueError:  # binascii.Error, or a str with non-ASCII characters
             return False
         if len(signature) != SIGNATURE_LEN:
             return False
