@@ -86,6 +86,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str)
     return errors[0]
 
 
+def prepare_example(dest: Path) -> subprocess.CompletedProcess[str]:
+    """examples/prepare.sh into `dest` (the example flake with its inputs), which must succeed."""
+    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 @dataclass(frozen=True)
 class Example:
     dest: Path
@@ -100,8 +107,7 @@ class Example:
 def example(tmp_path_factory: pytest.TempPathFactory) -> Example:
     """examples/prepare.sh into a temporary directory, both hosts built (once per session)."""
     dest = tmp_path_factory.mktemp("example") / "example"
-    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    proc = prepare_example(dest)
     assert proc.stdout == "" and proc.stderr == ""
     flake = dest / "flake"
     return Example(dest=dest, flake=flake, toplevels=build_toplevels(flake, EXAMPLE_HOSTS))

@@ -6,13 +6,12 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import PREPARE, build_toplevels, closure_of, make_nix_env, nix, run_cli
+from conftest import build_toplevels, closure_of, make_nix_env, nix, prepare_example, run_cli
 from fakecache_server import FakeCache
 from test_install import evaluate_installed, install_offline
 
@@ -29,8 +28,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dic
     `nix flake archive --to` into a cache served on loopback."""
     base = tmp_path_factory.mktemp("subst")
     dest = base / "example"
-    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    prepare_example(dest)
     flake = dest / "flake"
     toplevels = build_toplevels(flake, HOSTS)
     key = SecretKey.generate(f"upstream-{os.getpid()}")

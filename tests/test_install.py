@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PREPARE, assert_one_line_error, closure_of, make_nix_env, nix, run_cli
+from conftest import assert_one_line_error, closure_of, make_nix_env, nix, prepare_example, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -32,8 +32,7 @@ class Built:
 
 
 def _prepare(dest: Path) -> None:
-    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    prepare_example(dest)
 
 
 def _build(flake: Path, output: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:

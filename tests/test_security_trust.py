@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import PREPARE, make_nix_env, run_cli
+from conftest import prepare_example, run_cli
 from test_install_script import NIX_CONFIG, Medium, _git, _needs_real_tools, make_medium, run_installer
 
 from mediabuilder.media.flakerepo import without_credentials
@@ -63,8 +63,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """The example flake, its remotes given a token and a password, built into a medium."""
     base = tmp_path_factory.mktemp("trust")
     dest = base / "example"
-    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    prepare_example(dest)
     flake = dest / "flake"
     subprocess.run(["git", "-C", str(flake), "remote", "set-url", "origin", ORIGIN], check=True)
     subprocess.run(["git", "-C", str(flake), "remote", "set-url", "backup", BACKUP], check=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import PREPARE, assert_one_line_error, build_toplevels, make_nix_env, run_cli
+from conftest import assert_one_line_error, build_toplevels, prepare_example, run_cli
 from test_install import evaluate_installed, install_offline
 from test_install_script import make_medium, run_installer
 
@@ -59,8 +59,7 @@ class Base:
 def base(tmp_path_factory: pytest.TempPathFactory) -> Base:
     root = tmp_path_factory.mktemp("repos")
     dest = root / "example"
-    proc = subprocess.run(["bash", str(PREPARE), str(dest)], env=make_nix_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    prepare_example(dest)
     return Base(dest, dest / "flake", root / "cache", build_toplevels(dest / "flake", HOSTS))
 
 
