@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -468,8 +469,21 @@ def nobody_home() -> Iterator[Path]:
     home = Path(tempfile.mkdtemp(prefix="mediabuilder-test-home-"))
     home.chmod(0o755)
     os.chown(home, 65534, 65534)
-    yield home
-    shutil.rmtree(home)
+    # nobody must reach this checkout and its interpreter: a clone in a `mktemp -d` directory is
+    # root's alone. Directories on the way get o+x (traverse, not read) for the test, then back.
+    opened: list[tuple[Path, int]] = []
+    for start in (REPO, Path(sys.prefix), Path(os.path.realpath(sys.executable)).parent):
+        for d in (start, *start.parents):
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                d.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+                opened.append((d, stat.S_IMODE(mode)))
+    try:
+        yield home
+    finally:
+        for d, mode in reversed(opened):
+            d.chmod(mode)
+        shutil.rmtree(home)
 
 
 def test_a_user_who_cannot_write_the_store(example: Example, nobody_home: Path) -> None:
