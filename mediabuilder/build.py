@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
@@ -23,7 +22,7 @@ from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
-from mediabuilder.media import fat32, flakerepo, fsinfo, iso, output, registry, split
+from mediabuilder.media import fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
@@ -235,6 +234,7 @@ class Source:
 def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
     check_media_settings(req.media)
+    reproducible.source_date_epoch(None)  # a bad SOURCE_DATE_EPOCH is refused before any work
     have_nix = check_nix(req)
     runner.require("git")
     if req.cache.key is not None:
@@ -319,7 +319,8 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             (tree / "README.txt").write_text(README)
             step.detail = f"{len(known)} NAR files"
         with ui.step("Signing the manifest") as step:
-            manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none")
+            epoch = reproducible.source_date_epoch(flakerepo.commit_time(source.repo))
+            manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none", epoch)
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req, target)
             split = split_large_files(tree, manifest.files, limit) if limit else 0
@@ -328,7 +329,7 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             if split:
                 step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
-            write_output(tree, target, req)
+            write_output(tree, target, req, epoch)
             # What the operator checks the medium against, out of band (install.sh --expect-key).
             step.detail = (f"{req.output}, media key fingerprint {key.public().fingerprint()}, "
                            f"install.sh sha256 {manifest.files['install.sh'].sha256}")
@@ -486,12 +487,12 @@ def cache_closure(cache: BinaryCache, roots: list[StorePath]) -> list[NarInfo]:
 
 
 def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[str, list[NarInfo]],
-                  key: SecretKey, nix_version: str) -> Manifest:
+                  key: SecretKey, nix_version: str, epoch: int) -> Manifest:
     public = key.public()
     return Manifest(
         mediabuilder=__version__,
         nix=nix_version,
-        created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=reproducible.iso_date(epoch),
         key={"name": key.name, "public": public.render(), "fingerprint": public.fingerprint()},
         hosts={
             host: HostEntry(
@@ -564,9 +565,10 @@ def check_media_settings(media: MediaSettings) -> None:
         runner.require("sfdisk", "to write a partition table")
 
 
-def write_output(tree: Path, target: Target, req: BuildRequest) -> None:
+def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int) -> None:
     """The finished tree into place: renamed, moved into a directory, or written as an image
-    under a temporary name beside the output and renamed over it when complete."""
+    (every date in it `epoch`) under a temporary name beside the output and renamed over it when
+    complete."""
     if req.media.format is MediaFormat.DIR:
         if target.inside:
             output.move_in(tree, target.path)
@@ -575,8 +577,8 @@ def write_output(tree: Path, target: Target, req: BuildRequest) -> None:
         return
     with output.temporary(target.path.parent, directory=False) as image:
         if req.media.format is MediaFormat.ISO:
-            iso.write_iso(tree, target.path, label=req.media.label, into=image)
+            iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch)
         else:
             fat32.write_fat32(tree, target.path, label=req.media.label, size=req.media.size,
-                              partition_table=req.media.partition_table.value, into=image)
+                              partition_table=req.media.partition_table.value, into=image, epoch=epoch)
         output.place(image, target.path, replace=target.replace)

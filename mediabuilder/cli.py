@@ -192,7 +192,25 @@ def cmd_verify(args: argparse.Namespace, profile: Profile) -> int:
         else:
             report = verify_cache_on(source, "", trusted, args.jobs or 0)
         ui.debug(f"verified in {time.monotonic() - started:.1f} s")
-    return _print_report(report, target, args.json)
+        status = _print_report(report, target, args.json)
+        if args.against is not None:
+            status = max(status, _compare(source, Path(args.against)))
+    return status
+
+
+def _compare(source: MediaSource, other_path: Path) -> int:
+    """`verify --against`: 0 when `other_path` holds the same medium, else 1 and the first
+    difference on one line."""
+    from mediabuilder.media.compare import first_difference
+
+    with open_target(other_path) as other:
+        difference = first_difference(source, other)
+    if difference is not None:
+        print(f"{source.path} differs from {other_path}: {difference}")
+        return 1
+    same = "byte for byte" if source.kind == other.kind and source.kind != "dir" else "file for file"
+    ui.info(f"{source.path}: the same as {other_path}, {same}")
+    return 0
 
 
 def _summary_hosts(target: Path, hosts: object) -> dict[str, dict[str, Any]]:
@@ -433,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache's own signing-key.pub)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--jobs", "-j", type=_jobs_arg, metavar="N", help="parallel workers (default: one per core)")
+    p.add_argument("--against", metavar="OTHER",
+                   help="also compare with another medium (directory or image) and name the first difference: "
+                        "files by path, then, for two images of one format, every byte (exit 1 when they differ)")
     p.set_defaults(func=cmd_verify)
     return parser
 

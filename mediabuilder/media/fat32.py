@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mediabuilder import ui
 from mediabuilder.errors import ExternalError, InternalError, InvalidInput
-from mediabuilder.media import fatfs
+from mediabuilder.media import fatfs, reproducible
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.split import FAT32_SAFE_FILE
@@ -117,10 +117,11 @@ class Listing:
         return Content(tuple(f.size for f in self.files), tuple(d.size for d in self.dirs))
 
 
-def scan(tree: Path) -> Listing:
-    """Every file and directory under `tree`, refusing what FAT32 cannot hold. One lstat per
-    entry: this runs before every image is written, on trees of thousands of files."""
-    root = Node("", tree, 0, tree.lstat().st_mtime, children=[])
+def scan(tree: Path, epoch: int | None = None) -> Listing:
+    """Every file and directory under `tree`, refusing what FAT32 cannot hold, each dated `epoch`
+    (None: its mtime). One lstat per entry: this runs before every image is written, on trees of
+    thousands of files."""
+    root = Node("", tree, 0, tree.lstat().st_mtime if epoch is None else epoch, children=[])
     listing = Listing([root])
     for directory in listing.dirs:  # grows as subdirectories are found
         with os.scandir(directory.path) as scanned:
@@ -131,7 +132,7 @@ def scan(tree: Path) -> Listing:
             path = Path(entry.path)
             _check_name(path, entry.name, seen)
             st = entry.stat(follow_symlinks=False)
-            node = Node(entry.name, path, 0, st.st_mtime, parent=directory)
+            node = Node(entry.name, path, 0, st.st_mtime if epoch is None else epoch, parent=directory)
             if stat.S_ISDIR(st.st_mode):
                 node.children = []
                 listing.dirs.append(node)
@@ -305,9 +306,12 @@ def _size_text(size: int) -> str:
 
 def write_fat32(
     tree: Path, output: Path, *, label: str, size: int | None = None, partition_table: str = "none",
-    into: Path | None = None,
+    into: Path | None = None, epoch: int | None = None,
 ) -> None:
     """Write every file and directory under `tree` to the FAT32 image `output`.
+
+    Every entry is dated `epoch` (seconds since 1970, in UTC; None: each file's own mtime). The
+    volume serial, the MBR disk identifier and the GPT GUIDs derive from the content.
 
     `size` is the whole image in bytes (None: sized from the content); `partition_table` is
     "none", "mbr" or "gpt". The image is built under a temporary name and renamed when done;
@@ -320,16 +324,17 @@ def write_fat32(
     volume_label = fat_label(label)
     if partition_table != "none":
         require("sfdisk", "to write partition tables on FAT32 images")
-    listing = scan(tree)
+    listing = scan(tree, epoch)
+    seed = reproducible.content_seed(tree, volume_label)
     image_size, geometry = image_geometry(listing.content, size, partition_table)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
             f.truncate(image_size)
-        offset = _partition(tmp, partition_table)
+        offset = _partition(tmp, partition_table, seed)
         fd = os.open(tmp, os.O_RDWR)
         try:
-            _write_filesystem(fd, offset, geometry, volume_label, listing)
+            _write_filesystem(fd, offset, geometry, volume_label, listing, seed)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -366,19 +371,24 @@ def _no_space(output: Path, image_size: int) -> InvalidInput:
     )
 
 
-def _partition(image: Path, partition_table: str) -> int:
-    """Write the partition table; return the filesystem's offset in bytes."""
+def _partition(image: Path, partition_table: str, seed: bytes) -> int:
+    """Write the partition table, its identifiers derived from `seed`; return the filesystem's
+    offset in bytes."""
     if partition_table == "none":
         return 0
-    label = "dos" if partition_table == "mbr" else "gpt"
-    script = f"label: {label}\nstart={PARTITION_START // SECTOR}, type={PARTITION_TYPES[partition_table]}\n"
+    entry = f"start={PARTITION_START // SECTOR}, type={PARTITION_TYPES[partition_table]}"
+    if partition_table == "mbr":
+        script = f"label: dos\nlabel-id: 0x{reproducible.derived(seed, 'mbr disk id', 4).hex()}\n{entry}\n"
+    else:
+        disk, part = (reproducible.derived_uuid(seed, f"gpt {what} guid") for what in ("disk", "partition"))
+        script = f"label: gpt\nlabel-id: {disk}\n{entry}, uuid={part}\n"
     run(["sfdisk", "--no-reread", "--no-tell-kernel", "--quiet", image], input=script.encode())
     table = json.loads(run_output(["sfdisk", "--json", image]))["partitiontable"]
     start = int(table["partitions"][0]["start"])
     return start * SECTOR
 
 
-def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, listing: Listing) -> None:
+def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, listing: Listing, seed: bytes) -> None:
     """Lay out and write the whole filesystem at `offset` in the (zero-filled, sparse) image."""
     runs = _allocate(listing, geometry.cluster)
     used = sum(count for _, count in runs)
@@ -388,7 +398,8 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
     boot = fatfs.boot_sector(
         sectors=geometry.sectors, sectors_per_cluster=geometry.sectors_per_cluster,
         reserved=RESERVED_SECTORS, fats=FAT_COPIES, fat_sectors=geometry.fat_sectors,
-        hidden=offset // SECTOR, volume_id=int.from_bytes(os.urandom(4), "little"), label=label_bytes,
+        hidden=offset // SECTOR, label=label_bytes,
+        volume_id=int.from_bytes(reproducible.derived(seed, "fat volume id", 4), "little"),
     )  # fmt: skip
     next_free = fatfs.ROOT_CLUSTER + used if used < geometry.clusters else fatfs.UNKNOWN
     info = fatfs.fsinfo_sector(geometry.clusters - used, next_free)

@@ -140,8 +140,10 @@ def long_entries(name: str, short: bytes) -> bytes:
 
 
 def stamp(mtime: float) -> tuple[int, int]:
-    """(time, date) in FAT's format, local time as mtools and Linux read it, clamped to 1980-2107."""
-    t = time.localtime(mtime)
+    """(time, date) in FAT's format, in UTC, clamped to 1980-2107. FAT stores no time zone: UTC
+    gives the same bytes wherever the image is made (Linux reads it as UTC unless mounted with
+    tz=/time_offset=; mtools shows it as local time)."""
+    t = time.gmtime(mtime)
     if t.tm_year < 1980:
         return 0, (1 << 5) | 1
     if t.tm_year > 2107:

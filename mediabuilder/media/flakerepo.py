@@ -175,6 +175,13 @@ def dirty_error(repo: FlakeRepo) -> InvalidInput:
                         hint="commit them, or pass --allow-dirty to ship them as a labelled commit on top")
 
 
+def commit_time(repo: FlakeRepo) -> int | None:
+    """The committer time of the worktree's HEAD (the shipped commit, or the parent of a dirty
+    tree's snapshot) in seconds since 1970; None when git cannot say."""
+    text = _probe(repo.top, "show", "-s", "--format=%ct", "HEAD")
+    return int(text) if text is not None and text.isdigit() else None
+
+
 def _commit_working_tree(repo: FlakeRepo, mirror: Path, scratch: Path) -> str:
     """Commit the changed files of the working tree on top of HEAD, into `mirror`'s object
     store, with a temporary index: the user's index, objects and refs are not touched."""
@@ -238,6 +245,12 @@ def snapshot_ref(repo: FlakeRepo) -> str:
     return ref + (f"&dir={repo.subdir}" if repo.subdir else "")
 
 
+# The pack inside a bundle depends on how many threads searched for deltas (one per core by
+# default) and on the compression settings of whoever builds it: fix both (docs/reproducible.md).
+BUNDLE_CREATE = ("-c", "pack.threads=1", "-c", "pack.window=10", "-c", "pack.depth=50", "-c", "core.compression=-1",
+                 "-c", "pack.compression=-1", "bundle", "create", "--quiet")
+
+
 def write_bundle(repo: FlakeRepo, output: Path, allow_dirty: bool) -> FlakeRepo:
     """Bundle every ref into `output`; a dirty tree is refused unless `allow_dirty`, which adds
     the working tree as a labelled commit on a branch of its own (see `snapshot`). Returns the
@@ -248,10 +261,10 @@ def write_bundle(repo: FlakeRepo, output: Path, allow_dirty: bool) -> FlakeRepo:
         repo = snapshot(repo)
     output.parent.mkdir(parents=True, exist_ok=True)
     if repo.mirror is not None:
-        _git(repo.mirror, "bundle", "create", "--quiet", str(output.resolve()), "--all")
+        _git(repo.mirror, *BUNDLE_CREATE, str(output.resolve()), "--all")
         return repo
     with tempfile.TemporaryDirectory(prefix="mediabuilder-repo-") as tmp:
         mirror = _mirror(repo, Path(tmp))
         _set_head(mirror, repo)
-        _git(mirror, "bundle", "create", "--quiet", str(output.resolve()), "--all")
+        _git(mirror, *BUNDLE_CREATE, str(output.resolve()), "--all")
     return repo

@@ -12,6 +12,7 @@ refuses them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -24,6 +25,7 @@ from pycdlib.pycdlibexception import PyCdlibException
 
 from mediabuilder import ui
 from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media import reproducible
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.split import SINGLE_EXTENT_MAX
 
@@ -151,8 +153,10 @@ def _plan(tree: Path, label: str) -> _Plan:
     return plan
 
 
-def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None) -> None:
+def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None, epoch: int | None = None) -> None:
     """Write every file, directory and symlink under `tree` to the ISO image `output`.
+
+    Every date in the image is `epoch` (seconds since 1970, in UTC; None: now, in local time).
 
     The image is written to a temporary name next to `output` and renamed when complete; on
     any failure the temporary file is removed. With `into`, the image is written there (the
@@ -161,6 +165,13 @@ def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None)
     label = validate_label(label)
     if not tree.is_dir():
         raise InternalError(f"{tree}: the media tree is not a directory")
+    with contextlib.ExitStack() as clock:
+        if epoch is not None:
+            clock.enter_context(reproducible.frozen_clock(epoch))
+        _write(tree, output, label, into)
+
+
+def _write(tree: Path, output: Path, label: str, into: Path | None) -> None:
     plan = _plan(tree, label)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
