@@ -118,6 +118,8 @@ def test_nix_archives_every_shape(installed: Installed) -> None:
     for name in ("nixpkgs", "site", "tools"):
         assert inputs[name]["path"] == source_path(nodes[name]["locked"]["narHash"]), name
     assert inputs["tools"]["inputs"]["systems"]["path"] == source_path(nodes["systems"]["locked"]["narHash"])
+    # Without Nix (`--system` builds), the lock alone gives the same inputs, nested the same way.
+    assert registry.archive_from_lock(installed.dest / "flake/flake.lock") == {"inputs": inputs}
 
 
 def expected_registry(inst: Installed) -> list[dict]:
