@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mediabuilder.errors import InvalidInput
+from mediabuilder.errors import FormatError, InvalidInput
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.storepath import make_store_path
 
@@ -30,15 +30,23 @@ class Input:
     path: tuple[str, ...]
     node: str
     locked: dict[str, Any]
+    lock_file: str  # for messages
 
     @property
     def source_path(self) -> str | None:
         """The `-source` store path the lock's narHash names (a recursive sha256 content address,
         how Nix finds a locked input in a store); None without a narHash."""
         nar_hash = self.locked.get("narHash")
-        if not isinstance(nar_hash, str):
+        if nar_hash is None:
             return None
-        return str(make_store_path("source", Hash.parse(nar_hash).digest, "source"))
+        try:
+            digest = Hash.parse(nar_hash).digest if isinstance(nar_hash, str) else None
+        except FormatError:
+            digest = None
+        if digest is None or len(digest) != 32:
+            raise InvalidInput(f"{self.lock_file}: node {self.node!r} has narHash {nar_hash!r}, not a sha256 hash",
+                               hint=LOCK_HINT)
+        return str(make_store_path("source", digest, "source"))
 
 
 @dataclass(frozen=True)
@@ -50,13 +58,13 @@ class FlakeLock:
     @classmethod
     def read(cls, path: Path) -> FlakeLock:
         try:
-            text = path.read_text()
+            text = path.read_bytes()
         except OSError as e:
             raise InvalidInput(f"{path}: cannot read the flake's lock file ({e.strerror})", hint=LOCK_HINT) from None
         return cls.parse(text, str(path))
 
     @classmethod
-    def parse(cls, text: str, source: str) -> FlakeLock:
+    def parse(cls, text: str | bytes, source: str) -> FlakeLock:
         try:
             data = json.loads(text)
             nodes, root = data["nodes"], data["root"]
@@ -71,6 +79,9 @@ class FlakeLock:
 
     def resolve(self, ref: str | list[str], seen: frozenset[tuple[str, ...]] = frozenset()) -> str:
         """The node an input refers to: a node name, or a `follows` path walked from the root."""
+        if not isinstance(ref, (str, list)):
+            raise InvalidInput(f"{self.source}: an input refers to {ref!r}, neither a node nor a follows path",
+                               hint=LOCK_HINT)
         if isinstance(ref, str):
             if ref not in self.nodes:
                 raise InvalidInput(f"{self.source}: an input refers to node {ref!r}, which the lock does not have",
@@ -102,7 +113,7 @@ class FlakeLock:
                     if target in seen:
                         continue
                     seen.add(target)
-                    yield Input((*path, name), target, dict(self.nodes[target].get("locked", {})))
+                    yield Input((*path, name), target, dict(self.nodes[target].get("locked", {})), self.source)
                     following.append(((*path, name), target))
             level = following
 
@@ -115,7 +126,7 @@ class FlakeLock:
             out: dict[str, Any] = {}
             for name, ref in sorted(self.nodes[node].get("inputs", {}).items()):
                 target = self.resolve(ref)
-                path = Input((), target, self.nodes[target].get("locked", {})).source_path
+                path = Input((), target, self.nodes[target].get("locked", {}), self.source).source_path
                 if isinstance(ref, list) or path is None or target in stack:
                     continue
                 out[name] = {"path": path, "inputs": inputs_of(target, stack | {target})}

@@ -289,6 +289,7 @@ def test_follows_resolve_through_chains() -> None:
     ({"root": {"inputs": {"a": ["a"]}}}, "the follows a does not lead to a node"),
     ({"root": {"inputs": {"a": ["b"]}}}, "the follows b names no input 'b'"),
     ({"root": {"inputs": {"a": "gone"}}}, "refers to node 'gone'"),
+    ({"root": {"inputs": {"a": 7}}}, "refers to 7, neither a node nor a follows path"),
 ])
 def test_broken_follows_are_refused(nodes: dict, needle: str) -> None:
     lock = flakelock.FlakeLock.parse(lock_text(nodes), "x/flake.lock")
@@ -297,9 +298,17 @@ def test_broken_follows_are_refused(nodes: dict, needle: str) -> None:
     assert str(e.value).startswith("x/flake.lock: ") and needle in str(e.value)
 
 
-@pytest.mark.parametrize("text", ["", "[]", '{"nodes": {}, "root": "root"}', '{"nodes": {"root": []}, "root": "root"}',
+def test_bad_nar_hash_is_named() -> None:
+    lock = flakelock.FlakeLock.parse(lock_text({"root": {"inputs": {"a": "a"}}, "a": {"locked": {"narHash": "md5-x"}}}),
+                                     "x/flake.lock")
+    with pytest.raises(InvalidInput, match="^x/flake.lock: node 'a' has narHash 'md5-x', not a sha256 hash$"):
+        lock.archive()
+
+
+@pytest.mark.parametrize("text", [b"\xff\xfe", "", "[]", '{"nodes": {}, "root": "root"}',
+                                  '{"nodes": {"root": []}, "root": "root"}',
                                   '{"nodes": {"root": {"inputs": []}}, "root": "root"}'])
-def test_not_a_lock_file(text: str) -> None:
+def test_not_a_lock_file(text: str | bytes) -> None:
     with pytest.raises(InvalidInput, match="^f.lock: not a flake lock file"):
         flakelock.FlakeLock.parse(text, "f.lock")
 

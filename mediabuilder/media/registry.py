@@ -55,13 +55,13 @@ def from_lock(lock_file: Path, archive: dict[str, Any]) -> Registry:
     lock = flakelock.FlakeLock.read(lock_file)
     pins: dict[str, Pin] = {}
     for found in lock.inputs():
-        name = found.path[-1]
-        path = _archived(archive, found.path) or found.source_path
-        if name in pins or path is None:
+        name, locked = found.path[-1], found.locked
+        if name in pins or "narHash" not in locked:
             continue
-        locked = found.locked
+        path = _archived(archive, found.path) or found.source_path
+        assert path is not None  # a narHash names one
         extra = tuple((k, locked[k]) for k in ("rev", "revCount", "lastModified") if k in locked)
-        pins[name] = Pin(name, path, locked["narHash"], extra)
+        pins[name] = Pin(name, path, str(locked["narHash"]), extra)
     return Registry(tuple(sorted(pins.values(), key=lambda p: (p.id != "nixpkgs", p.id))))
 
 
