@@ -74,7 +74,8 @@ class FlakeLock:
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
-            raise InvalidInput(f"{source}: not a flake lock file (no \"nodes\" with a \"root\")", hint=LOCK_HINT)
+            raise InvalidInput(f"{source}: not a readable lock file (no \"nodes\" with its \"root\")",
+                               hint=LOCK_HINT)
         return cls(source, nodes, root)
 
     def resolve(self, ref: str | list[str], seen: frozenset[tuple[str, ...]] = frozenset()) -> str:
@@ -151,6 +152,8 @@ class FlakeLock:
                 if attr in locked:
                     since = ".".join(map(str, TARBALL_NEW_SINCE))
                     raise InvalidInput(
-                        f"{self.source}: input {name!r} is a {locked['type']} locked with {attr!r}, which Nix "
-                        f"{nix_version} cannot read (the lock was written by Nix {since} or newer)",
-                        hint=f"build the media with Nix {since} or newer, or relock the flake with Nix {nix_version}")
+                        f"{self.source}: Nix {nix_version} cannot read this lock file: input {name!r} is a "
+                        f"{locked['type']} locked with {attr!r}, as Nix {since} and newer write it",
+                        hint=f"build with a Nix at least as new as the one that locked the flake (Nix {since} or "
+                             "newer), or re-lock with this one, which changes the pinned inputs: "
+                             "nix flake lock --recreate-lock-file")
