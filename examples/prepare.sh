@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Create a fresh working copy of the example flake under DEST:
-#   DEST/inputs/nixpkgs  git repo, 2 commits   (flake input `nixpkgs`, type git)
-#   DEST/inputs/tools    git repo, 2 commits   (flake input `tools`, type git, with its own
-#                                               nixpkgs input locked to nixpkgs' first commit)
+# Create a fresh working copy of the example flake under DEST, with its inputs shaped like real
+# ones and a flake.lock as Nix 2.26 writes it:
+#   DEST/inputs/nixpkgs  git repo, 2 commits   (flake input `nixpkgs`, locked as
+#                                               github:NixOS/nixpkgs at the 2nd commit; its
+#                                               source is put into the Nix store, so nothing is
+#                                               ever downloaded)
+#   DEST/inputs/tools    git repo, 2 commits   (flake input `tools`, type git; its nixpkgs
+#                                               follows the flake's, its own lock pins an older one)
+#   DEST/inputs/systems  git repo, 1 commit    (tools' input `systems`, type git: nested, the
+#                                               flake does not name it)
 #   DEST/inputs/site     plain directory       (flake input `site`, type path, flake = false)
 #   DEST/flake           git repo, 3 commits, remotes origin + backup, committed flake.lock
-# Commit authors and dates are fixed, so nixpkgs' revisions are the same on every run (the
-# others contain DEST in their flake.nix and vary with it). Prints nothing but errors.
+# Commit authors and dates are fixed, so nixpkgs' and systems' revisions are the same on every
+# run (the others contain DEST in their flake.nix and vary with it). The lock files are rendered
+# from flake.lock.in templates (Nix cannot lock a github: input offline) and Nix is then asked
+# to accept them unchanged. Prints nothing but errors.
 set -euo pipefail
 
 usage() { echo "usage: $0 DEST   (DEST must not exist or be empty)" >&2; exit 2; }
@@ -44,7 +52,54 @@ nix_() {
     fi
 }
 
-render() { sed "s|@DEST@|$dest|g" "$1" > "$2"; }
+# nix_out ARGS: Nix's output; its stderr (offline: "you don't have Internet access") only on failure.
+nix_out() {
+    local err status=0 out
+    err=$(mktemp)
+    out=$(nix --extra-experimental-features 'nix-command flakes' "$@" 2>"$err") || status=$?
+    if [ "$status" -ne 0 ]; then
+        cat "$err" >&2
+        rm -f "$err"
+        return "$status"
+    fi
+    rm -f "$err"
+    printf '%s' "$out"
+}
+
+# render TEMPLATE OUT [NAME=VALUE...]: @DEST@ and each @NAME@ replaced.
+render() {
+    local template=$1 out=$2 kv
+    shift 2
+    local args=(-e "s|@DEST@|$dest|g")
+    for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
+    sed "${args[@]}" "$template" > "$out"
+    if grep -q '@[A-Z_]*@' "$out"; then
+        echo "prepare.sh: $out: a placeholder was left unreplaced" >&2
+        exit 1
+    fi
+}
+
+# git_locked PREFIX REPO: PREFIX_REV=... PREFIX_NARHASH=... PREFIX_LASTMODIFIED=...
+# PREFIX_REVCOUNT=..., for main's head, as Nix locks a git input (and its source put into the
+# store, as locking does).
+git_locked() {
+    nix_out eval --impure --raw --expr "
+        let t = builtins.fetchGit { url = \"file://$2\"; ref = \"refs/heads/main\"; }; in
+        \"$1_REV=\${t.rev} $1_NARHASH=\${t.narHash} $1_LASTMODIFIED=\${toString t.lastModified} \"
+        + \"$1_REVCOUNT=\${toString t.revCount}\""
+}
+
+# github_locked PREFIX REPO REV: what a github: lock says of REPO at REV (the NAR hash of its tree,
+# which GitHub's tarball unpacks to, and the commit time), without adding anything to the store.
+github_locked() {
+    local tree
+    tree=$(mktemp -d)
+    g -C "$2" archive "$3" | tar -x -C "$tree"
+    printf '%s_REV=%s %s_NARHASH=%s %s_LASTMODIFIED=%s' "$1" "$3" \
+        "$1" "$(nix_out hash path "$tree")" \
+        "$1" "$(g -C "$2" log -1 --format=%ct "$3")"
+    rm -rf "$tree"
+}
 
 # nixpkgs: the library and packages, then a README (a second revision).
 mkdir -p "$dest/inputs/nixpkgs"
@@ -53,20 +108,37 @@ mv "$dest/inputs/nixpkgs/README.md" "$dest/inputs/nixpkgs.README.md"
 g init -q "$dest/inputs/nixpkgs"
 commit "$dest/inputs/nixpkgs" "2023-11-01T10:00:00Z" "Initial fake nixpkgs: lib, builders, packages"
 
-# tools: a flake of its own, locked against nixpkgs' first commit.
+# systems: a flake listing systems, like github:nix-systems/default.
+mkdir -p "$dest/inputs/systems"
+cp -R "$src/inputs/systems/." "$dest/inputs/systems/"
+g init -q "$dest/inputs/systems"
+commit "$dest/inputs/systems" "2023-11-01T12:00:00Z" "systems: x86_64-linux and aarch64-linux"
+read -r -a systems_locked <<<"$(git_locked SYSTEMS "$dest/inputs/systems")"
+
+# tools: a flake of its own, locked against nixpkgs' first commit and systems.
 mkdir -p "$dest/inputs/tools"
 render "$src/inputs/tools/flake.nix.in" "$dest/inputs/tools/flake.nix"
 g init -q "$dest/inputs/tools"
 commit "$dest/inputs/tools" "2023-11-02T10:00:00Z" "tools: motd-render"
-nix_ flake lock "$dest/inputs/tools"
+read -r -a nixpkgs_old <<<"$(github_locked NIXPKGS_OLD "$dest/inputs/nixpkgs" "$(g -C "$dest/inputs/nixpkgs" rev-parse HEAD)")"
+render "$src/inputs/tools/flake.lock.in" "$dest/inputs/tools/flake.lock" "${nixpkgs_old[@]}" "${systems_locked[@]}"
 commit "$dest/inputs/tools" "2023-11-02T11:00:00Z" "tools: lock inputs"
+read -r -a tools_locked <<<"$(git_locked TOOLS "$dest/inputs/tools")"
 
 mv "$dest/inputs/nixpkgs.README.md" "$dest/inputs/nixpkgs/README.md"
 commit "$dest/inputs/nixpkgs" "2023-11-03T10:00:00Z" "Add README"
+# Its second commit as github:NixOS/nixpkgs would give it: fetchGit adds the tree to the store as
+# the `-source` path that the lock's narHash names, where Nix finds it instead of downloading.
+read -r -a nixpkgs_locked <<<"$(git_locked NIXPKGS "$dest/inputs/nixpkgs")"
+nixpkgs_locked=("${nixpkgs_locked[@]:0:3}")  # a github: lock has no revCount
 
 # site: a plain directory.
 mkdir -p "$dest/inputs/site"
 cp -R "$src/inputs/site/." "$dest/inputs/site/"
+site_locked=$(nix_out eval --impure --raw --expr "
+    let t = builtins.fetchTree { type = \"path\"; path = \"$dest/inputs/site\"; }; in
+    \"SITE_NARHASH=\${t.narHash} SITE_LASTMODIFIED=\${toString t.lastModified}\"")
+read -r -a site_locked <<<"$site_locked"
 
 # flake: three commits, two remotes, committed lock file.
 mkdir -p "$dest/flake/hosts"
@@ -79,7 +151,11 @@ commit "$dest/flake" "2023-11-04T10:00:00Z" "Common host configuration"
 cp "$src/flake/hosts/alpha.nix" "$src/flake/hosts/beta.nix" "$dest/flake/hosts/"
 render "$src/flake/flake.nix.in" "$dest/flake/flake.nix"
 commit "$dest/flake" "2023-11-05T10:00:00Z" "Add hosts alpha and beta"
-nix_ flake lock "$dest/flake"
+render "$src/flake/flake.lock.in" "$dest/flake/flake.lock" \
+    "${nixpkgs_locked[@]}" "${site_locked[@]}" "${systems_locked[@]}" "${tools_locked[@]}"
+# Nix must take the lock as it is: up to date with flake.nix, nothing to fetch or rewrite.
+g -C "$dest/flake" add flake.lock
+nix_ flake metadata --no-update-lock-file "$dest/flake"
 commit "$dest/flake" "2023-11-06T10:00:00Z" "Lock inputs"
 
 if [ -n "$(g -C "$dest/flake" status --porcelain)" ]; then

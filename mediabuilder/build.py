@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mediabuilder import __version__, nixcli, ui
+from mediabuilder import __version__, flakelock, nixcli, ui
 from mediabuilder import run as runner
 from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
@@ -242,6 +242,8 @@ def build_media(req: BuildRequest) -> dict[str, str]:
             raise InvalidInput(f"{req.cache.key}: no such key file", hint="make one with `mediabuilder keygen NAME`")
         SecretKey.load(req.cache.key)  # a broken key is refused before anything is made
     repo = check_source(req)  # the repository, before the cache and key are created and before any evaluation
+    if have_nix:
+        check_lock(req)
     target = check_output(req, repo)
     try:
         return _build(req, target, have_nix)
@@ -362,6 +364,13 @@ def check_source(req: BuildRequest) -> flakerepo.FlakeRepo:
     if repo.dirty and not req.allow_dirty:
         raise flakerepo.dirty_error(repo)
     return repo
+
+
+def check_lock(req: BuildRequest) -> None:
+    """The flake's lock, read before any evaluation: one the local Nix cannot read is refused
+    with what to do (Nix's own message would come from deep inside its evaluation)."""
+    _, local_dir = _source_flake(req)
+    flakelock.FlakeLock.read(local_dir / "flake.lock").check_readable(nixcli.version())
 
 
 def resolve_source(req: BuildRequest, have_nix: bool) -> Source:

@@ -9,11 +9,13 @@ out=demo-out
 step() { printf '\n\033[1m### %s\033[0m\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-step "Preparing the example flake in $out/example (git repo with history, git and path inputs)"
+step "Preparing the example flake in $out/example (git repo with history; inputs: github nixpkgs, git tools following it with a nested input, path)"
 rm -rf "$out/example" "$out/root" "$out/media-ro"
 mkdir -p "$out"
 bash examples/prepare.sh "$out/example"
 git -C "$out/example/flake" log --oneline >&2
+nix --extra-experimental-features 'nix-command flakes' flake metadata "$PWD/$out/example/flake" 2>/dev/null |
+    sed 's/\x1b\[[0-9;]*m//g' | sed -n '/^Inputs:/,$p' >&2
 
 step "mediabuilder build --profile profiles/example.toml (hosts alpha and beta)"
 mediabuilder build --profile profiles/example.toml --force
@@ -22,6 +24,8 @@ mediabuilder build --profile profiles/example.toml --force
 key=$(cat cache/signing-key.pub)
 fingerprint=$(printf '%s' "${key#*:}" | base64 -d | sha256sum | cut -c1-32 | sed 's/..../&:/g; s/:$//')
 echo "media key fingerprint: $fingerprint" >&2
+
+echo "registry.json pins: $(sed -n 's/^ *"id": "\(.*\)"$/\1/p' "$out/media/registry.json" | paste -sd ' ')" >&2
 
 step "mediabuilder verify $out/media (Python only: manifest, every file, signatures, NARs)"
 mediabuilder verify "$out/media" --trusted-key "$key"
@@ -60,6 +64,9 @@ evaluated=$(as_root env -u NIX_CONFIG NIX_USER_CONF_FILES="$PWD/$out/target-nix.
     unshare --net nix --store "$root" eval --raw \
     "git+file://$root/etc/nixos#nixosConfigurations.alpha.config.system.build.toplevel.outPath")
 installed=$(readlink -f "$root/nix/var/nix/profiles/system" | sed "s|^$root||")
+version=$(as_root env -u NIX_CONFIG NIX_USER_CONF_FILES="$PWD/$out/target-nix.conf" NIX_CONF_DIR="$root/etc/nix" \
+    unshare --net nix --store "$root" eval --raw nixpkgs#lib.version 2>/dev/null)
+echo "nixpkgs#lib.version through the target's pinned registry: $version" >&2
 echo "evaluated: $evaluated" >&2
 echo "installed: $installed" >&2
 [ "$evaluated" = "$installed" ] && echo "demo: the installed flake evaluates, offline, to the installed system" >&2

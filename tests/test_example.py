@@ -227,19 +227,21 @@ def test_git_from_the_flakes_nixpkgs(example: dict) -> None:
 
 
 def test_inputs(example: dict) -> None:
+    # The shapes only (tests/test_flake_inputs.py pins every field and follows them onto media).
     meta = json.loads(run("nix", "flake", "metadata", "--json", example["flake"]).stdout)
     nodes = meta["locks"]["nodes"]
     root = nodes[meta["locks"]["root"]]["inputs"]
-    assert nodes[root["nixpkgs"]]["locked"]["type"] == "git"
+    assert nodes[root["nixpkgs"]]["locked"]["type"] == "github"
     assert nodes[root["site"]]["locked"]["type"] == "path"
     assert nodes[root["tools"]]["locked"]["type"] == "git"
-    # tools has its own nixpkgs, locked to nixpkgs' first commit: a second node.
-    tools_nixpkgs = nodes[nodes[root["tools"]]["inputs"]["nixpkgs"]]
-    assert tools_nixpkgs["locked"]["rev"] != nodes[root["nixpkgs"]]["locked"]["rev"]
+    # tools' nixpkgs follows the flake's (its own lock's older pin is not used); its systems is
+    # an input the flake does not name.
+    assert nodes[root["tools"]]["inputs"] == {"nixpkgs": ["nixpkgs"], "systems": "systems"}
+    assert "systems" not in root and nodes["systems"]["locked"]["type"] == "git"
 
-    archive = json.loads(run("nix", "flake", "archive", "--json", example["flake"]).stdout)
+    archive = json.loads(run("unshare", "--net", "nix", "flake", "archive", "--json", example["flake"]).stdout)
     assert set(archive["inputs"]) == {"nixpkgs", "site", "tools"}
-    assert set(archive["inputs"]["tools"]["inputs"]) == {"nixpkgs"}
+    assert set(archive["inputs"]["tools"]["inputs"]) == {"systems"}
 
 
 def eval_toplevel(
@@ -247,7 +249,7 @@ def eval_toplevel(
 ) -> subprocess.CompletedProcess[str]:
     opts = ["--store", str(store)] if store else []
     attr = f"{flake_ref}#{TOPLEVEL.format(host=host)}.outPath"
-    return run("nix", *opts, "eval", "--raw", attr, check=False)
+    return run("unshare", "--net", "nix", *opts, "eval", "--raw", attr, check=False)
 
 
 def test_without_git_the_system_differs(example: dict, tmp_path: Path) -> None:
@@ -261,12 +263,21 @@ def test_without_git_the_system_differs(example: dict, tmp_path: Path) -> None:
 
 def test_inputs_out_of_reach(example: dict, tmp_path: Path) -> None:
     # Locked inputs already valid in /nix/store are used without fetching (found by narHash),
-    # so use fresh stores: one with the inputs reachable, one without.
+    # so use fresh stores, offline. The github: nixpkgs is never downloaded: its source is put
+    # into the store beforehand (prepare.sh does that for /nix/store, here `nix copy`).
     flake = f"git+file://{example['flake']}"
+    archive = json.loads(run("nix", "flake", "archive", "--json", example["flake"]).stdout)
+    nixpkgs = archive["inputs"]["nixpkgs"]["path"]
+    no_github = eval_toplevel(flake, store=tmp_path / "store-no-nixpkgs")
+    assert no_github.returncode != 0
+    assert "github.com" in no_github.stderr and "NixOS/nixpkgs" in no_github.stderr
+
+    run("nix", "copy", "--no-check-sigs", "--to", tmp_path / "store-ok", nixpkgs)
     ok = eval_toplevel(flake, store=tmp_path / "store-ok")
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == example["toplevel"]["alpha"]
 
+    run("nix", "copy", "--no-check-sigs", "--to", tmp_path / "store-missing", nixpkgs)
     inputs = example["dest"] / "inputs"
     away = example["dest"] / "inputs.away"
     inputs.rename(away)
@@ -275,4 +286,4 @@ def test_inputs_out_of_reach(example: dict, tmp_path: Path) -> None:
     finally:
         away.rename(inputs)
     assert res.returncode != 0
-    assert "inputs/nixpkgs" in res.stderr or "inputs/tools" in res.stderr
+    assert "inputs/tools" in res.stderr or "inputs/site" in res.stderr

@@ -229,7 +229,7 @@ def test_repository_state_is_shipped_and_installs(base: Base, tmp_path: Path, ki
     assert flake["remotes"] == state.remotes
     assert "\\u" not in (media / "manifest.json").read_text(encoding="utf-8")
     registry = json.loads((media / "registry.json").read_text())
-    assert sorted(f["from"]["id"] for f in registry["flakes"]) == ["nixpkgs", "site", "tools"]
+    assert sorted(f["from"]["id"] for f in registry["flakes"]) == ["nixpkgs", "site", "systems", "tools"]
 
     root = tmp_path / "root"
     assert install_and_evaluate(base, media, root, host, state.subdir) == expected[host]

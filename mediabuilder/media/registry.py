@@ -1,5 +1,5 @@
-"""The pinned flake registry (version 2): each locked input of the flake, by id, mapped to its
-exact store path and narHash, so `nixpkgs` and friends resolve with no network."""
+"""The pinned flake registry (version 2): each locked input of the flake (nested ones too), by id,
+mapped to its exact store path and narHash, so `nixpkgs` and friends resolve with no network."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mediabuilder import flakelock
 from mediabuilder.errors import InvalidInput
-from mediabuilder.store.hashes import Hash
-from mediabuilder.store.storepath import make_store_path
 
 
 @dataclass(frozen=True)
@@ -49,54 +48,39 @@ class Registry:
 
 
 def from_lock(lock_file: Path, archive: dict[str, Any]) -> Registry:
-    """Pins for the root's direct inputs, from flake.lock and `nix flake archive --json`."""
-    try:
-        lock = json.loads(lock_file.read_text())
-        nodes = lock["nodes"]
-        root_inputs: dict[str, Any] = nodes[lock["root"]].get("inputs", {})
-    except (OSError, ValueError, KeyError) as e:
-        raise InvalidInput(f"{lock_file}: cannot read the flake's lock file ({e})",
-                           hint="run `nix flake lock` and commit flake.lock") from None
-    archived: dict[str, Any] = archive.get("inputs", {})
-    pins = []
-    for name, node_name in root_inputs.items():
-        if not isinstance(node_name, str):  # `follows` (a list): pinned through its target
+    """Pins for every locked input, from flake.lock and `nix flake archive --json`: the root's
+    inputs under their names (a `follows` pinned as the node it leads to), then nested inputs,
+    each under its own input name unless a nearer input has that name. The path is the one Nix
+    archived, else the `-source` path the narHash names."""
+    lock = flakelock.FlakeLock.read(lock_file)
+    pins: dict[str, Pin] = {}
+    for found in lock.inputs():
+        name, locked = found.path[-1], found.locked
+        if name in pins or "narHash" not in locked:
             continue
-        locked = nodes[node_name].get("locked", {})
-        if name not in archived or "narHash" not in locked:
-            continue
+        path = _archived(archive, found.path) or found.source_path
+        assert path is not None  # a narHash names one
         extra = tuple((k, locked[k]) for k in ("rev", "revCount", "lastModified") if k in locked)
-        pins.append(Pin(name, archived[name]["path"], locked["narHash"], extra))
-    pins.sort(key=lambda p: (p.id != "nixpkgs", p.id))
-    return Registry(tuple(pins))
+        pins[name] = Pin(name, path, str(locked["narHash"]), extra)
+    return Registry(tuple(sorted(pins.values(), key=lambda p: (p.id != "nixpkgs", p.id))))
+
+
+def _archived(archive: dict[str, Any], path: tuple[str, ...]) -> str | None:
+    """The store path `nix flake archive --json` gives at an input path (None for a `follows`,
+    which it leaves out)."""
+    entry: Any = archive
+    for name in path:
+        entry = entry.get("inputs", {}).get(name) if isinstance(entry, dict) else None
+        if entry is None:
+            return None
+    found = entry.get("path") if isinstance(entry, dict) else None
+    return found if isinstance(found, str) else None
 
 
 def archive_from_lock(lock_file: Path) -> dict[str, Any]:
-    """What `nix flake archive --json` would say, computed from flake.lock alone (no Nix): each
-    locked input's `-source` path follows from its narHash (a recursive sha256 content address).
-    Nested inputs are flattened; the flake's own source is unknown without Nix."""
-    try:
-        lock = json.loads(lock_file.read_text())
-        nodes: dict[str, Any] = lock["nodes"]
-        root = lock["root"]
-    except (OSError, ValueError, KeyError) as e:
-        raise InvalidInput(f"{lock_file}: cannot read the flake's lock file ({e})",
-                           hint="run `nix flake lock` and commit flake.lock") from None
-    inputs: dict[str, Any] = {}
-    for name, node in nodes.items():
-        nar_hash = node.get("locked", {}).get("narHash") if name != root else None
-        if nar_hash:
-            path = make_store_path("source", Hash.parse(nar_hash).digest, "source")
-            inputs[name] = {"path": str(path), "inputs": {}}
-    # The root's input names, as `nix flake archive` keys them.
-    named = {}
-    for input_name, node_name in nodes[root].get("inputs", {}).items():
-        if isinstance(node_name, str) and node_name in inputs:
-            named[input_name] = inputs[node_name]
-    for node_name, entry in inputs.items():
-        if entry not in named.values():
-            named[f"{node_name}"] = entry
-    return {"inputs": named}
+    """What `nix flake archive --json` would say, computed from flake.lock alone (no Nix); see
+    `FlakeLock.archive`."""
+    return flakelock.FlakeLock.read(lock_file).archive()
 
 
 def archived_paths(archive: dict[str, Any]) -> list[str]:

@@ -1,0 +1,1 @@
+[ "x86_64-linux" "aarch64-linux" ]
