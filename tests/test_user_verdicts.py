@@ -549,6 +549,26 @@ def _craft_iso(image: Path, how: str) -> str:
         _patch(image, data.find(b"NM\x2d\x01\x00" + names[0]) + 5, names[1])
         return f"cache: the name '{names[1].decode()}' is in the directory twice"
     registry, flake = _iso_record(data, b"REGISTRY.JSON;1"), _iso_record(data, b"FLAKE")
+    joliet = _iso_record(data, "registry.json".encode("utf-16-be"))
+    if how == "Rock Ridge name differs from Joliet":
+        _patch(image, name_at + 7, b"z")  # Linux reads registrz.json, Windows registry.json
+        return "registrz.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: no such file)"
+    if how == "Joliet name differs from Rock Ridge":
+        _patch(image, joliet + 33 + 2 * 7, "z".encode("utf-16-be"))
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: no such file)"
+    if how == "Joliet data differs from Rock Ridge":
+        manifest = _iso_record(data, "manifest.json".encode("utf-16-be"))
+        _patch(image, joliet + 2, data[manifest + 2 : manifest + 18])  # Windows reads manifest.json's bytes
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: other data)"
+    if how == "Joliet size differs from Rock Ridge":
+        _patch(image, joliet + 10, struct.pack("<I", 1) + struct.pack(">I", 1))
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: other data)"
+    if how == "ISO 9660 name twice":
+        _patch(image, registry + 33, b"MANIFEST.JSON;1")  # a reader without Rock Ridge sees one manifest.json
+        return "damaged ISO 9660 image: Failed adding duplicate name to parent"  # pycdlib's own check
+    if how == "Rock Ridge name missing":
+        _patch(image, at, b"XX")  # the NM entry becomes an unknown one: the record has only its ISO 9660 name
+        return "damaged ISO 9660 image: Unknown SUSP record"  # pycdlib's own check
     if how == "directory points at the root":
         root = struct.unpack_from("<I", data, 156 + 2 + 16 * 2048)[0]  # the PVD's root directory record
         _patch(image, flake + 2, struct.pack("<I", root) + struct.pack(">I", root))
@@ -572,7 +592,9 @@ def _iso_record(data: bytes, ident: bytes) -> int:
 
 ISO_CRAFTS = ["volume descriptor zeroed", "slash in a Rock Ridge name", "NUL in a Rock Ridge name",
               "Rock Ridge name flagged '..'", "duplicate Rock Ridge name", "directory points at the root",
-              "size past the image", "shared data"]
+              "size past the image", "shared data", "Rock Ridge name differs from Joliet",
+              "Joliet name differs from Rock Ridge", "Joliet data differs from Rock Ridge",
+              "Joliet size differs from Rock Ridge", "ISO 9660 name twice", "Rock Ridge name missing"]
 
 
 @pytest.mark.parametrize("how", ISO_CRAFTS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import stat
 import struct
@@ -56,6 +57,8 @@ MBR_PROTECTIVE = 0xEE
 CHUNK = 1024 * 1024
 FAT_MASK = 0x0FFFFFFF
 FAT_BAD = 0x0FFFFFF7  # this and above: a bad cluster or the end of a chain
+JOLIET_MAX = 64  # characters of a Joliet name
+_NOT_JOLIET = re.compile(r"[*/:;?\\]")
 Extents = tuple[tuple[int, int], ...]  # (byte offset in the image, length) of a file's data
 
 
@@ -271,6 +274,8 @@ class IsoSource(_ImageSource):
             self._seen: set[int] = set()  # directory extents indexed: a directory met twice is a loop
             self._index("", "/")
             self._check_overlaps()
+            if self._key == "iso_path" and self._iso.has_rock_ridge() and self._iso.has_joliet():
+                self._check_joliet()
         except InvalidMedia:
             self.close()
             raise
@@ -293,10 +298,12 @@ class IsoSource(_ImageSource):
 
     def _index(self, rel: str, path: str) -> None:
         previous: tuple[str, Any, str] | None = None  # a multi-extent file: several records, one name
+        idents: set[str] = set()  # the ISO 9660 names, as a reader without Rock Ridge sees them
         for record in self._iso.list_children(**{self._key: path}):
             if record.is_dot() or record.is_dotdot():
                 continue
             name, ident = self._name(record)
+            self._check_ident(rel, name, ident, record, idents, previous)
             if record.rock_ridge is not None and record.rock_ridge.is_symlink():
                 continue
             if previous is not None and previous[0] == name and previous[1].file_flags & 0x80:
@@ -323,9 +330,83 @@ class IsoSource(_ImageSource):
                 self._add_file(child_rel, (self._extent(record),))
                 previous = (name, record, child_rel)
 
+    def _check_ident(
+        self, rel: str, name: str, ident: str, record: Any, idents: set[str], previous: tuple[str, Any, str] | None
+    ) -> None:
+        """What a reader without Rock Ridge sees must name the same files: every record of a
+        Rock Ridge image has its Rock Ridge name, and no two files share an ISO 9660 name."""
+        where = f"{rel}/{name}" if rel else name
+        if self._key != "iso_path" or (previous is not None and previous[1].file_flags & 0x80):
+            return  # a multi-extent file's later records repeat its name
+        if self._iso.has_rock_ridge() and (record.rock_ridge is None or not record.rock_ridge.name()):
+            raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: a record without its Rock Ridge name "
+                               f"(readers differ: {ident!r} or another name)")
+        if ident in idents:
+            raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is in "
+                               "the directory twice (readers without Rock Ridge see one file)")
+        idents.add(ident)
+
+    def _check_joliet(self) -> None:
+        """The Joliet tree (what Windows reads) must hold the same files as the Rock Ridge tree
+        (what Linux reads): the same names where Joliet can spell them (64 characters, no
+        `*/:;?\\`), the same data extents and sizes, the same directories, nothing more."""
+        files: dict[str, Extents] = {}
+        dirs: set[str] = set()
+        self._walk_joliet("", "/", files, dirs, set())
+        by_extents: dict[Extents, list[str]] = {}
+        for jrel, extents in files.items():
+            by_extents.setdefault(extents, []).append(jrel)
+        claimed: set[str] = set()
+        for rel, (extents, _) in sorted(self._files.items()):
+            jrel = rel if _joliet_spells(rel) else next(
+                (j for j in by_extents.get(extents, ()) if j not in claimed and sum(n for _, n in extents)), None
+            )
+            if jrel is None or _data(files.get(jrel)) != _data(extents):
+                seen = "no such file" if jrel not in files else "other data"
+                raise InvalidMedia(f"{self.path}: {rel}: damaged ISO 9660 image: Rock Ridge and Joliet disagree "
+                                   f"(Joliet: {seen})")
+            claimed.add(jrel)
+        extra = sorted(set(files) - claimed)
+        missing = sorted(d for d in self._dirs if _joliet_spells(d) and d not in dirs)
+        if extra or missing or len(dirs) != len(self._dirs):
+            what = (f"{extra[0]} is only in the Joliet tree" if extra else f"directory {missing[0]} is not in the "
+                    "Joliet tree" if missing else f"{len(self._dirs)} directories in one, {len(dirs)} in the other")
+            raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: Rock Ridge and Joliet disagree: {what}")
+
+    def _walk_joliet(self, rel: str, path: str, files: dict[str, Extents], dirs: set[str], seen: set[int]) -> None:
+        names: set[str] = set()
+        previous: str | None = None
+        for record in self._iso.list_children(joliet_path=path):
+            if record.is_dot() or record.is_dotdot():
+                continue
+            ident = record.file_identifier().decode("utf-16-be")
+            name = ident.split(";")[0] if not record.is_dir() else ident
+            child = f"{rel}/{name}" if rel else name
+            if previous == child:  # a multi-extent file: several records, one name
+                files[child] = (*files[child], self._extent(record))
+                previous = child if record.file_flags & 0x80 else None
+                continue
+            check_name(name, f"{self.path}: Joliet /{rel}")
+            if name in names:
+                raise InvalidMedia(f"{self.path}: {child}: damaged ISO 9660 image: the Joliet name is in the "
+                                   "directory twice")
+            names.add(name)
+            if record.is_dir():
+                if record.extent_location() in seen:
+                    raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: Joliet directory {child} loops")
+                seen.add(record.extent_location())
+                dirs.add(child)
+                self._walk_joliet(child, f"{path.rstrip('/')}/{ident}", files, dirs, seen)
+                previous = None
+            else:
+                files[child] = (self._extent(record),)
+                previous = child if record.file_flags & 0x80 else None
+
     @staticmethod
     def _extent(record: Any) -> tuple[int, int]:
-        return int(record.extent_location()) * ISO_BLOCK, int(record.get_data_length())
+        """The record's own extent and length (pycdlib's get_data_length answers for every record
+        of the same extent with the first one's length, cut at the image's end)."""
+        return int(record.extent_location()) * ISO_BLOCK, int(record.data_length)
 
     def _name(self, record: Any) -> tuple[str, str]:
         ident = record.file_identifier().decode("utf-16-be" if self._key == "joliet_path" else "ascii")
@@ -517,6 +598,16 @@ class FatSource(_ImageSource):
     def free_bytes(self) -> int:
         free = self._fat[2:].count(0)
         return free * self._cluster_bytes
+
+
+def _data(extents: Extents | None) -> Extents | None:
+    """The extents that hold data: an empty file's extent location means nothing."""
+    return None if extents is None else tuple(e for e in extents if e[1])
+
+
+def _joliet_spells(rel: str) -> bool:
+    """Whether Joliet can hold every name of `rel` as it is (ISO writers change the others)."""
+    return all(len(part) <= JOLIET_MAX and not _NOT_JOLIET.search(part) for part in rel.split("/"))
 
 
 def _short_name(short: bytes, ntres: int) -> str:
