@@ -630,25 +630,37 @@ def test_split_nar_read_joined_and_gaps_refused(media: Media, tmp_path: Path) ->
     assert verified.returncode == 1
 
 
-def test_an_unsigned_decompression_bomb_is_not_unpacked(media: Media, tmp_path: Path) -> None:
-    """1 GiB of zeros in 32 KiB of zstd, behind a narinfo whose NarSize claims a TiB: the
-    signature no longer holds, and nothing unsigned is unpacked."""
+@pytest.mark.parametrize(("kind", "claim"), [("input-addressed", 1 << 40), ("content-addressed", 1 << 40),
+                                           ("content-addressed", 1 << 30)])
+def test_an_unsigned_decompression_bomb_is_not_unpacked(media: Media, tmp_path: Path, kind: str, claim: int) -> None:
+    """1 GiB of zeros in 32 KiB of zstd, behind a narinfo whose NarSize claims a TiB (or the
+    truth): the signature no longer holds, and nothing unsigned is unpacked. An input-addressed
+    path is refused for its signature; a content-addressed one, which could be trusted by its
+    content, for expanding more than any NAR does (the two kinds were once picked by chance)."""
     import zstandard
 
     cache = tmp_path / "cache"
     shutil.copytree(media.base / "cache", cache, symlinks=True)
-    narinfo = sorted(cache.glob("*.narinfo"))[0]
+    narinfos = [n for n in sorted(cache.glob("*.narinfo"))
+                if bool(re.search(r"^CA: ", n.read_text(), re.M)) == (kind == "content-addressed")]
+    assert narinfos, f"the example medium has no {kind} path"
+    narinfo = narinfos[0]
     nar = _nar_of(narinfo)
     with nar.open("wb") as f, zstandard.ZstdCompressor().stream_writer(f) as z:
         for _ in range(1024):
             z.write(bytes(1 << 20))
-    text = re.sub(r"^NarSize: .*$", f"NarSize: {1 << 40}", narinfo.read_text(), flags=re.M)
+    size = nar.stat().st_size
+    text = re.sub(r"^NarSize: .*$", f"NarSize: {claim}", narinfo.read_text(), flags=re.M)
     text = re.sub(r"^(FileHash|FileSize): .*\n", "", text, flags=re.M)
     narinfo.write_text(text)
     verified = mb("verify", cache)
     store_path = re.search(r"^StorePath: (.+)$", text, re.M)
     assert store_path is not None
     lines = verified.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{store_path.group(1)}: no valid signature by a trusted key "
-                                                   "(signed by "), lines
+    if kind == "input-addressed":
+        assert len(lines) == 1 and lines[0].startswith(f"{store_path.group(1)}: no valid signature by a trusted key "
+                                                       "(signed by "), lines
+    else:
+        assert lines == [f"{store_path.group(1)}: unsigned, and its NarSize ({claim} bytes) is more than 1024 times "
+                         f"its {size}-byte file: not unpacked (a decompression bomb)"], verified
     assert verified.returncode == 1

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 MAX_NARINFO = 1 << 20  # a narinfo lists references by name: a megabyte is thousands of them
+# An unsigned content-addressed NAR must be unpacked to be trusted, so its unsigned NarSize
+# could promise any amount of work: it may expand at most this much over its file (a source
+# tree compresses 3-10x with zstd or xz; 32 KiB of zstd can hold a GiB of zeros).
+MAX_UNSIGNED_EXPANSION = 1024
+UNSIGNED_SLACK = 1 << 20
 _PART = re.compile(r"^[0-9]{3}$")
 
 
@@ -232,6 +237,11 @@ def _check_nar(job: _Job, info: NarInfo, names: list[str], faults: list[str], sh
         return ""
     broken, ca_problem = "", None
     ca = info.ca if info.ca is not None and not signed_by(info, list(job.trusted)) else None
+    if ca is not None and info.nar_size > MAX_UNSIGNED_EXPANSION * size + UNSIGNED_SLACK:
+        faults.append(f"unsigned, and its NarSize ({info.nar_size} bytes) is more than {MAX_UNSIGNED_EXPANSION} "
+                      f"times its {size}-byte file: not unpacked (a decompression bomb)")
+        job.progress(size)
+        return ""
     joined = _Joined(job.source, list(names))
     with io.BufferedReader(joined, CHUNK) as f:
         hashing = _Hashing(f, job.progress)
