@@ -272,7 +272,9 @@ class IsoSource(_ImageSource):
             joliet_only = not self._iso.has_rock_ridge() and self._iso.has_joliet()
             self._key = "joliet_path" if joliet_only else "iso_path"
             self._seen: set[int] = set()  # directory extents indexed: a directory met twice is a loop
-            self._index("", "/")
+            root = self._iso.get_record(**{self._key: "/"})
+            self._check_both_endian("/", root)
+            self._index("", "/", (root.extent_location(), root.extent_location()))
             self._check_overlaps()
             if self._key == "iso_path" and self._iso.has_rock_ridge() and self._iso.has_joliet():
                 self._check_joliet()
@@ -295,12 +297,44 @@ class IsoSource(_ImageSource):
                 f"{self.path}: truncated ISO 9660 image: {self.image_size} bytes, its volume descriptor says "
                 f"{blocks * block_size}"
             )
+        self._check_descriptors(blocks)
 
-    def _index(self, rel: str, path: str) -> None:
+    def _check_descriptors(self, blocks: int) -> None:
+        """The primary and supplementary (Joliet) volume descriptors as strict readers (libarchive)
+        want them, ECMA-119's reserved fields zero: a reader that rejects a descriptor reads
+        another tree or none."""
+        for block in range(16, min(blocks, 16 + 64)):
+            vd = os.pread(self._image.fileno(), ISO_BLOCK, block * ISO_BLOCK)
+            if len(vd) < ISO_BLOCK or vd[1:6] != b"CD001" or vd[0] == 255:
+                return
+            if vd[0] not in (1, 2):
+                continue
+            primary = vd[0] == 1
+            path_l, path_m = struct.unpack_from("<I", vd, 140)[0], struct.unpack_from(">I", vd, 148)[0]
+            faults = [
+                what for what, bad in (
+                    ("version", vd[6] != 1),
+                    ("byte 7", primary and vd[7] != 0),
+                    ("bytes 72-79", any(vd[72:80])),
+                    ("bytes 88-119", primary and any(vd[88:120])),
+                    ("its root directory record", vd[156] != 34),
+                    ("its path table's place", not 18 <= path_l < blocks or (path_m and not 18 <= path_m < blocks)),
+                    ("file structure version", vd[881] != 1),
+                    ("byte 882", vd[882] != 0),
+                    ("bytes 1395-2047", any(vd[1395:])),
+                ) if bad
+            ]
+            if faults:
+                kind = "primary" if primary else "supplementary"
+                raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: the {kind} volume descriptor (block "
+                                   f"{block}) is invalid: {faults[0]} (readers differ on such an image)")
+
+    def _index(self, rel: str, path: str, here: tuple[int, int]) -> None:
+        """Index the directory at `path` (whose own and parent's extents are `here`)."""
         previous: tuple[str, Any, str] | None = None  # a multi-extent file: several records, one name
         idents: set[str] = set()  # the ISO 9660 names, as a reader without Rock Ridge sees them
         for record in self._iso.list_children(**{self._key: path}):
-            if record.is_dot() or record.is_dotdot():
+            if self._check_record(rel, record, here):
                 continue
             name, ident = self._name(record)
             self._check_ident(rel, name, ident, record, idents, previous)
@@ -322,13 +356,50 @@ class IsoSource(_ImageSource):
                 if target.extent_location() in self._seen:
                     raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: directory {child_rel} loops")
                 self._seen.add(target.extent_location())
+                self._check_both_endian(child_rel, target)
                 self._dirs.add(child_rel)
                 child_path = self._iso.full_path_from_dirrecord(moved) if moved else f"{path.rstrip('/')}/{ident}"
-                self._index(child_rel, child_path)
+                # a relocated directory's '..' is RR_MOVED, its parent is in Rock Ridge's PL entry
+                self._index(child_rel, child_path, (target.extent_location(), -1 if moved else here[0]))
                 previous = None
             else:
                 self._add_file(child_rel, (self._extent(record),))
                 previous = (name, record, child_rel)
+
+    def _check_record(self, rel: str, record: Any, here: tuple[int, int]) -> bool:
+        """Whether the record is a directory's `.` or `..`, each checked to point where readers
+        that follow it expect; no record may have an extended attribute record, which moves the
+        start of its data for some readers and not for others."""
+        where = f"{self.path}: /{rel}: damaged ISO 9660 image"
+        if record.xattr_len:
+            raise InvalidMedia(f"{where}: a record with an extended attribute record (readers place its data "
+                               "differently)")
+        if not (record.is_dot() or record.is_dotdot()):
+            return False
+        want = here[0] if record.is_dot() else here[1]
+        if want >= 0 and record.extent_location() != want:
+            raise InvalidMedia(f"{where}: its {'.' if record.is_dot() else '..'} record points at block "
+                               f"{record.extent_location()}, not {want}")
+        return True
+
+    def _check_both_endian(self, rel: str, directory: Any) -> None:
+        """Every record in the directory's blocks holds its extent, size and volume sequence
+        number the same in both byte orders, and fits its block: pycdlib reads the little-endian
+        size only, other readers (7z) the big-endian one or refuse the image."""
+        length = min(int(directory.data_length), self.image_size)
+        data = os.pread(self._image.fileno(), length, int(directory.extent_location()) * ISO_BLOCK)
+        for start in range(0, len(data), ISO_BLOCK):
+            at, end = start, min(start + ISO_BLOCK, len(data))
+            while at < end and data[at]:
+                size = data[at]
+                record = data[at : at + size]
+                if size < 34 or at + size > end or 33 + record[32] > size or any(
+                    record[a : a + n] != record[a + n : a + 2 * n][::-1] for a, n in ((2, 4), (10, 4), (28, 2))
+                ):
+                    raise InvalidMedia(f"{self.path}: {rel}: damaged ISO 9660 image: a directory record at byte "
+                                       f"{int(directory.extent_location()) * ISO_BLOCK + at} is inconsistent "
+                                       "(its length, or its little- and big-endian fields, disagree)")
+                at += size
 
     def _check_ident(
         self, rel: str, name: str, ident: str, record: Any, idents: set[str], previous: tuple[str, Any, str] | None
@@ -352,14 +423,17 @@ class IsoSource(_ImageSource):
         `*/:;?\\`), the same data extents and sizes, the same directories, nothing more."""
         files: dict[str, Extents] = {}
         dirs: set[str] = set()
-        self._walk_joliet("", "/", files, dirs, set())
+        root = self._iso.get_record(joliet_path="/")
+        self._check_both_endian("/ (Joliet)", root)
+        self._walk_joliet("", "/", (root.extent_location(), root.extent_location()), files, dirs, set())
         by_extents: dict[Extents, list[str]] = {}
-        for jrel, extents in files.items():
-            by_extents.setdefault(extents, []).append(jrel)
+        for joliet_rel, joliet_extents in files.items():
+            by_extents.setdefault(joliet_extents, []).append(joliet_rel)
         claimed: set[str] = set()
         for rel, (extents, _) in sorted(self._files.items()):
-            jrel = rel if _joliet_spells(rel) else next(
-                (j for j in by_extents.get(extents, ()) if j not in claimed and sum(n for _, n in extents)), None
+            has_data = any(n for _, n in extents)
+            jrel: str | None = rel if _joliet_spells(rel) else next(
+                (j for j in by_extents.get(extents, ()) if j not in claimed and has_data), None
             )
             if jrel is None or _data(files.get(jrel)) != _data(extents):
                 seen = "no such file" if jrel not in files else "other data"
@@ -373,11 +447,13 @@ class IsoSource(_ImageSource):
                     "Joliet tree" if missing else f"{len(self._dirs)} directories in one, {len(dirs)} in the other")
             raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: Rock Ridge and Joliet disagree: {what}")
 
-    def _walk_joliet(self, rel: str, path: str, files: dict[str, Extents], dirs: set[str], seen: set[int]) -> None:
+    def _walk_joliet(
+        self, rel: str, path: str, here: tuple[int, int], files: dict[str, Extents], dirs: set[str], seen: set[int]
+    ) -> None:
         names: set[str] = set()
         previous: str | None = None
         for record in self._iso.list_children(joliet_path=path):
-            if record.is_dot() or record.is_dotdot():
+            if self._check_record(f"{rel} (Joliet)", record, here):
                 continue
             ident = record.file_identifier().decode("utf-16-be")
             name = ident.split(";")[0] if not record.is_dir() else ident
@@ -395,8 +471,10 @@ class IsoSource(_ImageSource):
                 if record.extent_location() in seen:
                     raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: Joliet directory {child} loops")
                 seen.add(record.extent_location())
+                self._check_both_endian(f"{child} (Joliet)", record)
                 dirs.add(child)
-                self._walk_joliet(child, f"{path.rstrip('/')}/{ident}", files, dirs, seen)
+                self._walk_joliet(child, f"{path.rstrip('/')}/{ident}", (record.extent_location(), here[0]), files,
+                                  dirs, seen)
                 previous = None
             else:
                 files[child] = (self._extent(record),)
