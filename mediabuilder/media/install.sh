@@ -200,13 +200,44 @@ locate_media() {
     VERIFIED=$SCRATCH/verified
 }
 
-# Each of COPIED, read from the media once into $VERIFIED.
+# CAP: the most bytes FILE of the media may have before it is read (a key, a path and the JSON
+# files are small; the bundle must leave room in scratch for its clone). A medium is hostile until
+# checked: a huge file must not fill the scratch tmpfs, nor a huge line bash's memory.
+CAP=0
+set_cap() {
+    local blocks block_size
+    case $1 in
+        media-key.pub | manifest.storepath) CAP=$((4 * 1024)) ;;
+        manifest.json | registry.json) CAP=$((64 * 1024 * 1024)) ;;
+        *)
+            read -r blocks block_size < <(stat -f -c '%a %S' -- "$SCRATCH") ||
+                die "$SCRATCH" "cannot tell its free space"
+            CAP=$((blocks * block_size / 3))
+            ;;
+    esac
+}
+
+# FILE of the media is at most its CAP, or the install stops with one line (and HINT).
+check_size() {
+    local size
+    set_cap "$1"
+    size=$(stat -L -c %s -- "$MEDIA/$1") || die "$1" "cannot be read from the media (damaged media)"
+    ((size <= CAP)) ||
+        die "$1" "is $size bytes, more than the $CAP it may have (damaged or forged media${2:+; $2})"
+}
+
+# Each of COPIED, read from the media once into $VERIFIED, never more than its CAP.
 copy_from_media() {
-    local f
+    local f hint
     mkdir -p -- "$VERIFIED/flake"
     for f in "${COPIED[@]}"; do
-        cp -- "$MEDIA/$f" "$VERIFIED/$f" 2>"$SCRATCH/cp.err" ||
+        hint=""
+        [[ $f != flake/repo.bundle ]] || hint="or set TMPDIR to a directory with more room than ${TMPDIR:-/tmp}"
+        check_size "$f" "$hint"
+        head -c $((CAP + 1)) -- "$MEDIA/$f" >"$VERIFIED/$f" 2>"$SCRATCH/cp.err" ||
             die "$f" "cannot be read from the media ($(head -n1 "$SCRATCH/cp.err"); damaged media)"
+        (($(stat -c %s -- "$VERIFIED/$f") <= CAP)) ||
+            die "$f" "grew past $CAP bytes while it was read (damaged or forged media)"
     done
 }
 
@@ -216,6 +247,7 @@ check_media() {
     copy_from_media
     check_key
 
+    check_size manifest.storepath
     MANIFEST_PATH=$(first_line "$MEDIA/manifest.storepath")
     [[ $MANIFEST_PATH =~ $MANIFEST_PATH_RE ]] ||
         die manifest.storepath "not a /nix/store/<hash>-mediabuilder-manifest path (damaged media)"
