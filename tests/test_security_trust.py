@@ -162,16 +162,29 @@ def _evil_files(tmp: Path, medium: Medium) -> Path:
     _git(repo, "add", "flake.nix")
     _git(repo, "commit", "-q", "-m", "evil")
     _git(repo, "bundle", "create", "-q", str(evil / "repo.bundle"), "--all")
+    # The toplevel's narinfo, its signature intact, with what the signature does not cover forged:
+    # a CA that Nix checks only against the NarHash, and a deriver.
+    top = medium.root / "cache" / f"{medium.toplevel[len('/nix/store/'):][:32]}.narinfo"
+    lines = [ln for ln in top.read_text().splitlines() if not ln.startswith(("CA:", "Deriver:"))]
+    nar_hash = next(ln.split(": ", 1)[1] for ln in lines if ln.startswith("NarHash:"))
+    (evil / top.name).write_text("\n".join([*lines, f"CA: fixed:r:{nar_hash}", f"Deriver: {EVIL_DERIVER}"]) + "\n")
     return evil
 
 
+EVIL_DERIVER = f"{'0' * 32}-evil.drv"
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",)])
+@pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",),
+                                     ("toplevel narinfo",)])
 def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, ...]) -> None:
     """install.sh's phases with the medium's files swapped (bind mounts over the read-only
-    medium) right after check_media: the target gets the files as they were checked."""
+    medium) right after check_media: the target gets the files as they were checked (narinfos
+    too: Nix would register their unsigned CA and Deriver)."""
     _needs_real_tools()
     medium = make_medium(tmp_path, split=False)
+    narinfo = f"cache/{medium.toplevel[len('/nix/store/'):][:32]}.narinfo"
+    swapped = tuple(narinfo if name == "toplevel narinfo" else name for name in swapped)
     evil = _evil_files(tmp_path, medium)
     installed = ("registry.json", "manifest.json", "media-key.pub")
     originals = {name: (medium.root / name).read_bytes() for name in installed}
@@ -199,6 +212,9 @@ def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, .
         assert (lib / name).read_bytes() == data, name
     assert _git(root / "etc/nixos", "rev-parse", "HEAD").strip() == medium.rev
     assert _git(root / "etc/nixos", "remote", "get-url", "origin").strip() == "https://example.org/flake.git"
+    registered = subprocess.run(["nix", "path-info", "--store", f"local?root={root}", "--json", medium.toplevel],
+                                capture_output=True, text=True, env=env, check=True).stdout
+    assert "fixed:r:" not in registered and "evil.drv" not in registered, registered
 
 
 # Item 6: the fingerprint shown, asked for and checked
