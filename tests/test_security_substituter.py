@@ -420,3 +420,26 @@ def test_upstream_derivers_are_not_vouched_for(
     assert [info.deriver for info in upstream_infos(dest).values() if info.deriver] == []
     assert b"evil.drv" not in b"".join(p.read_bytes() for p in dest.glob("*.narinfo"))
     assert verify_cache(dest, [media_key.public()], jobs=2).ok
+
+
+def test_decompression_bomb_is_cut_off_at_its_signed_narsize(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, media_key: SecretKey, toplevel: str, tmp_path: Path
+) -> None:
+    """A small xz file that unpacks to 256 MiB, behind a signed narinfo with rewritten file fields:
+    decompressed only to one byte past the signed NarSize, refused, and nothing of it kept."""
+    victim, _ = victim_and_donor(upstream)
+    bomb = lzma.compress(bytes(256 << 20), preset=9)
+    assert len(bomb) < 64 << 10 and victim.nar_size < 16 << 20
+    file_hash = Hash("sha256", hashlib.sha256(bomb).digest()).nix32()
+    forged = replace(victim, url=f"nar/{file_hash.removeprefix('sha256:')}.nar.xz", compression="xz",
+                     file_hash=file_hash, file_size=len(bomb))
+    server.faults.replace[f"{victim.store_path.hash_part}.narinfo"] = forged.render().encode()
+    server.faults.replace[forged.url] = bomb
+    dest = tmp_path / "cache"
+    with pytest.raises(InvalidMedia) as caught:
+        run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert str(caught.value) == (f"{victim.store_path}: the NAR from {server.url} ({forged.url}) is damaged: "
+                                 f"decompressed, it is longer than its signed NarSize {victim.nar_size}")
+    assert not (dest / f"{victim.store_path.hash_part}.narinfo").exists()
+    assert not (dest / forged.url).exists()
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) < 64 << 20  # nothing unpacked to disk

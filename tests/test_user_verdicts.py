@@ -272,14 +272,16 @@ def test_an_unlisted_file_is_a_fault_install_ignores(media: Media, tmp_path: Pat
     assert (verified.returncode, verified.stdout) == (1, "evil.sh: not listed in the manifest\n")
 
 
-def test_symlinks_on_a_dir_medium_are_not_followed(media: Media, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.storepath"])
+def test_symlinks_on_a_dir_medium_are_not_followed(media: Media, tmp_path: Path, name: str) -> None:
     medium = tmp_path / "medium"
     shutil.copytree(media.dir, medium, symlinks=True)
-    (medium / "manifest.json").unlink()
-    (medium / "manifest.json").symlink_to("/dev/zero")
+    (medium / name).unlink()
+    (medium / name).symlink_to("/dev/zero")
     verified = mb("verify", medium, "--trusted-key", media.key)
     assert verified.returncode == 1, verified.stderr
-    assert verified.stdout.splitlines()[0] == "manifest.json: missing from the media (damaged or incomplete media)"
+    assert verified.stdout.splitlines()[0] == f"{name}: missing from the media (damaged or incomplete media)"
+    assert install_error(run_install(tmp_path, medium)) == name
 
 
 # In place: nothing written anywhere
@@ -495,6 +497,12 @@ def _craft_fat(image: Path, how: str) -> str:
     if how == "size past the image":
         _patch(image, short_entry + 28, struct.pack("<I", 0xFFFFFFFF))
         return "damaged FAT32 image: the cluster chain of registry.json ends before its 4294967295 bytes"
+    if how == "4 GiB chained to itself":  # once: 4 GiB written per such entry
+        cluster = struct.unpack_from("<H", image.read_bytes(), short_entry + 26)[0]
+        with image.open("r+b") as f:
+            _set_fat(f, layout, cluster, cluster)
+        _patch(image, short_entry + 28, struct.pack("<I", 0xFFFFFFFF))
+        return f"damaged FAT32 image: the cluster chain of registry.json loops or shares cluster {cluster} with another"
     if how == "chain longer than the size":
         _patch(image, short_entry + 28, struct.pack("<I", 1))
         return "damaged FAT32 image: the cluster chain of registry.json is longer than its size allows"
@@ -511,7 +519,7 @@ def _craft_fat(image: Path, how: str) -> str:
 FAT_CRAFTS = ["boot sector zeroed", "FAT zeroed", "second FAT differs", "backup boot sector differs",
               "root directory zeroed", "root chain loops", "directory points at the root", "duplicate name",
               "slash in a long name", "control character in a long name", "dot-dot long name",
-              "size past the image", "chain longer than the size", "shared clusters"]
+              "size past the image", "4 GiB chained to itself", "chain longer than the size", "shared clusters"]
 
 
 @pytest.mark.parametrize("how", FAT_CRAFTS)
