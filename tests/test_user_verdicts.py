@@ -571,6 +571,15 @@ def _craft_iso(image: Path, how: str) -> str:
     if how == "Joliet size differs from Rock Ridge":
         _patch(image, joliet + 10, struct.pack("<I", 1) + struct.pack(">I", 1))
         return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: other data)"
+    if how == "big-endian size differs":  # pycdlib reads the little-endian one, 7z refuses the image
+        _patch(image, joliet + 14, struct.pack(">I", 1))
+        return f"/ (Joliet): damaged ISO 9660 image: a directory record at byte {joliet} is inconsistent"
+    if how == "reserved bytes of the volume descriptor":  # libarchive then ignores the descriptor
+        _patch(image, 16 * 2048 + 1661, b"\x01")
+        return "the primary volume descriptor (block 16) is invalid: bytes 1395-2047"
+    if how == "extended attribute record":  # ECMA-119 readers start the data after it, pycdlib does not
+        _patch(image, registry + 1, b"\x01")
+        return "a record with an extended attribute record (readers place its data differently)"
     if how == "ISO 9660 name twice":
         _patch(image, registry + 33, b"MANIFEST.JSON;1")  # a reader without Rock Ridge sees one manifest.json
         return "damaged ISO 9660 image: Failed adding duplicate name to parent"  # pycdlib's own check
@@ -602,7 +611,8 @@ ISO_CRAFTS = ["volume descriptor zeroed", "slash in a Rock Ridge name", "NUL in 
               "Rock Ridge name flagged '..'", "duplicate Rock Ridge name", "directory points at the root",
               "size past the image", "shared data", "Rock Ridge name differs from Joliet",
               "Joliet name differs from Rock Ridge", "Joliet data differs from Rock Ridge",
-              "Joliet size differs from Rock Ridge", "ISO 9660 name twice", "Rock Ridge name missing"]
+              "Joliet size differs from Rock Ridge", "ISO 9660 name twice", "Rock Ridge name missing",
+              "big-endian size differs", "reserved bytes of the volume descriptor", "extended attribute record"]
 
 
 @pytest.mark.parametrize("how", ISO_CRAFTS)

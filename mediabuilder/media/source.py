@@ -386,10 +386,11 @@ class IsoSource(_ImageSource):
         """Every record in the directory's blocks holds its extent, size and volume sequence
         number the same in both byte orders, and fits its block: pycdlib reads the little-endian
         size only, other readers (7z) the big-endian one or refuse the image."""
-        length = min(int(directory.data_length), self.image_size)
-        data = os.pread(self._image.fileno(), length, int(directory.extent_location()) * ISO_BLOCK)
-        for start in range(0, len(data), ISO_BLOCK):
-            at, end = start, min(start + ISO_BLOCK, len(data))
+        first = int(directory.extent_location()) * ISO_BLOCK
+        length = min(int(directory.data_length), max(self.image_size - first, 0))
+        for start in range(0, length, ISO_BLOCK):  # block by block: a directory may claim gigabytes
+            data = os.pread(self._image.fileno(), min(ISO_BLOCK, length - start), first + start)
+            at, end = 0, len(data)
             while at < end and data[at]:
                 size = data[at]
                 record = data[at : at + size]
@@ -397,7 +398,7 @@ class IsoSource(_ImageSource):
                     record[a : a + n] != record[a + n : a + 2 * n][::-1] for a, n in ((2, 4), (10, 4), (28, 2))
                 ):
                     raise InvalidMedia(f"{self.path}: {rel}: damaged ISO 9660 image: a directory record at byte "
-                                       f"{int(directory.extent_location()) * ISO_BLOCK + at} is inconsistent "
+                                       f"{first + start + at} is inconsistent "
                                        "(its length, or its little- and big-endian fields, disagree)")
                 at += size
 
