@@ -4,17 +4,23 @@
 Every flip is seeded (`random.Random(SEED)`), so a failure names the seed and the offset that
 reproduce it. The contract: the exit status is 0, 1 or 2 (never an internal error, never a
 traceback); a flip inside any file's data is caught (exit 1 or 2); a flip verify calls ok
-changed no file's content as the reader reads it back (it was in padding or unused space); and
-no flip makes verify hang (each is bounded by an alarm)."""
+changed no file's content as the reader reads it back (it was in padding or unused space), nor
+as independent readers see it: every name, directory and byte the same through bsdtar (Rock
+Ridge), 7z (Joliet) and isoinfo (the plain ISO 9660 names), or through mcopy (mtools) and
+`fsck.fat -n` (dosfstools), as on the unflipped image; and no flip makes verify hang (each is
+bounded by an alarm)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import signal
+import subprocess
+import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -174,6 +180,50 @@ def image_targets(size: int, extents: list[tuple[int, int]], rng: random.Random)
         yield offset + rng.randrange(length)
 
 
+def tree(root: Path) -> dict[str, str]:
+    """Every file's sha256 and every directory ("/") under `root`, by relative path."""
+    seen = {}
+    for top, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            seen[Path(top, name).relative_to(root).as_posix()] = "/"
+        for name in filenames:
+            path = Path(top, name)
+            seen[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return seen
+
+
+def tool(*argv: str | Path, cwd: Path | None = None) -> str:
+    """A reader's output, or its failure as text (which then differs from the unflipped image's)."""
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "LANG": "C.UTF-8"}
+    try:
+        proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, errors="replace",
+                              timeout=PER_FLIP, env=env, cwd=cwd, stdin=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        return f"{argv[0]}: timed out"
+    return f"exit {proc.returncode}\n{proc.stdout}" + (proc.stderr if proc.returncode else "")
+
+
+def others(fmt: str, image: Path, offset: int) -> dict[str, object]:
+    """What independent readers see in the image: each reader's files (names, directories,
+    sha256) or listing, by reader."""
+    views: dict[str, object] = {}
+    readers: dict[str, Callable[[Path], tuple[str | Path, ...]]] = {
+        "bsdtar (Rock Ridge)": lambda dest: ("bsdtar", "-xf", image, "-C", dest),
+        "7z (Joliet)": lambda dest: ("7z", "x", "-y", image, f"-o{dest}"),
+    } if fmt == "iso" else {
+        "mcopy": lambda dest: ("mcopy", "-s", "-n", "-i", f"{image}@@{offset}", "::/*", f"{dest}/"),
+    }
+    for reader, argv in readers.items():
+        with tempfile.TemporaryDirectory(prefix="fuzz-read-") as dest:
+            status = tool(*argv(Path(dest))).split("\n", 1)[0]
+            views[reader] = (status, tree(Path(dest)))
+    if fmt == "iso":
+        views["isoinfo (ISO 9660)"] = tool("isoinfo", "-f", "-i", image)
+    else:
+        views["fsck.fat -n"] = tool("fsck.fat", "-n", image).replace(str(image), "IMAGE")
+    return views
+
+
 def inside(offset: int, extents: list[tuple[int, int]]) -> bool:
     return any(o <= offset < o + n for o, n in extents)
 
@@ -185,7 +235,17 @@ def test_image_flips(media: Media, fmt: str, tmp_path: Path, capsys: pytest.Capt
     shutil.copyfile(original, scratch)
     rng = random.Random(SEED)
     extents, want = image_offsets(original)
+    with open_source(original) as source:
+        fat_offset = source.offset if isinstance(source, FatSource) else 0
+        want_tree = {**want, **dict.fromkeys(source.dirs(), "/")}
+    baseline = others(fmt, original, fat_offset)
+    for reader, view in baseline.items():  # every reader sees the unflipped medium as verify does
+        if isinstance(view, tuple):
+            assert view == ("exit 0", want_tree), f"{fmt}: {reader} reads the intact image differently"
+        else:
+            assert str(view).startswith("exit 0"), f"{fmt}: {reader}: {view}"
     outcomes: Counter[int] = Counter()
+    cross_checked = 0
     wrong: list[str] = []
     in_data = 0
     for offset in image_targets(scratch.stat().st_size, extents, rng):
@@ -201,9 +261,16 @@ def test_image_flips(media: Media, fmt: str, tmp_path: Path, capsys: pytest.Capt
             with open_source(scratch) as source:
                 if contents(source) != want:
                     wrong.append(f"{where}: files read back differently, verify called it ok")
+            seen = others(fmt, scratch, fat_offset)
+            cross_checked += 1
+            wrong += [f"{where}: {reader} sees another medium, verify called it ok"
+                      for reader, view in seen.items() if view != baseline[reader]]
         flip(scratch, offset, mask)
         outcomes[code] += 1
-    line = summary(fmt, outcomes, "harmless (exit 0, padding)", capsys) + f"; {in_data} inside file data"
+    line = summary(fmt, outcomes, "harmless (exit 0, padding)", capsys)
+    line += f"; {in_data} inside file data; {cross_checked} harmless ones read by {', '.join(baseline)}"
+    with capsys.disabled():
+        print(f"{fmt}: {in_data} inside file data; the {cross_checked} harmless ones read by {', '.join(baseline)}")
     assert in_data >= FLIPS // 2, line
     assert wrong == [], f"{line}: {wrong}"
     assert verify(scratch, media.key, capsys, f"{fmt}, restored")[0] == 0

@@ -426,3 +426,34 @@ def test_content_addressed_manifest_is_refused(tmp_path: Path) -> None:
     assert len(errors) == 1, result.stderr
     assert "content-addressed" in errors[0] or "Nix cannot copy the signed manifest" in errors[0]
     assert list(root.iterdir()) == []
+
+
+CAPS = {"media-key.pub": 4096, "manifest.storepath": 4096, "manifest.json": 64 << 20, "registry.json": 64 << 20}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", [*CAPS, "flake/repo.bundle"])
+def test_oversized_files_are_refused_before_they_are_read(tmp_path: Path, name: str) -> None:
+    """A file install.sh reads whole (a key, the manifest path, the JSON files) or copies to
+    scratch (the bundle) bigger than its cap is refused in one line before a byte of it is read:
+    sparse files, so a medium that claims 64 MiB or the scratch disk's free space costs nothing."""
+    _needs_real_tools()
+    medium = make_medium(tmp_path)
+    path = medium.root / name
+    if name in CAPS:
+        size = CAPS[name] + 1
+        cap = str(CAPS[name])
+    else:  # at most a third of scratch's free space: the clone needs room too
+        st = os.statvfs(tmp_path)
+        size = st.f_bavail * st.f_frsize
+        cap = ""
+    os.truncate(path, size)
+    result, root = run_installer(tmp_path, medium, "--yes", "--expect-key", medium.key.public().fingerprint())
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result)
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith(f"install.sh: error: {name}: is {size} bytes, more than the {cap}"), errors[0]
+    assert errors[0].endswith("it may have (damaged or forged media" + (
+        ")" if name in CAPS else "; or set TMPDIR to a directory with more room than " + str(tmp_path / "scratch)")
+    )), errors[0]
+    assert list(root.iterdir()) == []

@@ -35,7 +35,7 @@ from test_substituter import (  # noqa: F401 - fixtures
 
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.verify import verify_cache
-from mediabuilder.errors import InvalidInput, InvalidMedia
+from mediabuilder.errors import InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.store import contentaddress, nar
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
@@ -372,3 +372,74 @@ def test_credentials_do_not_follow_a_redirect_to_another_host(server: FakeCache,
         assert cdn.authorization == {victim.url: None}
     assert server.authorization[victim.url] == server.faults.auth
     assert nar_files(dest) == nar_files(upstream)
+
+
+# Unsigned fields of a signed narinfo: CA and Deriver are not covered by the signature
+
+
+def test_signed_narinfo_with_a_forged_ca_line_is_refused(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, media_key: SecretKey, toplevel: str, tmp_path: Path
+) -> None:
+    """A CA line added to a correctly signed, input-addressed narinfo (its NAR honest, the CA even
+    consistent with the NarHash): Nix would register it as the path's content address. Any CA
+    must give the store path, so the path is refused and nothing of it is taken in."""
+    victim, _ = victim_and_donor(upstream)
+    assert victim.ca is None
+    forged = replace(victim, ca=f"fixed:r:{victim.nar_hash}")
+    assert forged.fingerprint() == victim.fingerprint()  # the upstream signature still holds
+    server.faults.replace[f"{victim.store_path.hash_part}.narinfo"] = forged.render().encode()
+    dest = tmp_path / "cache"
+    with pytest.raises(MediabuilderError) as caught:
+        run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert f"{server.url}: content address {forged.ca} does not give this store path (an unsigned CA line, " \
+           "forged)" in str(caught.value)
+    assert not (dest / f"{victim.store_path.hash_part}.narinfo").exists()
+    # The same narinfo in a cache (signed by the media key, as a careless copy would): a fault.
+    cache = tmp_path / "copy"
+    server.faults.replace.clear()
+    run_prefetch(server.url, upstream_key, media_key, cache, toplevel)
+    ours = BinaryCache(cache).read_narinfo(victim.store_path)
+    resigned = replace(ours, ca=f"fixed:r:{ours.nar_hash}")
+    BinaryCache(cache).write_narinfo(resigned.with_sigs((media_key.sign(resigned.fingerprint()),)))
+    faults = [(f.path, f.fault) for f in verify_cache(cache, [media_key.public()], jobs=2).faults]
+    assert faults == [(str(victim.store_path), f"content address {resigned.ca} does not give this store path "
+                                               "(an unsigned CA line, forged)")]
+
+
+def test_upstream_derivers_are_not_vouched_for(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, media_key: SecretKey, toplevel: str, tmp_path: Path
+) -> None:
+    """Deriver is unsigned and cannot be checked without the derivation: the media key does not
+    sign it into our cache (so the target's Nix never registers a deriver a server made up)."""
+    victim, _ = victim_and_donor(upstream)
+    forged = replace(victim, deriver=f"{'0' * 32}-evil.drv")
+    server.faults.replace[f"{victim.store_path.hash_part}.narinfo"] = forged.render().encode()
+    dest = tmp_path / "cache"
+    run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert any(info.deriver for info in upstream_infos(upstream).values())
+    assert [info.deriver for info in upstream_infos(dest).values() if info.deriver] == []
+    assert b"evil.drv" not in b"".join(p.read_bytes() for p in dest.glob("*.narinfo"))
+    assert verify_cache(dest, [media_key.public()], jobs=2).ok
+
+
+def test_decompression_bomb_is_cut_off_at_its_signed_narsize(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, media_key: SecretKey, toplevel: str, tmp_path: Path
+) -> None:
+    """A small xz file that unpacks to 256 MiB, behind a signed narinfo with rewritten file fields:
+    decompressed only to one byte past the signed NarSize, refused, and nothing of it kept."""
+    victim, _ = victim_and_donor(upstream)
+    bomb = lzma.compress(bytes(256 << 20), preset=9)
+    assert len(bomb) < 64 << 10 and victim.nar_size < 16 << 20
+    file_hash = Hash("sha256", hashlib.sha256(bomb).digest()).nix32()
+    forged = replace(victim, url=f"nar/{file_hash.removeprefix('sha256:')}.nar.xz", compression="xz",
+                     file_hash=file_hash, file_size=len(bomb))
+    server.faults.replace[f"{victim.store_path.hash_part}.narinfo"] = forged.render().encode()
+    server.faults.replace[forged.url] = bomb
+    dest = tmp_path / "cache"
+    with pytest.raises(InvalidMedia) as caught:
+        run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert str(caught.value) == (f"{victim.store_path}: the NAR from {server.url} ({forged.url}) is damaged: "
+                                 f"decompressed, it is longer than its signed NarSize {victim.nar_size}")
+    assert not (dest / f"{victim.store_path.hash_part}.narinfo").exists()
+    assert not (dest / forged.url).exists()
+    assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) < 64 << 20  # nothing unpacked to disk

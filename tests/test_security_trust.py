@@ -24,6 +24,11 @@ TOKEN = "ghp_s3cretT0kenXYZ"
 PASSWORD = "hunter2pw"
 ORIGIN = f"https://deploy:{TOKEN}@git.example.invalid/example/machines.git"
 BACKUP = f"ssh://git:{PASSWORD}@backup.example.invalid/srv/git/machines.git"
+QUERY_TOKEN = "glpat-qu3ryT0ken"
+MIRROR = f"https://mirror.example.invalid/machines.git?private_token={QUERY_TOKEN}&ref=main"
+PUSH_TOKEN = "ghp_pushT0kenABC"
+INSTEAD_TOKEN = "ghp_insteadOfT0ken"
+SECRETS = (TOKEN, PASSWORD, QUERY_TOKEN, PUSH_TOKEN, INSTEAD_TOKEN)
 
 
 # Unit tier
@@ -41,6 +46,11 @@ BACKUP = f"ssh://git:{PASSWORD}@backup.example.invalid/srv/git/machines.git"
     ("git@github.com:owner/repo.git", "git@github.com:owner/repo.git"),
     ("https://git.example.org/a/b.git", "https://git.example.org/a/b.git"),
     ("https://git.example.org/a/b@c.git", "https://git.example.org/a/b@c.git"),
+    (f"https://git.example.org/a/b.git?private_token={TOKEN}", "https://git.example.org/a/b.git"),
+    (f"https://git.example.org/a/b.git?ref=main&access_token={TOKEN}", "https://git.example.org/a/b.git?ref=main"),
+    (f"https://u:{TOKEN}@host/x?Token={TOKEN}&a=1&X-Amz-Signature={TOKEN}#f", "https://host/x?a=1#f"),
+    (f"ssh://host/x?password={PASSWORD}", "ssh://host/x"),
+    ("https://host/x?tokens=1&ref=a@b", "https://host/x?tokens=1&ref=a@b"),
     ("/srv/git/x.git", "/srv/git/x.git"),
     ("file:///srv/git/x.git", "file:///srv/git/x.git"),
 ])
@@ -67,6 +77,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     flake = dest / "flake"
     subprocess.run(["git", "-C", str(flake), "remote", "set-url", "origin", ORIGIN], check=True)
     subprocess.run(["git", "-C", str(flake), "remote", "set-url", "backup", BACKUP], check=True)
+    git = ["git", "-C", str(flake), "config"]
+    subprocess.run(["git", "-C", str(flake), "remote", "add", "mirror", MIRROR], check=True)
+    subprocess.run([*git, "remote.origin.pushurl", f"https://push:{PUSH_TOKEN}@git.example.invalid/m.git"], check=True)
+    subprocess.run([*git, f"url.https://deploy:{INSTEAD_TOKEN}@git.example.invalid/.insteadOf", "gx:"], check=True)
+    subprocess.run([*git, f"url.https://deploy:{INSTEAD_TOKEN}@git.example.invalid/.pushInsteadOf", "gp:"],
+                   check=True)
+    subprocess.run(["git", "-C", str(flake), "remote", "add", "short", "gx:example/machines.git"], check=True)
     media = base / "media"
     proc = run_cli("build", f"--flake={flake}#alpha", "--cache", base / "cache", "--output", media)
     assert proc.returncode == 0, proc.stderr
@@ -84,18 +101,24 @@ def test_remote_credentials_reach_neither_medium_nor_target(built: Built, tmp_pa
         "(https://git.example.invalid/example/machines.git)",
         f"warning: {flake}: remote backup: its URL carries credentials; the media records it without them "
         "(ssh://git@backup.example.invalid/srv/git/machines.git)",
+        f"warning: {flake}: remote mirror: its URL carries credentials; the media records it without them "
+        "(https://mirror.example.invalid/machines.git?ref=main)",
     ]
-    assert TOKEN not in proc.stderr + proc.stdout and PASSWORD not in proc.stderr + proc.stdout
+    assert not [s for s in SECRETS if s in proc.stderr + proc.stdout]
     manifest = json.loads((media / "manifest.json").read_text())
+    # Only each remote's url is recorded: pushurl and url.*.insteadOf (whose secrets stay on the
+    # build machine) never reach the medium; a remote spelled through insteadOf stays as spelled.
     assert manifest["flake"]["remotes"] == {
         "origin": "https://git.example.invalid/example/machines.git",
         "backup": "ssh://git@backup.example.invalid/srv/git/machines.git",
+        "mirror": "https://mirror.example.invalid/machines.git?ref=main",
+        "short": "gx:example/machines.git",
     }
     files = [Path(d, n) for d, _, names in os.walk(media) for n in names]
     assert media / "flake" / "repo.bundle" in files
     for file in files:
         data = file.read_bytes()
-        assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
+        assert not [s for s in SECRETS if s.encode() in data], file
     # The user's own repository keeps its URLs (it is only read).
     url = subprocess.run(["git", "-C", str(flake), "remote", "get-url", "origin"], capture_output=True, text=True)
     assert url.stdout.strip() == ORIGIN
@@ -104,14 +127,16 @@ def test_remote_credentials_reach_neither_medium_nor_target(built: Built, tmp_pa
     root.mkdir()
     proc = install_offline(media, root, "--yes", "--expect-key", (media / "media-key.pub").read_text().strip())
     assert proc.returncode == 0, proc.stderr
-    assert TOKEN not in proc.stderr and PASSWORD not in proc.stderr
+    assert not [s for s in SECRETS if s in proc.stderr]
     config = (root / "etc/nixos/.git/config").read_text()
     assert "url = https://git.example.invalid/example/machines.git" in config
     assert "url = ssh://git@backup.example.invalid/srv/git/machines.git" in config
+    assert "url = https://mirror.example.invalid/machines.git?ref=main" in config
+    assert "pushurl" not in config.lower() and "insteadof" not in config.lower()
     for file in [Path(d, n) for d, _, names in os.walk(root / "etc") for n in names] + \
             [Path(d, n) for d, _, names in os.walk(root / "var/lib/mediabuilder") for n in names]:
         data = file.read_bytes()
-        assert TOKEN.encode() not in data and PASSWORD.encode() not in data, file
+        assert not [s for s in SECRETS if s.encode() in data], file
 
 
 # Integration tier: item 5, a medium that answers differently once checked
@@ -137,16 +162,29 @@ def _evil_files(tmp: Path, medium: Medium) -> Path:
     _git(repo, "add", "flake.nix")
     _git(repo, "commit", "-q", "-m", "evil")
     _git(repo, "bundle", "create", "-q", str(evil / "repo.bundle"), "--all")
+    # The toplevel's narinfo, its signature intact, with what the signature does not cover forged:
+    # a CA that Nix checks only against the NarHash, and a deriver.
+    top = medium.root / "cache" / f"{medium.toplevel[len('/nix/store/'):][:32]}.narinfo"
+    lines = [ln for ln in top.read_text().splitlines() if not ln.startswith(("CA:", "Deriver:"))]
+    nar_hash = next(ln.split(": ", 1)[1] for ln in lines if ln.startswith("NarHash:"))
+    (evil / top.name).write_text("\n".join([*lines, f"CA: fixed:r:{nar_hash}", f"Deriver: {EVIL_DERIVER}"]) + "\n")
     return evil
 
 
+EVIL_DERIVER = f"{'0' * 32}-evil.drv"
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",)])
+@pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",),
+                                     ("toplevel narinfo",)])
 def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, ...]) -> None:
     """install.sh's phases with the medium's files swapped (bind mounts over the read-only
-    medium) right after check_media: the target gets the files as they were checked."""
+    medium) right after check_media: the target gets the files as they were checked (narinfos
+    too: Nix would register their unsigned CA and Deriver)."""
     _needs_real_tools()
     medium = make_medium(tmp_path, split=False)
+    narinfo = f"cache/{medium.toplevel[len('/nix/store/'):][:32]}.narinfo"
+    swapped = tuple(narinfo if name == "toplevel narinfo" else name for name in swapped)
     evil = _evil_files(tmp_path, medium)
     installed = ("registry.json", "manifest.json", "media-key.pub")
     originals = {name: (medium.root / name).read_bytes() for name in installed}
@@ -174,6 +212,9 @@ def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, .
         assert (lib / name).read_bytes() == data, name
     assert _git(root / "etc/nixos", "rev-parse", "HEAD").strip() == medium.rev
     assert _git(root / "etc/nixos", "remote", "get-url", "origin").strip() == "https://example.org/flake.git"
+    registered = subprocess.run(["nix", "path-info", "--store", f"local?root={root}", "--json", medium.toplevel],
+                                capture_output=True, text=True, env=env, check=True).stdout
+    assert "fixed:r:" not in registered and "evil.drv" not in registered, registered
 
 
 # Item 6: the fingerprint shown, asked for and checked

@@ -272,14 +272,16 @@ def test_an_unlisted_file_is_a_fault_install_ignores(media: Media, tmp_path: Pat
     assert (verified.returncode, verified.stdout) == (1, "evil.sh: not listed in the manifest\n")
 
 
-def test_symlinks_on_a_dir_medium_are_not_followed(media: Media, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["manifest.json", "manifest.storepath"])
+def test_symlinks_on_a_dir_medium_are_not_followed(media: Media, tmp_path: Path, name: str) -> None:
     medium = tmp_path / "medium"
     shutil.copytree(media.dir, medium, symlinks=True)
-    (medium / "manifest.json").unlink()
-    (medium / "manifest.json").symlink_to("/dev/zero")
+    (medium / name).unlink()
+    (medium / name).symlink_to("/dev/zero")
     verified = mb("verify", medium, "--trusted-key", media.key)
     assert verified.returncode == 1, verified.stderr
-    assert verified.stdout.splitlines()[0] == "manifest.json: missing from the media (damaged or incomplete media)"
+    assert verified.stdout.splitlines()[0] == f"{name}: missing from the media (damaged or incomplete media)"
+    assert install_error(run_install(tmp_path, medium)) == name
 
 
 # In place: nothing written anywhere
@@ -495,6 +497,12 @@ def _craft_fat(image: Path, how: str) -> str:
     if how == "size past the image":
         _patch(image, short_entry + 28, struct.pack("<I", 0xFFFFFFFF))
         return "damaged FAT32 image: the cluster chain of registry.json ends before its 4294967295 bytes"
+    if how == "4 GiB chained to itself":  # once: 4 GiB written per such entry
+        cluster = struct.unpack_from("<H", image.read_bytes(), short_entry + 26)[0]
+        with image.open("r+b") as f:
+            _set_fat(f, layout, cluster, cluster)
+        _patch(image, short_entry + 28, struct.pack("<I", 0xFFFFFFFF))
+        return f"damaged FAT32 image: the cluster chain of registry.json loops or shares cluster {cluster} with another"
     if how == "chain longer than the size":
         _patch(image, short_entry + 28, struct.pack("<I", 1))
         return "damaged FAT32 image: the cluster chain of registry.json is longer than its size allows"
@@ -511,7 +519,7 @@ def _craft_fat(image: Path, how: str) -> str:
 FAT_CRAFTS = ["boot sector zeroed", "FAT zeroed", "second FAT differs", "backup boot sector differs",
               "root directory zeroed", "root chain loops", "directory points at the root", "duplicate name",
               "slash in a long name", "control character in a long name", "dot-dot long name",
-              "size past the image", "chain longer than the size", "shared clusters"]
+              "size past the image", "4 GiB chained to itself", "chain longer than the size", "shared clusters"]
 
 
 @pytest.mark.parametrize("how", FAT_CRAFTS)
@@ -549,6 +557,35 @@ def _craft_iso(image: Path, how: str) -> str:
         _patch(image, data.find(b"NM\x2d\x01\x00" + names[0]) + 5, names[1])
         return f"cache: the name '{names[1].decode()}' is in the directory twice"
     registry, flake = _iso_record(data, b"REGISTRY.JSON;1"), _iso_record(data, b"FLAKE")
+    joliet = _iso_record(data, "registry.json".encode("utf-16-be"))
+    if how == "Rock Ridge name differs from Joliet":
+        _patch(image, name_at + 7, b"z")  # Linux reads registrz.json, Windows registry.json
+        return "registrz.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: no such file)"
+    if how == "Joliet name differs from Rock Ridge":
+        _patch(image, joliet + 33 + 2 * 7, "z".encode("utf-16-be"))
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: no such file)"
+    if how == "Joliet data differs from Rock Ridge":
+        manifest = _iso_record(data, "manifest.json".encode("utf-16-be"))
+        _patch(image, joliet + 2, data[manifest + 2 : manifest + 18])  # Windows reads manifest.json's bytes
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: other data)"
+    if how == "Joliet size differs from Rock Ridge":
+        _patch(image, joliet + 10, struct.pack("<I", 1) + struct.pack(">I", 1))
+        return "registry.json: damaged ISO 9660 image: Rock Ridge and Joliet disagree (Joliet: other data)"
+    if how == "big-endian size differs":  # pycdlib reads the little-endian one, 7z refuses the image
+        _patch(image, joliet + 14, struct.pack(">I", 1))
+        return f"/ (Joliet): damaged ISO 9660 image: a directory record at byte {joliet} is inconsistent"
+    if how == "reserved bytes of the volume descriptor":  # libarchive then ignores the descriptor
+        _patch(image, 16 * 2048 + 1661, b"\x01")
+        return "the primary volume descriptor (block 16) is invalid: bytes 1395-2047"
+    if how == "extended attribute record":  # ECMA-119 readers start the data after it, pycdlib does not
+        _patch(image, registry + 1, b"\x01")
+        return "a record with an extended attribute record (readers place its data differently)"
+    if how == "ISO 9660 name twice":
+        _patch(image, registry + 33, b"MANIFEST.JSON;1")  # a reader without Rock Ridge sees one manifest.json
+        return "damaged ISO 9660 image: Failed adding duplicate name to parent"  # pycdlib's own check
+    if how == "Rock Ridge name missing":
+        _patch(image, at, b"XX")  # the NM entry becomes an unknown one: the record has only its ISO 9660 name
+        return "damaged ISO 9660 image: Unknown SUSP record"  # pycdlib's own check
     if how == "directory points at the root":
         root = struct.unpack_from("<I", data, 156 + 2 + 16 * 2048)[0]  # the PVD's root directory record
         _patch(image, flake + 2, struct.pack("<I", root) + struct.pack(">I", root))
@@ -572,7 +609,10 @@ def _iso_record(data: bytes, ident: bytes) -> int:
 
 ISO_CRAFTS = ["volume descriptor zeroed", "slash in a Rock Ridge name", "NUL in a Rock Ridge name",
               "Rock Ridge name flagged '..'", "duplicate Rock Ridge name", "directory points at the root",
-              "size past the image", "shared data"]
+              "size past the image", "shared data", "Rock Ridge name differs from Joliet",
+              "Joliet name differs from Rock Ridge", "Joliet data differs from Rock Ridge",
+              "Joliet size differs from Rock Ridge", "ISO 9660 name twice", "Rock Ridge name missing",
+              "big-endian size differs", "reserved bytes of the volume descriptor", "extended attribute record"]
 
 
 @pytest.mark.parametrize("how", ISO_CRAFTS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -94,4 +95,28 @@ def test_flat_ca_of_a_directory_is_a_fault(tmp_path: Path) -> None:
     assert [f.fault for f in report.faults] == [
         f"unsigned, and its content address {ca} is of one regular file, but the NAR is a directory "
         "(a forged content-addressed path)"
+    ]
+
+
+def _signed(root: Path, path: StorePath, key: SecretKey, **changes: object) -> None:
+    """The cache's narinfo of `path`, changed and signed by `key` (the CA is not signed)."""
+    narinfo = root / f"{path.hash_part}.narinfo"
+    info = replace(NarInfo.parse(narinfo.read_text()), **changes)
+    narinfo.write_text(info.with_sigs((key.sign(info.fingerprint()),)).render())
+
+
+@pytest.mark.parametrize("kind", ["text", "flat", "recursive"])
+def test_signed_path_with_a_forged_ca_line_is_a_fault(tmp_path: Path, kind: str) -> None:
+    """The signature does not cover CA: a signed narinfo whose CA was altered is refused (Nix would
+    register the CA), its genuine CA passes."""
+    key = SecretKey.generate("k")
+    ca, path = address(kind, tmp_path, HONEST)
+    root = make_cache(tmp_path, ca, path, HONEST)
+    _signed(root, path, key)
+    assert verify_cache(root, [key.public()], jobs=1).ok
+    other, _ = address(kind, tmp_path, FORGED)
+    _signed(root, path, key, ca=other)
+    report = verify_cache(root, [key.public()], jobs=1)
+    assert [(f.path, f.fault) for f in report.faults] == [
+        (str(path), f"content address {other} does not give this store path (an unsigned CA line, forged)")
     ]

@@ -104,6 +104,27 @@ def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
     return f"no valid signature by a trusted key (signed by {names})"
 
 
+def ca_problem(info: NarInfo) -> str | None:
+    """Why `info`'s CA, signed or not, is not this path's content address, or None. The signature
+    covers StorePath, NarHash, NarSize and References only: a CA line added to or altered in a
+    signed narinfo would be registered by Nix as the path's content address. So any CA must give
+    the store path (and, for `fixed:r:sha256`, be the NarHash); an unsigned path's NAR is then
+    checked against it too (`_check_nar`)."""
+    if info.ca is None:
+        return None
+    try:
+        refs = tuple(type(info.store_path).parse(r) for r in info.references)
+        expected = contentaddress.expected_path(info.store_path.name, info.ca, refs, info.store_path)
+        nar_hash = contentaddress.nar_hash_of_ca(info.ca)
+    except MediabuilderError as e:
+        return f"bad content address: {e}"
+    if expected != info.store_path:
+        return f"content address {info.ca} does not give this store path (an unsigned CA line, forged)"
+    if nar_hash is not None and nar_hash.nix32() != info.nar_hash:
+        return "NarHash differs from the content address (an unsigned CA line, forged)"
+    return None
+
+
 class _Hashing:
     """The bytes of `stream` as they are read, hashed (the compressed file, while the NAR inside
     it is decompressed from it), with the byte count handed to `progress`."""
@@ -209,7 +230,7 @@ def check_path(job: _Job) -> _Checked:
     if info.store_path.hash_part != hash_part:
         return _Checked(hash_part, label, refs, 0, (Fault(label, f"narinfo file {hash_part}.narinfo describes "
                                                                  "another path"),))
-    if (problem := check_signature(info, list(job.trusted))) is not None:
+    if (problem := check_signature(info, list(job.trusted)) or ca_problem(info)) is not None:
         # Nothing unsigned is unpacked: its NarSize could promise any amount of work.
         return _Checked(hash_part, label, refs, info.nar_size, (Fault(label, problem),))
     faults: list[str] = []

@@ -36,6 +36,13 @@ _LISTED = 3  # dirty files named in the error
 # scheme://authority...: the authority ends at the first '/', '?' or '#'.
 _URL_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 _SSH_SCHEMES = frozenset({"ssh", "git+ssh", "ssh+git"})
+# Query parameters that carry a secret (GitLab's private_token, OAuth's access_token, signed
+# URLs' sig and X-Amz-*): dropped from recorded URLs, compared without case.
+_SECRET_PARAMS = frozenset({
+    "token", "access_token", "private_token", "oauth_token", "auth_token", "job_token", "id_token",
+    "refresh_token", "password", "passwd", "pass", "pwd", "secret", "client_secret", "auth", "key", "api_key",
+    "apikey", "sig", "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token",
+})
 _warned: set[tuple[Path, str]] = set()  # (repository, remote) warned about credentials: once per run
 
 
@@ -124,19 +131,34 @@ def _remotes(top: Path) -> dict[str, str]:
 
 
 def without_credentials(url: str) -> str:
-    """`url` without the secret in its userinfo: ssh URLs keep their user name
+    """`url` without the secrets in its userinfo and query: ssh URLs keep their user name
     (`ssh://git@host/x`) and lose a password; any other scheme loses the whole userinfo, which
-    is a token or `user:password` (`https://deploy:TOKEN@host/x` -> `https://host/x`).
+    is a token or `user:password` (`https://deploy:TOKEN@host/x` -> `https://host/x`); query
+    parameters that carry tokens (`?private_token=`, `?access_token=`, ...) are dropped.
     scp-like `git@host:path` and local paths carry no secret and stay as they are."""
     match = _URL_RE.fullmatch(url)
-    if match is None or "@" not in match[2]:
+    if match is None:
         return url
     scheme, authority, rest = match.groups()
+    rest = _without_secret_params(rest)
+    if "@" not in authority:
+        return f"{scheme}://{authority}{rest}"
     userinfo, _, host = authority.rpartition("@")
     if scheme.lower() in _SSH_SCHEMES:
         user = userinfo.partition(":")[0]
         return f"{scheme}://{user}@{host}{rest}" if user else f"{scheme}://{host}{rest}"
     return f"{scheme}://{host}{rest}"
+
+
+def _without_secret_params(rest: str) -> str:
+    """A URL's path, query and fragment without the query parameters in `_SECRET_PARAMS`
+    (`/x.git?private_token=T&ref=main` -> `/x.git?ref=main`)."""
+    path, mark, query = rest.partition("?")
+    if not mark:
+        return rest
+    query, hash_, fragment = query.partition("#")
+    kept = [p for p in query.split("&") if p.partition("=")[0].lower() not in _SECRET_PARAMS]
+    return path + (f"?{'&'.join(kept)}" if kept else "") + hash_ + fragment
 
 
 def dirty_paths(top: Path, ignore: Iterable[Path] = ()) -> tuple[str, ...]:

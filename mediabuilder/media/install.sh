@@ -200,14 +200,51 @@ locate_media() {
     VERIFIED=$SCRATCH/verified
 }
 
+# CAP: the most bytes FILE of the media may have before it is read (a key, a path and the JSON
+# files are small; the bundle must leave room in scratch for its clone). A medium is hostile until
+# checked: a huge file must not fill the scratch tmpfs, nor a huge line bash's memory.
+CAP=0
+set_cap() {
+    local blocks block_size
+    case $1 in
+        media-key.pub | manifest.storepath) CAP=$((4 * 1024)) ;;
+        cache/*.narinfo | cache/nix-cache-info) CAP=$((1024 * 1024)) ;;
+        manifest.json | registry.json) CAP=$((64 * 1024 * 1024)) ;;
+        *)
+            read -r blocks block_size < <(stat -f -c '%a %S' -- "$SCRATCH") ||
+                die "$SCRATCH" "cannot tell its free space"
+            CAP=$((blocks * block_size / 3))
+            ;;
+    esac
+}
+
+# FILE of the media is at most its CAP, or the install stops with one line (and HINT).
+check_size() {
+    local size
+    set_cap "$1"
+    size=$(stat -L -c %s -- "$MEDIA/$1") || die "$1" "cannot be read from the media (damaged media)"
+    ((size <= CAP)) ||
+        die "$1" "is $size bytes, more than the $CAP it may have (damaged or forged media${2:+; $2})"
+}
+
 # Each of COPIED, read from the media once into $VERIFIED.
 copy_from_media() {
-    local f
-    mkdir -p -- "$VERIFIED/flake"
+    local f hint
+    mkdir -p -- "$VERIFIED/flake" "$VERIFIED/cache"
     for f in "${COPIED[@]}"; do
-        cp -- "$MEDIA/$f" "$VERIFIED/$f" 2>"$SCRATCH/cp.err" ||
-            die "$f" "cannot be read from the media ($(head -n1 "$SCRATCH/cp.err"); damaged media)"
+        hint=""
+        [[ $f != flake/repo.bundle ]] || hint="or set TMPDIR to a directory with more room than ${TMPDIR:-/tmp}"
+        copy_one "$f" "$hint"
     done
+}
+
+# FILE of the media into $VERIFIED, never more than its CAP.
+copy_one() {
+    check_size "$1" "${2:-}"
+    head -c $((CAP + 1)) -- "$MEDIA/$1" >"$VERIFIED/$1" 2>"$SCRATCH/cp.err" ||
+        die "$1" "cannot be read from the media ($(head -n1 "$SCRATCH/cp.err"); damaged media)"
+    (($(stat -c %s -- "$VERIFIED/$1") <= CAP)) ||
+        die "$1" "grew past $CAP bytes while it was read (damaged or forged media)"
 }
 
 # The key, the signed manifest path and every file's hash.
@@ -216,6 +253,7 @@ check_media() {
     copy_from_media
     check_key
 
+    check_size manifest.storepath
     MANIFEST_PATH=$(first_line "$MEDIA/manifest.storepath")
     [[ $MANIFEST_PATH =~ $MANIFEST_PATH_RE ]] ||
         die manifest.storepath "not a /nix/store/<hash>-mediabuilder-manifest path (damaged media)"
@@ -292,8 +330,9 @@ check_key() {
         --option trusted-public-keys "$KEY" --option require-sigs true)
 }
 
-# sha256 of every file listed in the signed sha256sums: the COPIED ones in $VERIFIED, the others
-# on the media.
+# sha256 of every file listed in the signed sha256sums: the COPIED ones and the cache's narinfos
+# in $VERIFIED, the others on the media. Nix copies from $VERIFIED/cache: what a narinfo does not
+# sign (CA, Deriver) would otherwise be read from the media again, after it was checked.
 check_sums() {
     local sums=$SCRATCH/sha256sums copied=$SCRATCH/sha256sums.copied line name count=0
     : >"$sums"
@@ -307,6 +346,7 @@ check_sums() {
             die "$MANIFEST_PATH/sha256sums" "file name '$name' points outside the media (forged media)"
         [[ -f $MEDIA/$name ]] || die "$name" "missing from the media (damaged or incomplete media; rebuild or recopy it)"
         if is_copied "$name"; then
+            [[ $name != cache/* ]] || copy_one "$name"
             printf '%s\n' "$line" >>"$copied"
         else
             printf '%s\n' "$line" >>"$sums"
@@ -322,10 +362,14 @@ check_sums() {
     hash_files "$MEDIA" "$sums"
     # Split files: the parts were just checked; their whole is checked when reassembled.
     sed -n -E 's/^# whole ([0-9a-f]{64}) +(.+)$/\1 \2/p' "$TRUSTED/sha256sums" >"$SCRATCH/whole"
+    for name in nar log realisations; do
+        ln -s -- "$MEDIA/cache/$name" "$VERIFIED/cache/$name"
+    done
 }
 
 is_copied() {
     local f
+    [[ $1 =~ ^cache/([0-9a-df-np-sv-z]{32}\.narinfo|nix-cache-info)$ ]] && return 0
     for f in "${COPIED[@]}"; do
         [[ $1 == "$f" ]] && return 0
     done
@@ -416,7 +460,9 @@ choose_host() {
         hash=${p#/nix/store/}
         hash=${hash:0:32}
         [[ -f $MEDIA/cache/$hash.narinfo ]] || die "cache/$hash.narinfo" "missing: $p is not on the media (damaged media)"
-        printf '%s\n' "$MEDIA/cache/$hash.narinfo" >>"$listed"
+        [[ -f $VERIFIED/cache/$hash.narinfo ]] ||
+            die "cache/$hash.narinfo" "not listed in the signed sha256sums (forged media)"
+        printf '%s\n' "$VERIFIED/cache/$hash.narinfo" >>"$listed"
     done
     local -A whole=() seen=()
     local sum
@@ -619,14 +665,16 @@ confirm_key() {
 
 # Reassemble split NARs into a cache on the target disk that links to everything else.
 prepare_source_cache() {
-    SOURCE_CACHE=$MEDIA/cache
+    SOURCE_CACHE=$VERIFIED/cache
     ((${#SPLIT_NEEDED[@]} > 0)) || return 0
     local dir=$ROOT/$TARGET_CACHE_NAME
     rm -rf -- "$dir"
     TARGET_CACHE=$dir
     mkdir -m 0700 -- "$dir"
-    # Symlinks to every file of the media cache (directories are made, files linked).
-    cp -rs -- "$MEDIA/cache/." "$dir/"
+    # The checked narinfos, and symlinks to every NAR of the media cache.
+    cp -rs -- "$MEDIA/cache/nar" "$dir/nar"
+    cp -P -- "$VERIFIED/cache/log" "$VERIFIED/cache/realisations" "$dir/"
+    cp -- "$VERIFIED/cache/"*.narinfo "$VERIFIED/cache/nix-cache-info" "$dir/"
     local rel sum got p
     local -A whole=()
     while read -r sum rel; do
@@ -714,7 +762,7 @@ find_git() {
     done <"$TRUSTED/store-paths"
     [[ $path =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "no git on this system and no '@tools<TAB>git' path on the media"
     info "no git here: copying $path from the media into the live store"
-    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://${SOURCE_CACHE:-$MEDIA/cache}" "$path"
+    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://${SOURCE_CACHE:-$VERIFIED/cache}" "$path"
     [[ -x $path/bin/git ]] || die "$path/bin/git" "not found after copying git from the media"
     GIT=("$path/bin/git")
 }

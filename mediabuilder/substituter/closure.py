@@ -13,7 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from mediabuilder.cache.verify import check_signature
+from mediabuilder.cache.verify import ca_problem, check_signature
 from mediabuilder.errors import FormatError, InvalidMedia
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
@@ -51,7 +51,7 @@ def lookup(path: StorePath, substituters: list[Substituter]) -> _Lookup:
             continue
         if info is None:
             continue
-        problem = check_signature(info, list(substituter.trusted_keys))
+        problem = check_signature(info, list(substituter.trusted_keys)) or ca_problem(info)
         if problem is None:
             return _Lookup(path, (info, substituter), tuple(refusals))
         refusals.append(f"{substituter.url}: {problem}")

@@ -56,8 +56,12 @@ def default_jobs() -> int:
 
 
 def signed(info: NarInfo, downloaded: Downloaded, key: SecretKey) -> NarInfo:
-    """The upstream narinfo pointing at our copy, its signatures kept and `key`'s added."""
-    local = replace(info, url=downloaded.url, file_hash=downloaded.file_hash, file_size=downloaded.file_size)
+    """The upstream narinfo pointing at our copy, its signatures kept and `key`'s added. Its
+    Deriver is dropped: unsigned upstream and unverifiable here (the derivation is not at hand),
+    it would be vouched for by `key` and registered by the target's Nix. Keys Nix does not need
+    (System, ...) were never parsed; a CA was checked to give the path (`ca_problem`)."""
+    local = replace(info, url=downloaded.url, file_hash=downloaded.file_hash, file_size=downloaded.file_size,
+                    deriver=None)
     upstream = tuple(s for s in info.sigs if not s.startswith(key.name + ":"))
     return local.with_sigs((*upstream, key.sign(local.fingerprint())))
 
