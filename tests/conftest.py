@@ -57,6 +57,18 @@ def closure_of(*paths: str | Path) -> list[str]:
     return sorted(nix("nix", "path-info", "-r", *paths).stdout.split())
 
 
+def path_info(path: str, *args: str | Path, store: Path | None = None) -> dict:
+    """`nix path-info --json ARGS PATH`'s entry for PATH, as any Nix prints it: a list of objects
+    up to 2.18, an object keyed by path from 2.19 (FIELD-NOTES)."""
+    data = json.loads(nix("nix", *(("--store", store) if store else ()), "path-info", "--json", *args, path).stdout)
+    if isinstance(data, list):
+        (info,) = [i for i in data if i.get("path") == path]
+        return info
+    info = data[path]
+    assert info is not None, f"{path} is not valid"
+    return info
+
+
 def run_cli(*args: str | Path, env: Mapping[str, str] | None = None, cwd: Path | None = None,
             timeout: float | None = 600) -> subprocess.CompletedProcess[str]:
     """Run `mediabuilder ARGS` as a subprocess (this venv's Python), capturing text output."""
