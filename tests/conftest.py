@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Inside the Debian 13 root (scripts/in-trixie), the cross-version tests are not collected: they
+# run from the host, which calls into the root for the other side, so `just test` runs them once.
+collect_ignore = ["test_cross_version.py"] if os.environ.get("MEDIABUILDER_ENV") == "trixie" else []
 PREPARE = REPO / "examples" / "prepare.sh"
 EXAMPLE_HOSTS = ("alpha", "beta")
 
