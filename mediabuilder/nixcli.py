@@ -245,7 +245,11 @@ def _store_setting() -> str:
     """The `store` Nix uses ('auto' when not set): from NIX_REMOTE, else Nix's own settings."""
     if os.environ.get("NIX_REMOTE"):
         return os.environ["NIX_REMOTE"]
-    proc = runner.run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"], check=False)
+    # `nix config show` from 2.20; `show-config`, its older name, is deprecated there (a warning).
+    for command in (["config", "show"], ["show-config"]):
+        proc = runner.run(["nix", "--extra-experimental-features", "nix-command", *command, "--json"], check=False)
+        if proc.returncode == 0:
+            break
     try:
         value = json.loads(proc.stdout)["store"]["value"]
     except (ValueError, KeyError, TypeError):

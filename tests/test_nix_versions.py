@@ -1,4 +1,7 @@
-"""Locks written by different Nix versions, read by the Nix of this environment.
+"""What differs between Nix versions, as this environment's Nix answers it (`just test` runs
+Nix 2.8 and 2.26; FIELD-NOTES and docs/nix-versions.md list the differences).
+
+Locks written by different Nix versions, read by the Nix of this environment.
 
 Nix 2.26 writes `lastModified` into a tarball input's lock entry; Nix 2.8 refuses such a lock
 (FIELD-NOTES), so a build on 2.8 must stop at once with one line naming the lock, the Nix version
@@ -8,6 +11,7 @@ never by its message (tests/test_cross_version.py and `just test` run both versi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -85,3 +89,10 @@ def test_a_damaged_lock(tmp_path: Path) -> None:
     _git(flake, "commit", "-q", "-a", "-m", "damage")
     proc = run_cli("build", f"--flake={flake}#a", "--output", tmp_path / "media", "--cache", tmp_path / "cache")
     assert_one_line_error(proc, f"{flake}/flake.lock: not a readable lock file")
+
+
+def test_store_setting_from_nix_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nix's own `store` setting, from `nix config show --json` (2.20+) or `show-config --json`."""
+    monkeypatch.delenv("NIX_REMOTE", raising=False)
+    monkeypatch.setenv("NIX_CONFIG", os.environ.get("NIX_CONFIG", "") + f"\nstore = local?root={tmp_path}\n")
+    assert nixcli._store_setting() == f"local?root={tmp_path}"
