@@ -19,9 +19,32 @@ setup:
 demo: setup
     bash scripts/demo.sh
 
-# Run every test: unit, integration (real nix, real images) and linters.
+# Both environments: this host (Debian 12: Nix 2.8, Python 3.11) and the Debian 13 root (Nix 2.26,
+# Python 3.13); fails if either fails. The cross-version installs (tests/test_cross_version.py)
+# run from the host only, once.
+#
+# Run every test, twice: unit, integration (real nix, real images) and linters.
 test: setup
-    pytest -m "integration or not integration" -q
+    #!/usr/bin/env bash
+    set -uo pipefail
+    status=0
+    echo "== host: $(nix --version), Python $(python -c 'import platform; print(platform.python_version())')"
+    start=$SECONDS
+    pytest -m "integration or not integration" -q || status=1
+    echo "== host run: $((SECONDS - start)) s"
+    echo "== trixie root: $(scripts/in-trixie nix --version), Python $(scripts/in-trixie python -c 'import platform; print(platform.python_version())')"
+    start=$SECONDS
+    scripts/in-trixie pytest -m "integration or not integration" -q -p no:cacheprovider || status=1
+    echo "== trixie run: $((SECONDS - start)) s"
+    exit "$status"
+
+# Build the Debian 13 test root (Nix 2.26, Python 3.13) unless its recipe's root exists; print its path.
+trixie-root:
+    scripts/trixie-root.sh
+
+# Run a command in the Debian 13 test root (default: a shell), e.g. `just in-trixie nix --version`.
+in-trixie *ARGS: trixie-root
+    scripts/in-trixie {{ARGS}}
 
 # Only the fast unit tests.
 test-fast: setup

@@ -6,6 +6,8 @@ import functools
 import json
 import os
 import pwd
+import shutil
+import tempfile
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -107,10 +109,38 @@ def list_hosts(flake: str) -> list[str]:
         check=False,
     )
     if proc.returncode != 0:
+        check_lock_readable(flake)
         tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
         raise InvalidInput(f"{flake}: cannot evaluate nixosConfigurations: {' '.join(tail)}")
     names: list[str] = json.loads(proc.stdout)
     return names
+
+
+def check_lock_readable(flake: str) -> None:
+    """Refuse, in one line naming this Nix's version, a local flake's lock that this Nix cannot read.
+
+    Asked of Nix by exit status, not by its messages (they differ between versions): a scratch
+    flake with no inputs and a copy of the lock. Nix parses every node of the lock before it finds
+    the copy out of date and rewrites it, and fetches nothing. Nix 2.8, for one, refuses the
+    `lastModified` that newer versions write into tarball inputs (FIELD-NOTES)."""
+    local = local_flake_dir(flake)
+    lock = local / "flake.lock" if local else None
+    if lock is None or not lock.is_file():
+        return
+    try:
+        json.loads(lock.read_bytes())
+    except (ValueError, OSError) as e:
+        raise InvalidInput(f"{lock}: not a readable lock file: {e}",
+                           hint="restore it from git, or re-lock: nix flake lock") from None
+    with tempfile.TemporaryDirectory(prefix="mediabuilder-lock-") as scratch:
+        Path(scratch, "flake.nix").write_text("{ outputs = _: { }; }\n")
+        shutil.copyfile(lock, Path(scratch, "flake.lock"))
+        proc = runner.run([*NIX, "flake", "metadata", "--json", f"path:{scratch}"], check=False)
+    if proc.returncode != 0:
+        raise InvalidInput(
+            f"{lock}: Nix {version()} cannot read this lock file (a newer Nix wrote it, or it was edited)",
+            hint="build with a Nix at least as new as the one that locked the flake "
+                 "(or re-lock with this one, which changes the pinned inputs: nix flake lock --recreate-lock-file)")
 
 
 def resolve_hosts(refs: Iterable[str]) -> list[HostRef]:
@@ -215,7 +245,11 @@ def _store_setting() -> str:
     """The `store` Nix uses ('auto' when not set): from NIX_REMOTE, else Nix's own settings."""
     if os.environ.get("NIX_REMOTE"):
         return os.environ["NIX_REMOTE"]
-    proc = runner.run(["nix", "--extra-experimental-features", "nix-command", "show-config", "--json"], check=False)
+    # `nix config show` from 2.20; `show-config`, its older name, is deprecated there (a warning).
+    for command in (["config", "show"], ["show-config"]):
+        proc = runner.run(["nix", "--extra-experimental-features", "nix-command", *command, "--json"], check=False)
+        if proc.returncode == 0:
+            break
     try:
         value = json.loads(proc.stdout)["store"]["value"]
     except (ValueError, KeyError, TypeError):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import path_info
 
 from mediabuilder.errors import FormatError, InvalidInput
 from mediabuilder.store.hashes import Hash
@@ -158,7 +158,7 @@ def test_against_nix(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(os.urandom(100))
     path = _run("nix-store", "--add", str(tmp_path / "file")).strip()
     _run("nix", "store", "sign", "--key-file", str(sk), path)
-    info = json.loads(_run("nix", "path-info", "--json", "--sigs", path))[0]
+    info = path_info(path, "--sigs")
     sigs = [s for s in info["signatures"] if s.startswith("keys-test-1:")]
     assert len(sigs) == 1
     narinfo = NarInfo(
@@ -183,7 +183,7 @@ def test_nix_accepts_our_keys(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(os.urandom(100))
     path = _run("nix-store", "--add", str(tmp_path / "file")).strip()
     _run("nix", "store", "sign", "--key-file", str(tmp_path / "sk"), path)
-    info = json.loads(_run("nix", "path-info", "--json", "--sigs", path))[0]
+    info = path_info(path, "--sigs")
     narinfo = NarInfo(StorePath.parse(path), "nar/x.nar", "none", None, None,
                       Hash.parse(info["narHash"]).nix32(), info["narSize"])
     assert secret.sign(narinfo.fingerprint()) in info["signatures"]

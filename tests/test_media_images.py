@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Example, assert_one_line_error, make_nix_env, nix, run_cli
+from conftest import REPO, Example, assert_one_line_error, make_nix_env, nix, path_info, run_cli
 from media_checks import expected_tree, fsck_fat, mtools_image, tree_dirs
 from test_install import install_offline
 
@@ -309,8 +309,7 @@ def big_path(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigPath]:
     path = nix("nix-store", "--add", staging).stdout.strip()
     shutil.rmtree(staging)
     try:
-        data = json.loads(nix("nix", "path-info", "--json", path).stdout)
-        info = data[0] if isinstance(data, list) else data[path]
+        info = path_info(path)
         assert info["narSize"] > 4 * GIB
         yield BigPath(path, info["narHash"], info["narSize"])
     finally:
@@ -322,11 +321,6 @@ def big_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     cache = tmp_path_factory.mktemp("big-cache") / "cache"
     yield cache
     shutil.rmtree(cache, ignore_errors=True)
-
-
-def _path_info(store: Path, path: str) -> dict:
-    data = json.loads(nix("nix", "--store", store, "path-info", "--json", path).stdout)
-    return data[0] if isinstance(data, list) else data[path]
 
 
 @pytest.mark.parametrize("fmt", ["iso", "fat32"])
@@ -368,10 +362,11 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         proc = install_offline(extracted, root, "--host", HOST, "--yes")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         shutil.rmtree(extracted)
-        installed = _path_info(root, big_path.path)
+        installed = path_info(big_path.path, store=root)
         assert installed["narHash"] == big_path.nar_hash
         assert installed["narSize"] == big_path.nar_size
-        assert _path_info(root, example.toplevels[HOST])["path"] == example.toplevels[HOST]
+        toplevel = example.toplevels[HOST]
+        assert path_info(toplevel, store=root)["narHash"] == path_info(toplevel)["narHash"]
         blob = root / big_path.path.lstrip("/") / "blob.bin"
         assert blob.stat().st_size == BIG_SIZE
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import subprocess
@@ -11,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import path_info
 
 from mediabuilder.errors import FormatError, InvalidInput
 from mediabuilder.store import nar
@@ -245,8 +245,7 @@ def test_dump_matches_nix(tmp_path: Path) -> None:
     assert (nar_hash, nar_size) == (Hash.sha256(ours), len(ours))
     added = subprocess.run(["nix-store", "--add", str(root)], env=nix_env(), check=True,
                            capture_output=True, text=True).stdout.strip()
-    info = json.loads(subprocess.run(["nix", "path-info", "--json", added], env=nix_env(), check=True,
-                                     capture_output=True, text=True).stdout)[0]
+    info = path_info(added)
     assert info["narHash"] == nar_hash.sri()
     assert info["narSize"] == nar_size
     assert Hash.parse(info["narHash"]) == nar_hash

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import path_info
 
 from mediabuilder.errors import FormatError
 from mediabuilder.store.hashes import Hash
@@ -126,7 +126,7 @@ def test_matches_nix_store_add(tmp_path: Path) -> None:
     added = _nix("nix-store", "--add", str(tree)).strip()
     assert make_fixed_output_path(True, nar_hash, "my-tree").full == added
     assert make_store_path("source", nar_hash.digest, "my-tree").full == added
-    info = json.loads(_nix("nix", "path-info", "--json", added))[0]
+    info = path_info(added)
     assert info["ca"] == f"fixed:r:{nar_hash.nix32()}"
     assert info["narSize"] == nar_size
 
