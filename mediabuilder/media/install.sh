@@ -38,6 +38,7 @@ MEDIA=""
 UPGRADE=0
 BOOT=0
 ROOT_GIVEN=0
+FLAKE_DIR_GIVEN=0
 
 # State, filled by the phases.
 SCRATCH=""
@@ -165,7 +166,7 @@ parse_args() {
                 case $opt in
                     --host) HOST=$2 ;;
                     --root) ROOT=$2 ROOT_GIVEN=1 ;;
-                    --flake-dir) FLAKE_DIR=$2 ;;
+                    --flake-dir) FLAKE_DIR=$2 FLAKE_DIR_GIVEN=1 ;;
                     --expect-key) EXPECT_KEY=$2 ;;
                     --media) MEDIA=$2 ;;
                 esac
@@ -844,11 +845,14 @@ read_installed() {
             case $key in
                 host) INSTALLED_HOST=$value ;;
                 rev) INSTALLED_REV=$value ;;
+                flake-dir) ((FLAKE_DIR_GIVEN)) || FLAKE_DIR=$value ;;
             esac
         done <"$STATE/installed"
     else # installed by an install.sh that kept only manifest.json
         INSTALLED_REV=$(sed -n -E '/^  "flake": \{$/,/^  \}/s/^    "rev": "([0-9a-f]+)",?$/\1/p' "$STATE/manifest.json")
     fi
+    [[ $FLAKE_DIR == /?* && /$FLAKE_DIR/ != */../* ]] ||
+        die "$STATE/installed" "records flake-dir '$FLAKE_DIR', not an absolute path inside the machine"
     [[ $INSTALLED_REV =~ ^([0-9a-f]{40}|[0-9a-f]{64})$ ]] ||
         die "$STATE/installed" "records no flake revision this machine was installed from (reinstall it)"
     if [[ -z $EXPECT_KEY && -f $STATE/media-key.pub ]]; then
@@ -979,7 +983,7 @@ upgrade_flake() {
     elif ! "${g[@]}" merge-base --is-ancestor "$cur" "$REV"; then
         info "${BRANCH:-HEAD} has commits the medium does not (${cur:0:12}): left as it is; to merge:"
         info "  git -C $dir merge media/${BRANCH:-HEAD}"
-    elif [[ $head != "$ref" ]]; then
+    elif [[ -n $BRANCH && $head != "$ref" ]]; then
         run "${g[@]}" update-ref "$ref" "$REV" "$cur"
         info "fast-forwarded $BRANCH to ${REV:0:12} (not checked out)"
     elif "${g[@]}" merge --ff-only --quiet "$REV" 2>"$SCRATCH/git.log"; then
@@ -1035,8 +1039,8 @@ record_install() {
         mv -f -- "$STATE/.$f.new" "$STATE/$f"
     done
     sum=$(sha256sum <"$VERIFIED/manifest.json")
-    printf 'host\t%s\ntoplevel\t%s\nrev\t%s\nmanifest-sha256\t%s\nmanifest-storepath\t%s\n' \
-        "$HOST" "$TOPLEVEL" "$REV" "${sum%% *}" "$MANIFEST_PATH" >"$STATE/.installed.new"
+    printf 'host\t%s\ntoplevel\t%s\nrev\t%s\nflake-dir\t%s\nmanifest-sha256\t%s\nmanifest-storepath\t%s\n' \
+        "$HOST" "$TOPLEVEL" "$REV" "$FLAKE_DIR" "${sum%% *}" "$MANIFEST_PATH" >"$STATE/.installed.new"
     mv -f -- "$STATE/.installed.new" "$STATE/installed"
 }
 
