@@ -235,6 +235,35 @@ def test_local_commit_survives_a_diverged_upgrade(media: Media, tmp_path: Path) 
     assert generations(root)[0] == "system-2-link" and record(root)["rev"] == media.rev_b
 
 
+def test_boot_upgrade_moves_a_branch_that_is_not_checked_out(media: Media, tmp_path: Path) -> None:
+    root = installed_a(media, tmp_path)
+    flake = root / "etc/nixos"
+    _git("-C", flake, "checkout", "-q", "-b", "experiment")
+    proc = upgrade(media.delta, root, "--boot")
+    assert proc.returncode == 0, proc.stderr
+    assert "fast-forwarded main to" in proc.stderr and "(not checked out)" in proc.stderr
+    assert _git("-C", flake, "symbolic-ref", "HEAD") == "refs/heads/experiment"
+    assert _git("-C", flake, "rev-parse", "HEAD", "refs/heads/main").split() == [media.rev_a, media.rev_b]
+    assert _git("-C", flake, "status", "--porcelain") == ""
+    assert switch_log(root)[1:] == [f"action=boot NIXOS_INSTALL_BOOTLOADER= toplevel={media.toplevel_b}"]
+    assert generations(root)[0] == "system-2-link"
+
+
+def test_machine_installed_before_the_record(media: Media, tmp_path: Path) -> None:
+    """A machine an earlier install.sh installed keeps manifest.json but no `installed`: its
+    revision comes from the manifest, its host from --host."""
+    root = installed_a(media, tmp_path)
+    (root / "var/lib/mediabuilder/installed").unlink()
+    before = tree_state(root)
+    proc = upgrade(media.b, root)
+    assert proc.returncode == 2, proc.stderr
+    assert "does not name this machine's host; pass --host NAME" in proc.stderr
+    assert tree_state(root) == before
+    proc = upgrade(media.b, root, "--host", "alpha")
+    assert proc.returncode == 0, proc.stderr
+    assert_upgraded(media, root, media.b)
+
+
 def test_media_for_another_host_refused(media: Media, tmp_path: Path) -> None:
     root = installed_a(media, tmp_path)
     before = tree_state(root)
