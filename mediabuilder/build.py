@@ -22,7 +22,7 @@ from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
-from mediabuilder.media import fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
+from mediabuilder.media import delta, fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
@@ -69,6 +69,8 @@ class BuildRequest:
     systems: tuple[tuple[str, StorePath], ...] = ()
     substituters: tuple[str, ...] = ()
     substituter_keys: tuple[str, ...] = ()
+    # A delta medium: only what OLD (an older medium or its manifest) lacks.
+    since: Path | None = None
 
 
 @dataclass
@@ -273,6 +275,7 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
         ui.info(f"  created signing key {cache.root / 'signing-key.sec'} ({key.name})")
 
     ui.info(f"Building media {req.output} ({req.media.format.value})")
+    base = read_base(req, key)
     source = resolve_source(req, have_nix)
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
     roots = {host: [toplevel, *extra] for host, toplevel in source.toplevels.items()}
@@ -285,7 +288,7 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
         step.detail = f"{len(union)} paths, {ui.human_bytes(nar_bytes)} of NAR"
 
     try:
-        write_media(req, target, cache, key, source, closures, union, have_nix)
+        write_media(req, target, cache, key, source, closures, union, have_nix, base)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             kept = " (the medium that was there is untouched)" if target.inside and target.replace else ""
@@ -293,6 +296,29 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
                                hint="free some space or choose another --output") from None
         raise
     return {h: str(t) for h, t in source.toplevels.items()}
+
+
+def read_base(req: BuildRequest, key: SecretKey) -> delta.Base | None:
+    """OLD of `--since`, before any evaluation: a medium signed by this build's key, or a manifest."""
+    if req.since is None:
+        return None
+    with ui.step("Reading the base (--since)") as step:
+        base = delta.load_base(req.since, [key.public()])
+        step.detail = (f"{'signed medium' if base.signed else 'unsigned manifest'} at {base.rev[:12]}, "
+                       f"{len(base.paths)} paths")
+    return base
+
+
+def leave_out_base(closures: dict[str, list[NarInfo]], union: list[StorePath],
+                   base: delta.Base | None) -> tuple[list[StorePath], list[str]]:
+    """The paths the medium ships and those it relies on: all and none, or for a delta medium
+    what the base lacks and what it holds."""
+    if base is None:
+        return union, []
+    with ui.step("Leaving out what the base holds") as step:
+        ships, relied = delta.split({h: [str(i.store_path) for i in c] for h, c in closures.items()}, base)
+        step.detail = f"{len(ships)} of {len(union)} paths shipped, {len(relied)} relied on"
+    return [StorePath.parse(p) for p in ships], relied
 
 
 def staging_place(req: BuildRequest, target: Target, cache: BinaryCache) -> Path:
@@ -305,8 +331,10 @@ def staging_place(req: BuildRequest, target: Target, cache: BinaryCache) -> Path
 
 
 def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: SecretKey, source: Source,
-                closures: dict[str, list[NarInfo]], union: list[StorePath], have_nix: bool) -> None:
+                closures: dict[str, list[NarInfo]], union: list[StorePath], have_nix: bool,
+                base: delta.Base | None = None) -> None:
     """Assemble the tree, sign its manifest, and write it in the output format."""
+    union, relied = leave_out_base(closures, union, base)
     with output.temporary(staging_place(req, target, cache), directory=True) as staging:
         tree = staging / "media"
         tree.mkdir()
@@ -323,6 +351,7 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
         with ui.step("Signing the manifest") as step:
             epoch = reproducible.source_date_epoch(flakerepo.commit_time(source.repo))
             manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none", epoch)
+            manifest.base = base.to_json(relied) if base is not None else None
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req, target)
             split = split_large_files(tree, manifest.files, limit) if limit else 0

@@ -318,6 +318,7 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         systems=tuple(_system_arg(s, local_only) for s in args.system),
         substituters=substituters,
         substituter_keys=tuple(_key_text(k) for k in (args.trusted_key or profile.substituters.trusted_keys)),
+        since=Path(os.path.abspath(args.since)) if args.since else None,
     )
     started = time.monotonic()
     toplevels = build_media(request)
@@ -423,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "they are, and what no substituter has comes from the local store")
     p.add_argument("--trusted-key", action="append", metavar="KEY",
                    help="public key (NAME:BASE64 or a file) trusted for the substituters (repeatable)")
+    p.add_argument("--since", metavar="OLD",
+                   help="a delta medium: only the store paths OLD lacks, for `install.sh --upgrade` of machines "
+                        "installed from OLD; OLD is an older medium (directory or image, signed by this build's "
+                        "key), its manifest.json, or /var/lib/mediabuilder of an installed machine "
+                        "(default: a full medium)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-dirty", action="store_true",
                    help="ship uncommitted changes as a labelled commit on top (default: refuse a dirty tree)")

@@ -339,8 +339,9 @@ def verify_cache(root: Path, trusted: list[PublicKey], jobs: int = 0) -> Report:
 
 
 def verify_cache_on(source: MediaSource, prefix: str, trusted: list[PublicKey], jobs: int = 0,
-                    bar: Any = None) -> Report:
-    """Check every path of the cache at `prefix` ("cache/" or "") on `source`, read in place."""
+                    bar: Any = None, external: frozenset[str] = frozenset()) -> Report:
+    """Check every path of the cache at `prefix` ("cache/" or "") on `source`, read in place.
+    References to `external` hash parts (what a delta medium's base holds) need not be present."""
     report = Report()
     where = prefix.rstrip("/") or str(source.path)
     info_name = f"{prefix}nix-cache-info"
@@ -374,7 +375,7 @@ def verify_cache_on(source: MediaSource, prefix: str, trusted: list[PublicKey], 
         checked = list(pool.map(check_path, work))
     if own_bar:
         bar.close()
-    present = {c.hash_part for c in checked}
+    present = {c.hash_part for c in checked} | external
     for c in checked:
         report.paths += 1
         report.nar_bytes += c.nar_size

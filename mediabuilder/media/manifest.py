@@ -54,10 +54,16 @@ class Manifest:
     flake: dict[str, Any]
     tools: dict[str, str]
     files: dict[str, FileEntry] = field(default_factory=dict)
+    # A delta medium (--since): its base's identity and the paths it relies on (not shipped).
+    base: dict[str, Any] | None = None
+
+    @property
+    def relied(self) -> list[str]:
+        return list(self.base["paths"]) if self.base else []
 
     def to_json(self) -> dict[str, Any]:
-        all_paths = sorted({p for h in self.hosts.values() for p in h.store_paths})
-        return {
+        all_paths = sorted({p for h in self.hosts.values() for p in h.store_paths} - set(self.relied))
+        data: dict[str, Any] = {
             "version": VERSION,
             "mediabuilder": self.mediabuilder,
             "nix": self.nix,
@@ -73,6 +79,9 @@ class Manifest:
             "store_paths": all_paths,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
         }
+        if self.base is not None:
+            data["base"] = self.base
+        return data
 
     def render(self) -> str:
         # sort_keys and one value per line: install.sh reads a few fields with sed (no jq there).
@@ -98,6 +107,14 @@ class Manifest:
         lines.extend(f"@tools\t{name}\t{path}" for name, path in sorted(self.tools.items()))
         return "\n".join(lines) + "\n"
 
+    def base_table(self) -> str:
+        """The signed `base` file of a delta medium, for install.sh: its base, then each path it
+        relies on being valid in the target's store."""
+        assert self.base is not None
+        lines = [f"manifest-sha256 {self.base['manifest_sha256']}", f"rev {self.base['rev']}"]
+        lines.extend(f"path {p}" for p in self.relied)
+        return "\n".join(lines) + "\n"
+
     def write_trust_dir(self, directory: Path) -> None:
         """The tree that becomes the signed `-mediabuilder-manifest` store path."""
         directory.mkdir(parents=True)
@@ -108,6 +125,8 @@ class Manifest:
             "store-paths": self.store_paths_table(),
             "key": self.key["public"] + "\n",
         }
+        if self.base is not None:
+            contents["base"] = self.base_table()
         for name, text in contents.items():
             (directory / name).write_text(text, encoding="utf-8")
             os.chmod(directory / name, 0o444)

@@ -54,6 +54,20 @@ class _Check:
         self.source, self.trusted = source, trusted
         self.report = Report()
         self.manifest_path = "the manifest"
+        self.relied: frozenset[str] = frozenset()  # a delta medium's paths that its base holds
+
+    def base(self, files: dict[str, bytes]) -> None:
+        """A delta medium's signed `base`: the paths it relies on instead of carrying them."""
+        if "base" not in files:
+            return
+        relied = set()
+        for line in files["base"].decode(errors="replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "path" and _STORE_PATH.match(value):
+                relied.add(value)
+            elif key == "path" or key not in ("manifest-sha256", "rev"):
+                self.fault(f"{self.manifest_path}/base", f"malformed line {line[:80]!r}")
+        self.relied = frozenset(relied)
 
     def fault(self, path: str, message: str) -> None:
         self.report.faults.append(Fault(path, message))
@@ -180,7 +194,7 @@ class _Check:
             for path in lines[host]:
                 if not _STORE_PATH.match(path):
                     self.fault(f"{where}/store-paths", f"{path[:80]!r} is not a store path")
-                elif not self.source.is_file(f"cache/{path[11:43]}.narinfo"):
+                elif path not in self.relied and not self.source.is_file(f"cache/{path[11:43]}.narinfo"):
                     self.fault(f"cache/{path[11:43]}.narinfo", f"missing: {path} is not on the media (damaged media)")
             if toplevel not in lines[host]:
                 self.fault(f"{where}/store-paths", f"the paths of {host} do not include its toplevel")
@@ -214,7 +228,7 @@ class _Check:
             data = self.read("registry.json") if "registry.json" in listed else None
             if data is not None:
                 pins = Registry.parse(data.decode(), "registry.json")
-                paths = set(manifest.get("store_paths", []))
+                paths = set(manifest.get("store_paths", [])) | self.relied
                 for pin in pins.pins:
                     if pin.path not in paths:
                         self.fault("registry.json", f"{pin.id} pins {pin.path}, which is not on the media")
@@ -243,11 +257,13 @@ def verify_media(source: MediaSource, trusted: list[PublicKey], jobs: int = 0) -
     if key is None or files is None:
         return check.report
     check.signed_copies(files, key[0])
+    check.base(files)
     listed, wholes = check.sums(files["sha256sums"].decode(errors="replace"))
     check.hosts(files, wholes)
     total = sum(size for _, size in source.files())
     with ui.progress(total, "verifying") as bar:
-        cache = verify_cache_on(source, "cache/", trusted, jobs, bar)
+        cache = verify_cache_on(source, "cache/", trusted, jobs, bar,
+                                external=frozenset(p[11:43] for p in check.relied))
         check.report.file_sha256 = cache.file_sha256
         check.hashes(listed, wholes, bar)
     narinfo = f"cache/{StorePath.parse(check.manifest_path).hash_part}.narinfo"
