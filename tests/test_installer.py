@@ -24,6 +24,7 @@ from conftest import EXAMPLE_HOSTS, Example, assert_one_line_error, run_cli
 from mediabuilder.errors import InvalidInput, InvalidMedia
 from mediabuilder.installer import menus
 from mediabuilder.installer.remaster import kernel_params
+from mediabuilder.profile import load_profile
 
 HOSTS = EXAMPLE_HOSTS  # alpha, beta
 DEFAULT = "beta"
@@ -137,6 +138,12 @@ def test_host_names_that_cannot_name_an_entry(host: str) -> None:
         menus.check_host(host)
 
 
+def test_profile_installer_relative_to_the_profile(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text('[media]\nformat = "iso"\ninstaller = "isos/nixos.iso"\nboot_default = "beta"\n')
+    media = load_profile(tmp_path / "p.toml").media
+    assert (media.installer, media.boot_default) == (tmp_path.resolve() / "isos" / "nixos.iso", "beta")
+
+
 # The remastered stand-in (integration)
 
 
@@ -189,8 +196,8 @@ def test_boot_structures_preserved(remastered: Remastered) -> None:
     assert "System area summary: MBR isohybrid cyl-align-on GPT" in after
 
     def table(lines: list[str]) -> list[list[str]]:  # partition rows without sizes, which grew
-        rows = [ln.split() for ln in lines if ln.startswith(("MBR partition ", "GPT partition ", "GPT type"))
-                and "GUID" not in ln]  # xorriso makes new GUIDs
+        rows = [ln.split() for ln in lines if ln.startswith(("MBR partition ", "GPT partition ", "GPT type",
+                                                              "GPT disk GUID"))]
         return [r[:6] if r[0] == "MBR" and r[1] == "partition" and r[2] == ":" else r for r in rows]
 
     assert table(after) == table(before)

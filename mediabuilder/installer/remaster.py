@@ -43,6 +43,7 @@ class BootReport:
     efi_image: str | None  # the El Torito EFI boot image's path (efi.img)
     entries: int  # El Torito boot entries
     system_area: str  # "MBR isohybrid cyl-align-on GPT" and the like
+    gpt_guid: str | None  # the GPT's disk GUID, 32 hex digits as on disk
 
     @classmethod
     def read(cls, iso: Path) -> BootReport:
@@ -54,9 +55,13 @@ class BootReport:
                                hint=HINT)
         options: list[tuple[str, str]] = []
         summary = ""
+        guid = None
         for line in text.splitlines():
             if line.startswith("System area summary:"):
                 summary = line.partition(":")[2].strip()
+            if line.startswith("GPT disk GUID"):
+                value = line.partition(":")[2].strip()
+                guid = value if re.fullmatch(r"[0-9a-f]{32}", value) else None
             found = _OPTION.match(line.strip())
             if found is not None:
                 options.append((found.group(1), _unquote(found.group(2) or "")))
@@ -64,7 +69,7 @@ class BootReport:
         bios = next((v for k, v in options if k == "-b"), None)
         efi = next((v for k, v in options if k == "-e"), None)
         entries = sum(1 for k, _ in options if k in ("-b", "-e"))
-        return cls(label, bios, efi, entries, summary)
+        return cls(label, bios, efi, entries, summary, guid)
 
 
 def _unquote(value: str) -> str:
@@ -196,7 +201,10 @@ def remaster(installer: Path, medium: Path, output: Path, hosts: tuple[str, ...]
             ("-map", str(scratch / "grub.cfg"), f"/{found.grub_cfg}"),
             ("-map", str(efi), f"/{found.efi_img}")]
     argv = ["xorriso", "-report_about", "FAILURE", "-indev", str(installer), "-outdev", str(output),
-            "-boot_image", "any", "replay", *[a for m in maps for a in m], "-commit"]
+            "-boot_image", "any", "replay", *[a for m in maps for a in m]]
+    if found.boot.gpt_guid is not None:  # else xorriso makes a random one: keep the installer's
+        argv += ["-boot_image", "any", f"gpt_disk_guid={found.boot.gpt_guid}"]
+    argv.append("-commit")
     try:
         runner.run(argv)
     except MediabuilderError as e:
@@ -213,6 +221,7 @@ def check_output(found: Installer, output: Path) -> None:
                            ("El Torito entries", before.entries, after.entries),
                            ("BIOS boot image", before.bios_image, after.bios_image),
                            ("EFI boot image", before.efi_image, after.efi_image),
-                           ("system area", before.system_area, after.system_area)):
+                           ("system area", before.system_area, after.system_area),
+                           ("GPT disk GUID", before.gpt_guid, after.gpt_guid)):
         if old != new:
             raise InternalError(f"{output}: remastering changed the {what}: {old!r} became {new!r}")
