@@ -235,6 +235,8 @@ class Source:
 def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
     check_media_settings(req.media)
+    if req.media.installer is not None:
+        check_installer_hosts(req)
     have_nix = check_nix(req)
     runner.require("git")
     if req.cache.key is not None:
@@ -584,6 +586,18 @@ def check_installer(media: MediaSettings) -> None:
         runner.require(tool, "to remaster the installer ISO")
     assert media.installer is not None
     Installer.inspect(media.installer)
+
+
+def check_installer_hosts(req: BuildRequest) -> None:
+    """Every host can name a boot menu entry, and --boot-default is one of them (before any work)."""
+    from mediabuilder.installer.menus import check_host
+
+    hosts = [name for name, _ in req.systems] or [h for h in (nixcli.parse_flake_ref(r)[1] for r in req.refs) if h]
+    for host in hosts:
+        check_host(host)
+    if req.media.boot_default and req.media.boot_default not in hosts:
+        raise InvalidInput(f"--boot-default {req.media.boot_default}: not one of the hosts ({', '.join(hosts)})",
+                           hint="name one of the hosts given with --flake PATH#HOST")
 
 
 def write_output(tree: Path, target: Target, req: BuildRequest, hosts: tuple[str, ...]) -> None:
