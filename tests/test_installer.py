@@ -106,6 +106,13 @@ def test_grub_scanner_quotes_comments_and_submenus() -> None:
                               "--id install-h {\n  echo '}'\n  linux /k init=/i a=b p=1\n  initrd /r\n}\n")
 
 
+def test_grub_copies_drop_the_stock_id_and_hotkey() -> None:
+    cfg = "menuentry 'NixOS' --class installer --hotkey=n --id 'nixos' {\n  linux /k init=/i\n  initrd /r\n}\n"
+    out = menus.edit_grub(cfg, menus.Install(("h",), {"h": "p=1"}), "g")
+    assert out == cfg[:-1] + ("\n\n# Install h offline (mediabuilder)\nmenuentry 'Install h offline' --class installer "
+                              "--id install-h {\n  linux /k init=/i p=1\n  initrd /r\n}\n")
+
+
 @pytest.mark.parametrize("cfg, message", [
     ("set timeout=1\n", "no boot entry of a NixOS installer"),
     ("menuentry 'x' { linux /k quiet\n initrd /r\n}\n", "no boot entry of a NixOS installer"),

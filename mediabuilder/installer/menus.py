@@ -207,6 +207,7 @@ def _dquote_end(text: str, i: int) -> int:
 
 _LINUX = re.compile(r"^(\s*linux(?:efi|16)?\s+\S.*?)\s*$", re.MULTILINE)
 _INITRD = re.compile(r"^\s*initrd(?:efi|16)?\s+\S", re.MULTILINE)
+_UNIQUE_OPTION = re.compile(r"\s--(?:id|hotkey)(?:=|\s+)(?:'[^']*'|\"[^\"]*\"|\S+)")
 _TITLE = re.compile(r"menuentry\s+('[^']*'|\"(?:[^\"\\]|\\.)*\"|\S+)")
 
 
@@ -225,7 +226,8 @@ def edit_grub(text: str, install: Install, where: str) -> str:
             raise InvalidMedia(f"{where}: already has an entry {entry_id(host)} (remastered before?)",
                                hint="give the stock NixOS installer ISO")
         head = text[stock.start:stock.open]
-        head = _TITLE.sub(f"menuentry '{entry_title(host)}'", head, count=1).rstrip()
+        head = _TITLE.sub(f"menuentry '{entry_title(host)}'", head, count=1)
+        head = _UNIQUE_OPTION.sub("", head).rstrip()  # the stock entry's --id and --hotkey stay its own
         head += f" --id {entry_id(host)} "
         body = _append_to_linux(text[stock.open:stock.end], install.params[host])
         new.append(f"\n\n# {entry_title(host)} (mediabuilder)\n{head}{body}")
