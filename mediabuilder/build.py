@@ -23,7 +23,7 @@ from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCac
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
 from mediabuilder.media import delta, fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
-from mediabuilder.media.label import validate_label
+from mediabuilder.media.label import DEFAULT_LABEL, validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
 from mediabuilder.store import nar, nix32
@@ -237,6 +237,8 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     """The recipe. Returns host → toplevel."""
     check_media_settings(req.media)
     reproducible.source_date_epoch(None)  # a bad SOURCE_DATE_EPOCH is refused before any work
+    if req.media.installer is not None:
+        check_installer_hosts(req)
     have_nix = check_nix(req)
     runner.require("git")
     if req.cache.key is not None:
@@ -360,7 +362,7 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             if split:
                 step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
-            write_output(tree, target, req, epoch)
+            write_output(tree, target, req, epoch, tuple(sorted(source.toplevels)))
             # What the operator checks the medium against, out of band (install.sh --expect-key).
             step.detail = (f"{req.output}, media key fingerprint {key.public().fingerprint()}, "
                            f"install.sh sha256 {manifest.files['install.sh'].sha256}")
@@ -594,7 +596,13 @@ def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> in
 
 
 def check_media_settings(media: MediaSettings) -> None:
-    """What can be checked before any work: the label and size for the format, its tools."""
+    """What can be checked before any work: the label and size for the format, its tools, the
+    installer ISO to remaster."""
+    if media.installer is not None:
+        check_installer(media)
+    elif media.boot_default:
+        raise InvalidInput(f"--boot-default {media.boot_default}: only with --installer ISO",
+                           hint="pass the NixOS installer ISO to remaster, or leave --boot-default out")
     if media.format in (MediaFormat.ISO, MediaFormat.FAT32):
         validate_label(media.label, media.format.value)
     if media.format is MediaFormat.FAT32 and media.size is not None:
@@ -603,7 +611,35 @@ def check_media_settings(media: MediaSettings) -> None:
         runner.require("sfdisk", "to write a partition table")
 
 
-def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int) -> None:
+def check_installer(media: MediaSettings) -> None:
+    """--installer: an ISO output, the tools, and an ISO that is a NixOS installer (refused before any work)."""
+    from mediabuilder.installer.remaster import Installer
+
+    if media.format is not MediaFormat.ISO:
+        raise InvalidInput(f"--installer {media.installer}: needs --format iso, not {media.format.value}",
+                           hint="pass --format iso (the remastered installer is an ISO image)")
+    if media.label != DEFAULT_LABEL:
+        raise InvalidInput(f"--label {media.label}: the remastered installer keeps the installer's own label",
+                           hint="leave --label out (the live system finds itself by its label)")
+    for tool in ("xorriso", "mdir", "mtype", "mcopy"):
+        runner.require(tool, "to remaster the installer ISO")
+    assert media.installer is not None
+    Installer.inspect(media.installer)
+
+
+def check_installer_hosts(req: BuildRequest) -> None:
+    """Every host can name a boot menu entry, and --boot-default is one of them (before any work)."""
+    from mediabuilder.installer.menus import check_host
+
+    hosts = [name for name, _ in req.systems] or [h for h in (nixcli.parse_flake_ref(r)[1] for r in req.refs) if h]
+    for host in hosts:
+        check_host(host)
+    if req.media.boot_default and req.media.boot_default not in hosts:
+        raise InvalidInput(f"--boot-default {req.media.boot_default}: not one of the hosts ({', '.join(hosts)})",
+                           hint="name one of the hosts given with --flake PATH#HOST")
+
+
+def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int, hosts: tuple[str, ...]) -> None:
     """The finished tree into place: renamed, moved into a directory, or written as an image
     (every date in it `epoch`) under a temporary name beside the output and renamed over it when
     complete."""
@@ -614,7 +650,12 @@ def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int) -> N
             output.place(tree, target.path, replace=False)
         return
     with output.temporary(target.path.parent, directory=False) as image:
-        if req.media.format is MediaFormat.ISO:
+        if req.media.installer is not None:
+            from mediabuilder.installer.remaster import remaster
+
+            with output.temporary(tree.parent, directory=True) as scratch:
+                remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None)
+        elif req.media.format is MediaFormat.ISO:
             iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch)
         else:
             fat32.write_fat32(tree, target.path, label=req.media.label, size=req.media.size,

@@ -280,7 +280,12 @@ def open_target(target: Path) -> Iterator[MediaSource]:
 
     if not target.exists():
         raise InvalidInput(f"{target}: no such file or directory")
+    from mediabuilder.installer.medium import MEDIUM_DIR, SubdirSource, is_remastered
+
     with open_source(target) as source:
+        if is_remastered(source):  # an installer ISO mediabuilder remastered: its medium under /mediabuilder
+            yield SubdirSource(source, MEDIUM_DIR)
+            return
         yield source
 
 
@@ -296,6 +301,8 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         label=args.label,
         size=_size_arg(args.size) if args.size else None,
         partition_table=PartitionTable(args.partition_table) if args.partition_table else None,
+        installer=Path(os.path.abspath(args.installer)) if args.installer else None,
+        boot_default=args.boot_default,
     )
     if args.size and media.format is not MediaFormat.FAT32:  # (a profile's size may meet a --format)
         raise InvalidInput(f"--size {args.size}: only a fat32 image has a size to choose, not --format "
@@ -416,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(8GB = 8*10^9) (default: content plus headroom)")
     p.add_argument("--partition-table", choices=[t.value for t in PartitionTable],
                    help="wrap a fat32 image in a partition table (default: none)")
+    p.add_argument("--installer", metavar="ISO",
+                   help="a NixOS installer ISO to remaster (with --format iso): the medium goes under its "
+                        "/mediabuilder directory and every boot menu gets an \"Install HOST offline\" entry "
+                        "per host (default: none, a medium of its own)")
+    p.add_argument("--boot-default", metavar="HOST",
+                   help="with --installer: make \"Install HOST offline\" the boot menus' default entry "
+                        "(default: the installer's own)")
     p.add_argument("--system", action="append", default=[], metavar="NAME=PATH",
                    help="a prebuilt system toplevel for host NAME, e.g. one CI built and pushed: no evaluation, "
                         "no local Nix needed (repeatable; --flake PATH then only gives the repository)")

@@ -74,6 +74,10 @@ class MediaSettings:
     # Image size in bytes for fat32; None: content plus headroom.
     size: int | None = None
     partition_table: PartitionTable = PartitionTable.NONE
+    # A NixOS installer ISO to remaster (format iso); None: a medium of its own.
+    installer: Path | None = None
+    # With an installer: the host whose "Install HOST offline" entry is the menus' default; "": the stock one.
+    boot_default: str = ""
 
 
 @dataclass(frozen=True)
