@@ -119,6 +119,7 @@ def tree_case(flake: Path, paths: list[str]) -> dict[str, float | int]:
             peak = max(peak, rss)
             ref_wall, _, _ = bench.measured(f"ref-{fmt}", ["bash", "-c", script, "ref", str(tree), str(image), *args])
             times[ref_name].append(dir_wall + ref_wall)
+            bench.say(f"    {fmt} {wall:.1f} s; dir {dir_wall:.1f} s + {ref_name[4:]} {ref_wall:.1f} s")
             remove(tree)
             remove(image)
     return {**{k: statistics.median(v) for k, v in times.items()}, "rss": peak}
@@ -150,10 +151,12 @@ def big_case(flake: Path) -> dict[str, float | int] | None:
                 times[fmt].append(wall)
                 peak = max(peak, rss)
                 remove(image)
+                bench.say(f"    {wall:.1f} s, peak RSS {rss / MiB:.0f} MiB")
             bench.say(f"  4.5 GiB path, round {rnd + 1}/{ROUNDS}: copying its NAR ...")
             wall, _, _ = bench.measured("limit-copy-nar", ["bash", "-c", COPY, "copy", str(nar), str(copy)])
             times["copy"].append(wall)
             remove(copy)
+            bench.say(f"    {wall:.1f} s")
     finally:
         remove(image)
         remove(copy)
