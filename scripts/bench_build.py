@@ -141,6 +141,7 @@ def big_case(flake: Path) -> dict[str, float | int] | None:
     build(flake, cache, image, "iso", extra)
     remove(image)
     nar = max((cache / "nar").iterdir(), key=lambda p: p.stat().st_size)
+    nar_size = nar.stat().st_size
     times: dict[str, list[float]] = {"iso": [], "fat32": [], "copy": []}
     peak = 0
     try:
@@ -161,7 +162,7 @@ def big_case(flake: Path) -> dict[str, float | int] | None:
         remove(image)
         remove(copy)
         shutil.rmtree(cache, ignore_errors=True)
-    return {**{k: statistics.median(v) for k, v in times.items()}, "rss": peak, "nar": nar.stat().st_size}
+    return {**{k: statistics.median(v) for k, v in times.items()}, "rss": peak, "nar": nar_size}
 
 
 def verdict(ratio: float, target: float) -> str:
