@@ -356,13 +356,15 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             manifest.base = base.to_json(relied) if base is not None else None
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req, target)
-            split = split_large_files(tree, manifest.files, limit) if limit else 0
+            # A directory medium, and the installer's tree that xorriso maps, hold the parts as files.
+            in_place = req.media.format is MediaFormat.DIR or req.media.installer is not None
+            split, slices = split_large_files(tree, manifest.files, limit, in_place) if limit else (0, {})
             sign_manifest(manifest, tree, key, req.cache.compression.value, staging / "trust")
             step.detail = f"{len(manifest.files)} files, key {key.public().fingerprint()}"
             if split:
                 step.detail += f", {split} file(s) split at {ui.human_bytes(limit or 0)}"
         with ui.step("Writing the medium") as step:
-            write_output(tree, target, req, epoch, tuple(sorted(source.toplevels)))
+            write_output(tree, target, req, epoch, slices, tuple(sorted(source.toplevels)))
             # What the operator checks the medium against, out of band (install.sh --expect-key).
             step.detail = (f"{req.output}, media key fingerprint {key.public().fingerprint()}, "
                            f"install.sh sha256 {manifest.files['install.sh'].sha256}")
@@ -580,19 +582,27 @@ def split_limit(req: BuildRequest, target: Target) -> int | None:
     return None if limit is None else min(limit, split.PART_SIZE)
 
 
-def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int) -> int:
-    """Replace each file over `limit` by numbered parts beside it; record them in `files`."""
+def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int,
+                      in_place: bool) -> tuple[int, dict[Path, list[split.Slice]]]:
+    """Give each file over `limit` numbered parts, recorded in `files`: a directory gets them as
+    files beside it (`in_place`), copied and hashed in one pass, in place of the whole file; an
+    image gets them as slices of the whole file, returned, that its writer reads straight from
+    it (nothing is copied: the parts are hashed in one read). Returns (files split, slices)."""
     count = 0
+    slices: dict[Path, list[split.Slice]] = {}
     for name, entry in sorted(files.items()):
         if not split.needs_split(entry.size, limit):
             continue
         src = tree / name
-        parts = split.split_file(src, src.parent, limit)
-        src.unlink()
+        if in_place:
+            parts = split.split_file(src, src.parent, limit)
+            src.unlink()
+        else:
+            parts, slices[src] = split.slice_file(src, limit)
         prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
         files[name] = FileEntry(entry.size, entry.sha256, tuple((prefix + p.name, p.size, p.sha256) for p in parts))
         count += 1
-    return count
+    return count, slices
 
 
 def check_media_settings(media: MediaSettings) -> None:
@@ -639,10 +649,11 @@ def check_installer_hosts(req: BuildRequest) -> None:
                            hint="name one of the hosts given with --flake PATH#HOST")
 
 
-def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int, hosts: tuple[str, ...]) -> None:
+def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int,
+                 slices: dict[Path, list[split.Slice]], hosts: tuple[str, ...]) -> None:
     """The finished tree into place: renamed, moved into a directory, or written as an image
-    (every date in it `epoch`) under a temporary name beside the output and renamed over it when
-    complete."""
+    (every date in it `epoch`; each file in `slices` as its parts, read from it) under a
+    temporary name beside the output and renamed over it when complete."""
     if req.media.format is MediaFormat.DIR:
         if target.inside:
             output.move_in(tree, target.path)
@@ -656,8 +667,9 @@ def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int, host
             with output.temporary(tree.parent, directory=True) as scratch:
                 remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None)
         elif req.media.format is MediaFormat.ISO:
-            iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch)
+            iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch, slices=slices)
         else:
             fat32.write_fat32(tree, target.path, label=req.media.label, size=req.media.size,
-                              partition_table=req.media.partition_table.value, into=image, epoch=epoch)
+                              partition_table=req.media.partition_table.value, into=image, epoch=epoch,
+                              slices=slices)
         output.place(image, target.path, replace=target.replace)

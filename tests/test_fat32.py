@@ -38,7 +38,7 @@ from mediabuilder.media.fat32 import (
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
 from mediabuilder.media.label import DEFAULT_LABEL
 from mediabuilder.media.source import detect, open_source
-from mediabuilder.media.split import FAT32_MAX_FILE, FAT32_SAFE_FILE, PART_SIZE, split_file
+from mediabuilder.media.split import FAT32_MAX_FILE, FAT32_SAFE_FILE, PART_SIZE, slice_file
 from mediabuilder.run import run, stream
 
 Tree = tuple[Path, dict[str, tuple[int, str]], set[str]]
@@ -377,17 +377,17 @@ print("left:", sorted(os.listdir({str(full)!r})))
 
 @pytest.mark.integration
 def test_big_file_split_for_fat32_and_iso(tmp_path: Path) -> None:
-    """A 4.5 GiB NAR is split into parts that fit FAT32 and one ISO extent; both images give
-    back the parts through independent readers (mcopy, bsdtar), and they rejoin exactly."""
+    """A 4.5 GiB NAR is split, without copies, into parts that fit FAT32 and one ISO extent (the
+    writers read each part straight from the whole file); both images give back the parts
+    through independent readers (mcopy, bsdtar), and they rejoin exactly."""
     size = 4608 * MIB
     tree = tmp_path / "tree"
     nar_dir = tree / "cache" / "nar"
     nar_dir.mkdir(parents=True)
-    big = tmp_path / "big.nar.zst"
+    big = nar_dir / "big.nar.zst"
     try:
         want = write_big_file(big, size)
-        parts = split_file(big, nar_dir, PART_SIZE)
-        big.unlink()
+        parts, slices = slice_file(big, PART_SIZE)  # no copies: the images read the parts from it
         assert [(p.name, p.size) for p in parts] == [
             ("big.nar.zst.part000", PART_SIZE),
             ("big.nar.zst.part001", size - PART_SIZE),
@@ -395,10 +395,10 @@ def test_big_file_split_for_fat32_and_iso(tmp_path: Path) -> None:
         assert all(p.size <= min(FAT32_MAX_FILE, ISO_MAX_FILE) for p in parts)
 
         image = tmp_path / "media.img"
-        write_fat32(tree, image, label="BIG", partition_table="gpt")
+        write_fat32(tree, image, label="BIG", partition_table="gpt", slices={big: slices})
         # fsck.fat reads every part whole: 4 KiB clusters, where 4 GiB - 2048 bytes made exactly
         # 2^32 bytes of clusters and fsck.fat reported "cluster chain length is 0 bytes".
-        geometry = image_geometry(scan(tree).content, None, "gpt")[1]
+        geometry = image_geometry(scan(tree, slices={big: slices}).content, None, "gpt")[1]
         assert geometry.cluster == 4096
         files, used, clusters = fsck_fat(image, MIB, tmp_path)
         assert (files, clusters) == (2 + 2 + 1, geometry.clusters)  # parts, cache and nar, the root
@@ -412,7 +412,7 @@ def test_big_file_split_for_fat32_and_iso(tmp_path: Path) -> None:
         image.unlink()
 
         iso = tmp_path / "media.iso"
-        write_iso(tree, iso, label="BIG")
+        write_iso(tree, iso, label="BIG", slices={big: slices})
         digest = hashlib.sha256()
         for part in parts:
             # not isoinfo: it extracts nothing from any file of 2 GiB or more (docs/images.md)

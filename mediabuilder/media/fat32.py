@@ -20,7 +20,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs, reproducible
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
-from mediabuilder.media.split import FAT32_SAFE_FILE
+from mediabuilder.media.split import FAT32_SAFE_FILE, Slice
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
 
@@ -103,6 +103,7 @@ class Node:
     parent: Node | None = None
     children: list[Node] | None = None  # directories only, sorted by name
     cluster: int = 0  # the first cluster, once allocated (0: an empty file)
+    offset: int = 0  # where a file's bytes start in `path` (a part: a slice of the whole file)
 
 
 @dataclass
@@ -117,38 +118,37 @@ class Listing:
         return Content(tuple(f.size for f in self.files), tuple(d.size for d in self.dirs))
 
 
-def scan(tree: Path, epoch: int | None = None) -> Listing:
+def scan(tree: Path, epoch: int | None = None, slices: Mapping[Path, Sequence[Slice]] | None = None) -> Listing:
     """Every file and directory under `tree`, refusing what FAT32 cannot hold, each dated `epoch`
-    (None: its mtime). One lstat per entry: this runs before every image is written, on trees of
-    thousands of files."""
+    (None: its mtime). A file in `slices` is written as its parts instead, each a byte range of
+    it. One lstat per entry: this runs before every image is written, on trees of thousands of
+    files."""
     root = Node("", tree, 0, tree.lstat().st_mtime if epoch is None else epoch, children=[])
     listing = Listing([root])
     for directory in listing.dirs:  # grows as subdirectories are found
         with os.scandir(directory.path) as scanned:
-            entries = sorted(scanned, key=lambda e: e.name)
+            entries = _entries(scanned, slices or {})
         seen: dict[str, str] = {}
         assert directory.children is not None
-        for entry in entries:
-            path = Path(entry.path)
-            _check_name(path, entry.name, seen)
-            st = entry.stat(follow_symlinks=False)
-            node = Node(entry.name, path, 0, st.st_mtime if epoch is None else epoch, parent=directory)
+        for name, path, st, piece in entries:
+            _check_name(path, name, seen)
+            node = Node(name, path, 0, st.st_mtime if epoch is None else epoch, parent=directory)
             if stat.S_ISDIR(st.st_mode):
                 node.children = []
                 listing.dirs.append(node)
             elif not stat.S_ISREG(st.st_mode):
                 raise InternalError(f"{path}: FAT32 holds only regular files and directories")
-            elif st.st_size > FAT32_SAFE_FILE:
+            elif (piece.size if piece else st.st_size) > FAT32_SAFE_FILE:
                 raise InternalError(
                     f"{path}: {st.st_size} bytes is more than a FAT32 file safely holds ({FAT32_SAFE_FILE}); "
                     "the media tree must split it before it is written to a FAT32 image"
                 )
             else:
-                node.size = st.st_size
+                node.size, node.offset = (piece.size, piece.offset) if piece else (st.st_size, 0)
                 listing.files.append(node)
             directory.children.append(node)
         # The root holds the volume label; every other directory "." and "..".
-        entry_count = (1 if directory.parent is None else 2) + sum(fatfs.entry_count(e.name) for e in entries)
+        entry_count = (1 if directory.parent is None else 2) + sum(fatfs.entry_count(e[0]) for e in entries)
         if entry_count > fatfs.MAX_DIR_ENTRIES:
             raise InvalidInput(
                 f"{directory.path}: {len(entries)} names take {entry_count} directory entries, and a FAT32 "
@@ -157,6 +157,21 @@ def scan(tree: Path, epoch: int | None = None) -> Listing:
             )
         directory.size = entry_count * fatfs.ENTRY
     return listing
+
+
+def _entries(scanned: Iterable[os.DirEntry[str]], slices: Mapping[Path, Sequence[Slice]],
+             ) -> list[tuple[str, Path, os.stat_result, Slice | None]]:
+    """A directory's entries by name: (name, path, lstat, the slice of a part or None); a file
+    in `slices` gives way to its parts."""
+    found: list[tuple[str, Path, os.stat_result, Slice | None]] = []
+    for entry in scanned:
+        path, st = Path(entry.path), entry.stat(follow_symlinks=False)
+        pieces = slices.get(path)
+        if pieces is None:
+            found.append((entry.name, path, st, None))
+        else:
+            found.extend((piece.name, path, st, piece) for piece in pieces)
+    return sorted(found, key=lambda e: e[0])
 
 
 def _check_name(path: Path, name: str, seen: dict[str, str]) -> None:
@@ -306,7 +321,7 @@ def _size_text(size: int) -> str:
 
 def write_fat32(
     tree: Path, output: Path, *, label: str, size: int | None = None, partition_table: str = "none",
-    into: Path | None = None, epoch: int | None = None,
+    into: Path | None = None, epoch: int | None = None, slices: Mapping[Path, Sequence[Slice]] | None = None,
 ) -> None:
     """Write every file and directory under `tree` to the FAT32 image `output`.
 
@@ -315,7 +330,8 @@ def write_fat32(
 
     `size` is the whole image in bytes (None: sized from the content); `partition_table` is
     "none", "mbr" or "gpt". The image is built under a temporary name and renamed when done;
-    with `into`, it is built there (the caller's temporary, renamed by the caller).
+    with `into`, it is built there (the caller's temporary, renamed by the caller). A file of
+    the tree in `slices` goes on the image as its parts, read straight from it.
     """
     if partition_table not in PARTITION_TABLES:
         raise InvalidInput(
@@ -324,7 +340,7 @@ def write_fat32(
     volume_label = fat_label(label)
     if partition_table != "none":
         require("sfdisk", "to write partition tables on FAT32 images")
-    listing = scan(tree, epoch)
+    listing = scan(tree, epoch, slices)
     seed = reproducible.content_seed(tree, volume_label)
     image_size, geometry = image_geometry(listing.content, size, partition_table)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -425,7 +441,7 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
     with ui.progress(listing.content.file_bytes, "Writing FAT32 image") as bar:
         for node in listing.files:
             if node.size:
-                copier.copy(node.path, node.size, at(node.cluster), bar.update)
+                copier.copy(node.path, node.offset, node.size, at(node.cluster), bar.update)
 
 
 def _allocate(listing: Listing, cluster: int) -> list[tuple[int, int]]:
@@ -489,9 +505,12 @@ class _Copier:
         self.out = out
         self.buffer = memoryview(bytearray(COPY_CHUNK))
 
-    def copy(self, path: Path, size: int, offset: int, progress: Callable[[int], object]) -> None:
+    def copy(self, path: Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
+        """`size` bytes of `path` from `start` to `offset` in the image."""
         src = os.open(path, os.O_RDONLY)
         try:
+            if start:
+                os.lseek(src, start, os.SEEK_SET)
             done = 0
             while done < size:
                 n = os.readv(src, [self.buffer[: size - done]])

@@ -17,8 +17,10 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
@@ -27,7 +29,7 @@ from mediabuilder import ui
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media import reproducible
 from mediabuilder.media.label import validate_label
-from mediabuilder.media.split import SINGLE_EXTENT_MAX
+from mediabuilder.media.split import SINGLE_EXTENT_MAX, Slice, SliceReader
 
 # The biggest file written as a single extent; bigger ones must be split beforehand.
 ISO_MAX_FILE = SINGLE_EXTENT_MAX
@@ -92,6 +94,18 @@ class _Plan:
     joliet_paths: dict[str, str] = field(default_factory=lambda: {"": ""})
     files: int = 0
     data_bytes: int = 0
+    sources: dict[Path, int] = field(default_factory=dict)  # the whole files that parts are read from
+
+    def source(self, path: Path) -> int:
+        if path not in self.sources:
+            self.sources[path] = os.open(path, os.O_RDONLY)
+        return self.sources[path]
+
+    def close(self) -> None:
+        self.iso.close()
+        for fd in self.sources.values():
+            os.close(fd)
+        self.sources.clear()
 
     def paths(self, rel: str, is_dir: bool) -> tuple[str, str]:
         parent, _, name = rel.rpartition("/")
@@ -111,10 +125,17 @@ def _mode(st: os.stat_result) -> int:
     return kind | (0o755 if executable else 0o644)
 
 
-def _add_entry(plan: _Plan, path: Path, rel: str) -> None:
+def _add_entry(plan: _Plan, path: Path, rel: str, piece: Slice | None = None) -> None:
     st = path.lstat()
     name = path.name
-    if stat.S_ISLNK(st.st_mode):
+    if piece is not None:  # a part: a byte range of the file at `path`
+        iso_path, joliet_path = plan.paths(rel, is_dir=False)
+        reader = cast(BinaryIO, SliceReader(plan.source(path), piece))  # what pycdlib reads: seek, tell, read
+        plan.iso.add_fp(reader, piece.size, iso_path, rr_name=piece.name,
+                        joliet_path=joliet_path, file_mode=_mode(st))
+        plan.files += 1
+        plan.data_bytes += piece.size
+    elif stat.S_ISLNK(st.st_mode):
         iso_path, _ = plan.paths(rel, is_dir=False)
         plan.iso.add_symlink(symlink_path=iso_path, rr_symlink_name=name, rr_path=os.readlink(path))
     elif stat.S_ISDIR(st.st_mode):
@@ -136,25 +157,35 @@ def _add_entry(plan: _Plan, path: Path, rel: str) -> None:
         raise InternalError(f"{path}: not a regular file, directory or symlink; cannot put it on an ISO")
 
 
-def _plan(tree: Path, label: str) -> _Plan:
+def _plan(tree: Path, label: str, slices: Mapping[Path, Sequence[Slice]]) -> _Plan:
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=label, rock_ridge="1.09", joliet=3)
     plan = _Plan(iso)
-    for top, dirnames, filenames in os.walk(tree):
-        dirnames.sort()
-        rel_top = Path(top).relative_to(tree).as_posix()
-        prefix = "" if rel_top == "." else f"{rel_top}/"
-        for name in dirnames + sorted(filenames):
-            path = Path(top, name)
-            try:
-                _add_entry(plan, path, prefix + name)
-            except PyCdlibException as e:
-                raise InternalError(f"{path}: pycdlib cannot add it to the ISO: {e}") from e
+    try:
+        for top, dirnames, filenames in os.walk(tree):
+            dirnames.sort()
+            rel_top = Path(top).relative_to(tree).as_posix()
+            prefix = "" if rel_top == "." else f"{rel_top}/"
+            files: list[tuple[str, Path, Slice | None]] = []
+            for name in filenames:
+                path = Path(top, name)
+                pieces = slices.get(path)
+                files += [(name, path, None)] if pieces is None else [(p.name, path, p) for p in pieces]
+            for name, path, piece in [(d, Path(top, d), None) for d in dirnames] + sorted(files, key=lambda f: f[0]):
+                try:
+                    _add_entry(plan, path, prefix + name, piece)
+                except PyCdlibException as e:
+                    raise InternalError(f"{path}: pycdlib cannot add it to the ISO: {e}") from e
+    except BaseException:
+        plan.close()
+        raise
     return plan
 
 
-def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None, epoch: int | None = None) -> None:
-    """Write every file, directory and symlink under `tree` to the ISO image `output`.
+def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None, epoch: int | None = None,
+              slices: Mapping[Path, Sequence[Slice]] | None = None) -> None:
+    """Write every file, directory and symlink under `tree` to the ISO image `output`; a file in
+    `slices` goes on it as its parts, read straight from it.
 
     Every date in the image is `epoch` (seconds since 1970, in UTC; None: now, in local time).
 
@@ -168,11 +199,11 @@ def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None,
     with contextlib.ExitStack() as clock:
         if epoch is not None:
             clock.enter_context(reproducible.frozen_clock(epoch))
-        _write(tree, output, label, into)
+        _write(tree, output, label, into, slices or {})
 
 
-def _write(tree: Path, output: Path, label: str, into: Path | None) -> None:
-    plan = _plan(tree, label)
+def _write(tree: Path, output: Path, label: str, into: Path | None, slices: Mapping[Path, Sequence[Slice]]) -> None:
+    plan = _plan(tree, label, slices)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
         with ui.progress(None, "Writing ISO image") as bar, tmp.open("wb") as out:
@@ -200,4 +231,4 @@ def _write(tree: Path, output: Path, label: str, into: Path | None) -> None:
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        plan.iso.close()
+        plan.close()

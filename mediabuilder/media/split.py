@@ -1,17 +1,23 @@
 """Cutting files that a filesystem cannot hold into numbered parts, and joining them again.
 
 A file `NAME` bigger than the limit becomes `NAME.part000`, `NAME.part001`, ... each at most
-`limit` bytes; the parts are hashed while they are copied so the manifest can list them.
+`limit` bytes; the parts are hashed while they are copied so the manifest can list them. An
+image needs no copies: each part is a `Slice` of the whole file, hashed in one read of it
+(`slice_file`), that the image writers read straight from it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from mediabuilder.errors import InternalError
 
@@ -39,6 +45,16 @@ class Part:
     name: str
     size: int
     sha256: str
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A part as a byte range of the whole file it is cut from (nothing is copied)."""
+
+    name: str  # the part's file name, in the whole file's directory
+    source: Path  # the whole file
+    offset: int
+    size: int
 
 
 def needs_split(size: int, limit: int) -> bool:
@@ -73,6 +89,70 @@ def split_file(src: Path, dest_dir: Path, limit: int) -> list[Part]:
     if sum(p.size for p in parts) != size:
         raise InternalError(f"{src}: changed size while it was being split")
     return parts
+
+
+def slice_file(src: Path, limit: int) -> tuple[list[Part], list[Slice]]:
+    """The parts `split_file` would write, as byte ranges of `src`, hashed in one read of it."""
+    if limit < 1:
+        raise InternalError(f"split limit must be positive, not {limit}")
+    size = src.stat().st_size
+    names = part_names(src.name, part_count(size, limit))
+    parts: list[Part] = []
+    slices: list[Slice] = []
+    buffer = memoryview(bytearray(CHUNK))
+    with src.open("rb", buffering=0) as inp:
+        for i, name in enumerate(names):
+            offset, want = limit * i, min(limit, size - limit * i)
+            digest = hashlib.sha256()
+            done = 0
+            while done < want:
+                n = inp.readinto(buffer[: min(CHUNK, want - done)])
+                if not n:
+                    raise InternalError(f"{src}: changed size while it was being split")
+                digest.update(buffer[:n])
+                done += n
+            parts.append(Part(name, want, digest.hexdigest()))
+            slices.append(Slice(name, src, offset, want))
+        if inp.read(1):
+            raise InternalError(f"{src}: changed size while it was being split")
+    return parts, slices
+
+
+class SliceReader(io.RawIOBase):
+    """A read-only file object over one slice (what pycdlib's `add_fp` reads), by `pread`, so
+    that the parts of one file can share its descriptor."""
+
+    def __init__(self, fd: int, piece: Slice) -> None:
+        super().__init__()
+        self.fd = fd
+        self.piece = piece
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.piece.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = max(0, min(len(view), self.piece.size - self.position))
+        done = 0
+        while done < want:
+            n = os.preadv(self.fd, [view[done:want]], self.piece.offset + self.position + done)
+            if n == 0:
+                raise InternalError(f"{self.piece.source}: shorter than when it was split; was it changed?")
+            done += n
+        self.position += done
+        return done
 
 
 def _copy_part(inp: BinaryIO, dest: Path, size: int) -> Part:
