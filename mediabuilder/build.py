@@ -665,7 +665,8 @@ def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int,
             from mediabuilder.installer.remaster import remaster
 
             with output.temporary(tree.parent, directory=True) as scratch:
-                remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None)
+                remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None,
+                         epoch=epoch)
         elif req.media.format is MediaFormat.ISO:
             iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch, slices=slices)
         else:

@@ -13,13 +13,14 @@ import io
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pycdlib
 import pytest
 import standin
-from conftest import EXAMPLE_HOSTS, Example, assert_one_line_error, run_cli
+from conftest import EXAMPLE_HOSTS, Example, assert_one_line_error, make_nix_env, run_cli
 
 from mediabuilder.errors import InvalidInput, InvalidMedia
 from mediabuilder.installer import menus
@@ -173,6 +174,22 @@ def remastered(example: Example, tmp_path_factory: pytest.TempPathFactory) -> Re
     return Remastered(stock, out, base / "cache" / "signing-key.pub", base)
 
 
+def test_two_remasters_give_the_same_bytes(example: Example, remastered: Remastered, tmp_path: Path) -> None:
+    """Another cache, another directory, another time zone, later: the same ISO, byte for byte
+    (xorriso's dates, the volume UUID and efi.img's edited grub.cfg all take the flake's date)."""
+    time.sleep(1.1)
+    again = tmp_path / "again.iso"
+    proc = run_cli("build", *[a for h in HOSTS for a in ("--flake", f"{example.flake}#{h}")], "--format", "iso",
+                   "--installer", remastered.stock, "--boot-default", DEFAULT, "--cache", tmp_path / "cache",
+                   "--key", remastered.base / "cache" / "signing-key.sec", "-o", again,
+                   env=make_nix_env({"TZ": "IST-5:30"}))
+    assert proc.returncode == 0, proc.stderr
+    assert again.stat().st_size == remastered.out.stat().st_size
+    assert again.read_bytes() == remastered.out.read_bytes()
+    same = run_cli("verify", remastered.out, "--against", again)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
 def xorriso_report(iso: Path) -> list[str]:
     proc = subprocess.run(["xorriso", "-report_about", "WARNING", "-indev", iso, "-report_el_torito", "as_mkisofs",
                            "-report_system_area", "plain"], capture_output=True, text=True, check=True)
@@ -193,12 +210,15 @@ def mtype(image: Path, path: str) -> bytes:
 def test_boot_structures_preserved(remastered: Remastered) -> None:
     before, after = xorriso_report(remastered.stock), xorriso_report(remastered.out)
 
-    def el_torito(lines: list[str]) -> list[str]:
+    def el_torito(lines: list[str]) -> list[str]:  # without the volume's date, which is the flake's now
         start = lines.index("-V 'nixos-minimal-25.05-x86_64'")
         end = next(i for i, ln in enumerate(lines) if ln.startswith("System area options"))
-        return [ln.replace(str(remastered.out), "ISO").replace(str(remastered.stock), "ISO") for ln in lines[start:end]]
+        return [ln.replace(str(remastered.out), "ISO").replace(str(remastered.stock), "ISO") for ln in lines[start:end]
+                if not ln.startswith("--modification-date=")]
 
     assert el_torito(after) == el_torito(before)
+    assert "--modification-date='2025060100000000'" in before
+    assert "--modification-date='2023110610000000'" in after  # the example flake's commit time
     assert "-b '/isolinux/isolinux.bin'" in after and "-e '/boot/efi.img'" in after
     assert "System area summary: MBR isohybrid cyl-align-on GPT" in after
 

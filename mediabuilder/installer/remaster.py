@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,8 +164,10 @@ def _read_fat_file(image: Path, fat_path: str, where: str) -> bytes:
 
 
 def remaster(installer: Path, medium: Path, output: Path, hosts: tuple[str, ...], scratch: Path,
-             default: str | None = None) -> Installer:
-    """Write `output`: the installer ISO with `medium` under /MEDIUM_DIR and its menus edited."""
+             default: str | None = None, epoch: int | None = None) -> Installer:
+    """Write `output`: the installer ISO with `medium` under /MEDIUM_DIR and its menus edited.
+    With `epoch`, every date xorriso writes (the volume's, its UUID, every file's) and the edited
+    grub.cfg in efi.img are dated `epoch`, and the same inputs give the same bytes."""
     for host in hosts:
         menus.check_host(host)
     if default is not None and default not in hosts:
@@ -192,7 +195,11 @@ def remaster(installer: Path, medium: Path, output: Path, hosts: tuple[str, ...]
         except InvalidMedia as e:
             raise InvalidInput(f"not a NixOS installer ISO: {e}", hint=HINT) from None
         (scratch / "efi-grub.cfg").write_text(inner)
-        proc = runner.run(["mcopy", "-o", "-i", str(efi), str(scratch / "efi-grub.cfg"), fat_grub], check=False)
+        if epoch is not None:
+            os.utime(scratch / "efi-grub.cfg", (epoch, epoch))
+        # -m: the file's own date (else mcopy stamps the current time into efi.img)
+        proc = runner.run(["mcopy", "-o", "-m", "-i", str(efi), str(scratch / "efi-grub.cfg"), fat_grub],
+                          env={"TZ": "UTC"}, check=False)
         if proc.returncode != 0:
             raise InvalidInput(f"{installer}: {found.efi_img} has no room for the edited grub.cfg",
                                hint=runner.command_failed(["mcopy"], proc.returncode, proc.stderr).args[0])
@@ -204,9 +211,13 @@ def remaster(installer: Path, medium: Path, output: Path, hosts: tuple[str, ...]
             "-boot_image", "any", "replay", *[a for m in maps for a in m]]
     if found.boot.gpt_guid is not None:  # else xorriso makes a random one: keep the installer's
         argv += ["-boot_image", "any", f"gpt_disk_guid={found.boot.gpt_guid}"]
+    if epoch is not None:
+        uuid = time.strftime("%Y%m%d%H%M%S00", time.gmtime(epoch))
+        argv += ["-volume_date", "all_file_dates", f"={epoch}", "-volume_date", "c", f"={epoch}",
+                 "-volume_date", "m", f"={epoch}", "-volume_date", "uuid", uuid, "-preparer_id", "mediabuilder"]
     argv.append("-commit")
     try:
-        runner.run(argv)
+        runner.run(argv, env={"TZ": "UTC"})
     except MediabuilderError as e:
         raise InternalError(f"xorriso could not remaster {installer}: {e}") from None
     check_output(found, output)

@@ -474,7 +474,9 @@ class IsoSource(_ImageSource):
                 seen.add(record.extent_location())
                 self._check_both_endian(f"{child} (Joliet)", record)
                 dirs.add(child)
-                self._walk_joliet(child, f"{path.rstrip('/')}/{ident}", (record.extent_location(), here[0]), files,
+                # '..' unchecked: xorriso 1.5.4 (libisofs), which makes NixOS's installer ISOs, points a
+                # Joliet subdirectory's '..' at the directory itself; readers walk down, not up
+                self._walk_joliet(child, f"{path.rstrip('/')}/{ident}", (record.extent_location(), -1), files,
                                   dirs, seen)
                 previous = None
             else:
