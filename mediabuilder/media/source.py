@@ -59,6 +59,8 @@ FAT_MASK = 0x0FFFFFFF
 FAT_BAD = 0x0FFFFFF7  # this and above: a bad cluster or the end of a chain
 JOLIET_MAX = 64  # characters of a Joliet name
 _NOT_JOLIET = re.compile(r"[*/:;?\\]")
+_ISO_FILE = re.compile(r"[A-Z0-9_]*(\.[A-Z0-9_]*)?;[0-9]+")  # ECMA-119 levels 2 and 3, what writers write
+_ISO_DIR = re.compile(r"[A-Z0-9_]+")
 Extents = tuple[tuple[int, int], ...]  # (byte offset in the image, length) of a file's data
 
 
@@ -413,6 +415,9 @@ class IsoSource(_ImageSource):
         if self._iso.has_rock_ridge() and (record.rock_ridge is None or not record.rock_ridge.name()):
             raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: a record without its Rock Ridge name "
                                f"(readers differ: {ident!r} or another name)")
+        if not (_ISO_FILE.fullmatch(ident) or _ISO_DIR.fullmatch(ident)):  # a relocated directory's is a file
+            raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is not "
+                               "d-characters (readers without Rock Ridge would show another name)")
         if ident in idents:
             raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is in "
                                "the directory twice (readers without Rock Ridge see one file)")
@@ -653,6 +658,8 @@ class FatSource(_ImageSource):
             elif attr & 0x3F == ATTR_LONG_NAME:
                 if entry[0] & LAST_LONG_ENTRY:
                     long_parts, long_check = {}, entry[13]
+                elif entry[13] != long_check:
+                    long_check = -1  # every part carries the checksum: readers (mtools) check each one
                 long_parts[entry[0] & 0x1F] = entry[1:11] + entry[14:26] + entry[28:32]
             elif attr & ATTR_VOLUME_ID:
                 long_parts = {}

@@ -113,9 +113,16 @@ class _Check:
             self.fault(narinfo, "missing: the signed manifest is not in the media cache (damaged media)")
             return None
         try:
-            info = NarInfo.parse(self.source.read_bytes(narinfo, MAX_SMALL).decode(), source=narinfo)
+            text = self.source.read_bytes(narinfo, MAX_SMALL).decode()
+            info = NarInfo.parse(text, source=narinfo)
         except (OSError, MediabuilderError, UnicodeDecodeError) as e:
             self.fault(narinfo, f"unreadable: {e}")
+            return None
+        if text != info.render():
+            # The one narinfo no signed sum covers: its unsigned lines must be as mediabuilder
+            # wrote them (an unknown or misspelt key, or a missing References, is not).
+            self.fault(narinfo, "not a narinfo as mediabuilder writes it (an unknown, missing or reordered line: "
+                                "damaged or forged media)")
             return None
         if str(info.store_path) != line:
             self.fault(narinfo, f"describes {info.store_path}, not the manifest path")
