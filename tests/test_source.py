@@ -82,3 +82,22 @@ def test_fat32_boot_sector_signature() -> None:
     sector[82:90] = b"FAT32   "
     sector[510:512] = b"\x55\xaa"
     assert is_fat32_boot_sector(bytes(sector))
+
+
+@pytest.mark.parametrize(("name", "ident", "is_dir", "fits"), [
+    ("registry.json", "REGISTRY.JSON;1", False, True),
+    ("registry.json", "REGISTRX.JSON;1", False, False),  # a flipped byte: another valid name
+    ("registry.json", "REGISTRY.JSOM;1", False, False),
+    ("x.nar.zst", "X_NAR.ZST;1", False, True),
+    ("README", "README.;1", False, True),
+    ("manifest.json", "MANIFEST_1.JSON;1", False, True),  # pycdlib's and ours: a number keeps names apart
+    ("124alsjvi5bdk.narinfo", "124ALSJVI5BDK.NARINFO;1", False, True),
+    ("124alsjvi5bdk.narinfo", "124ALSJVJ5BDK.NARINFO;1", False, False),
+    ("3hg0ixf6kcw5ds7hg6qwmpkd1a5h0c0s-linux-6.12.30", "3HG0IXF6KCW5DS7HG6QWMPKD1A5H.30", True, True),  # xorriso
+    ("flake", "FLAKE", True, True),
+    ("flake", "FLAKF", True, False),
+])
+def test_plain_names_must_spell_their_rock_ridge_names(name: str, ident: str, is_dir: bool, fits: bool) -> None:
+    from mediabuilder.media.source import _plain_name_fits
+
+    assert _plain_name_fits(name, ident, is_dir) is fits

@@ -60,7 +60,9 @@ FAT_BAD = 0x0FFFFFF7  # this and above: a bad cluster or the end of a chain
 JOLIET_MAX = 64  # characters of a Joliet name
 _NOT_JOLIET = re.compile(r"[*/:;?\\]")
 _ISO_FILE = re.compile(r"[A-Z0-9_]*(\.[A-Z0-9_]*)?;[0-9]+")  # ECMA-119 levels 2 and 3, what writers write
-_ISO_DIR = re.compile(r"[A-Z0-9_]+")
+# a directory's name is d-characters; xorriso's -full-iso9660-filenames (NixOS's installer ISOs)
+# keeps one dot in it: /BOOT/3HG0…KD1A5H.30 for boot/3hg0…-linux-6.12.30
+_ISO_DIR = re.compile(r"[A-Z0-9_]+(\.[A-Z0-9_]*)?")
 Extents = tuple[tuple[int, int], ...]  # (byte offset in the image, length) of a file's data
 
 
@@ -76,6 +78,28 @@ def check_relpath(relpath: str, where: str) -> list[str]:
     if relpath.startswith("/"):
         raise InvalidMedia(f"{where}: {relpath!r} is not relative to the medium")
     return [check_name(part, where) for part in relpath.split("/")]
+
+
+def _plain_name_fits(name: str, ident: str, is_dir: bool) -> bool:
+    """Whether the ISO 9660 name `ident` spells the Rock Ridge `name` as writers make such names:
+    upper case, other characters as `_`, cut short (the extension kept, for directories too with
+    xorriso), and maybe a number at the end that keeps two names apart (pycdlib's and
+    mediabuilder's `_N`, xorriso's trailing digits). A name changed into another valid one (a
+    flipped byte) does not fit."""
+    def spelt(text: str) -> str:
+        return re.sub(r"[^A-Z0-9_]", "_", text.upper())
+
+    def fits(stem: str, want: str) -> bool:
+        return want.startswith(stem) or want.startswith(re.sub(r"_?[0-9]+$", "", stem))
+
+    plain = ident.split(";")[0]
+    if fits(plain.replace(".", "_") if is_dir else plain.rstrip("."), spelt(name)):
+        return True
+    stem, dot, ext = plain.rpartition(".")
+    want_stem, want_dot, want_ext = name.rpartition(".")
+    if not dot or not want_dot or not want_stem:
+        return False
+    return spelt(want_ext).startswith(ext) and fits(stem, spelt(want_stem))
 
 
 class MediaSource(ABC):
@@ -274,12 +298,15 @@ class IsoSource(_ImageSource):
             joliet_only = not self._iso.has_rock_ridge() and self._iso.has_joliet()
             self._key = "joliet_path" if joliet_only else "iso_path"
             self._seen: set[int] = set()  # directory extents indexed: a directory met twice is a loop
+            self._misspelt: list[str] = []  # ISO 9660 names that do not spell their Rock Ridge names
             root = self._iso.get_record(**{self._key: "/"})
             self._check_both_endian("/", root)
             self._index("", "/", (root.extent_location(), root.extent_location()))
             self._check_overlaps()
             if self._key == "iso_path" and self._iso.has_rock_ridge() and self._iso.has_joliet():
                 self._check_joliet()
+            if self._misspelt:  # last: a duplicate or a Joliet mismatch says more about the same damage
+                raise InvalidMedia(self._misspelt[0])
         except InvalidMedia:
             self.close()
             raise
@@ -307,7 +334,12 @@ class IsoSource(_ImageSource):
         another tree or none."""
         for block in range(16, min(blocks, 16 + 64)):
             vd = os.pread(self._image.fileno(), ISO_BLOCK, block * ISO_BLOCK)
-            if len(vd) < ISO_BLOCK or vd[1:6] != b"CD001" or vd[0] == 255:
+            if len(vd) < ISO_BLOCK or vd[1:6] != b"CD001":
+                return
+            if vd[0] == 255:
+                if vd[6] != 1 or any(vd[7:]):
+                    raise InvalidMedia(f"{self.path}: damaged ISO 9660 image: the volume descriptor set terminator "
+                                       f"(block {block}) is invalid (readers differ on such an image)")
                 return
             if vd[0] not in (1, 2):
                 continue
@@ -418,6 +450,10 @@ class IsoSource(_ImageSource):
         if not (_ISO_FILE.fullmatch(ident) or _ISO_DIR.fullmatch(ident)):  # a relocated directory's is a file
             raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is not "
                                "d-characters (readers without Rock Ridge would show another name)")
+        if self._iso.has_rock_ridge() and not _plain_name_fits(name, ident, record.is_dir()):
+            self._misspelt.append(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is not "
+                                  "a spelling of its Rock Ridge name (readers without Rock Ridge would show another "
+                                  "name)")
         if ident in idents:
             raise InvalidMedia(f"{self.path}: {where}: damaged ISO 9660 image: its ISO 9660 name {ident!r} is in "
                                "the directory twice (readers without Rock Ridge see one file)")
