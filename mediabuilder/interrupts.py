@@ -22,6 +22,7 @@ class Interrupted(KeyboardInterrupt):
 
 _depth = 0
 _pending: int | None = None
+_raised: int | None = None
 
 
 def _handler(signum: int, _frame: object) -> None:
@@ -31,11 +32,24 @@ def _handler(signum: int, _frame: object) -> None:
     if _depth:
         _pending = signum
         return
+    global _raised
+    _raised = signum
     raise Interrupted(signum)
+
+
+def check() -> None:
+    """Raise the interrupt again if one was raised and lost. Python drops an exception raised in
+    a weakref callback or a `__del__` (seen: the import system's module-lock callback, a ^C while
+    the image was written), and once a signal has come the others are ignored: a lost one would
+    let the build run on to its end. Called where long work loops (per file or NAR written)."""
+    if _raised is not None and _depth == 0:
+        raise Interrupted(_raised)
 
 
 def install() -> None:
     """Route the three signals to `_handler` (a SIGHUP that nohup ignores stays ignored)."""
+    global _pending, _raised
+    _pending = _raised = None
     for signum in SIGNALS:
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, _handler)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,37 @@ def test_a_signal_during_cleanup_waits_for_its_end() -> None:
             steps.append("cleanup finished")
         assert info.value.signum == signal.SIGTERM
         assert steps == ["cleanup finished"]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_an_interrupt_python_lost_is_raised_again_where_work_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal whose handler runs inside a weakref callback (as in the import system's module
+    locks) raises into nothing: Python prints "Exception ignored" and goes on. The next
+    `interrupts.check()` in a work loop raises it again; a later build starts clean."""
+    previous = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    interrupts.install()
+    try:
+        class Thing:
+            pass
+
+        def callback(_ref: object) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, inside the callback
+
+        lost: list[type[BaseException] | None] = []
+        monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(u.exc_type))  # "Exception ignored"
+        thing = Thing()
+        ref = weakref.ref(thing, callback)
+        del thing
+        assert ref() is None
+        assert lost == [interrupts.Interrupted]  # lost, as in the build that did not stop
+        with pytest.raises(interrupts.Interrupted) as info:
+            interrupts.check()
+        assert info.value.signum == signal.SIGINT
+        interrupts.install()
+        interrupts.check()  # nothing pending any more
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

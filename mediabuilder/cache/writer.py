@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
-from mediabuilder import ui, workers
+from mediabuilder import interrupts, ui, workers
 from mediabuilder.cache.compression import EXTENSIONS, Compressor
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia, MediabuilderError
@@ -236,6 +236,7 @@ def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compre
         submit_next()
     while pending:
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        interrupts.check()
         for future in done:
             info = pending.pop(future)
             exported = future.result()

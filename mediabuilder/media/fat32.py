@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mediabuilder import ui
+from mediabuilder import interrupts, ui
 from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs, reproducible
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
@@ -440,6 +440,7 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
     copier = _Copier(fd)
     with ui.progress(listing.content.file_bytes, "Writing FAT32 image") as bar:
         for node in listing.files:
+            interrupts.check()
             if node.size:
                 copier.copy(node.path, node.offset, node.size, at(node.cluster), bar.update)
 

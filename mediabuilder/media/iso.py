@@ -25,7 +25,7 @@ from typing import BinaryIO, cast
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
-from mediabuilder import ui
+from mediabuilder import interrupts, ui
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media import reproducible
 from mediabuilder.media.label import validate_label
@@ -215,6 +215,7 @@ def _write(tree: Path, output: Path, label: str, into: Path | None, slices: Mapp
             # pycdlib reports progress per file; the bar follows the image's bytes as they are
             # written (the file position, read 4 times a second), its callback gives the total.
             def total(_done: int, size: int, _opaque: object) -> None:
+                interrupts.check()  # once per file
                 bar.total = size
 
             with ui.ticking(bar, lambda: os.lseek(out.fileno(), 0, os.SEEK_CUR)):
