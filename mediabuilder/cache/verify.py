@@ -87,17 +87,7 @@ def check_signature(info: NarInfo, trusted: list[PublicKey]) -> str | None:
     if signed_by(info, trusted):
         return None
     if info.ca:
-        try:
-            refs = tuple(type(info.store_path).parse(r) for r in info.references)
-            expected = contentaddress.expected_path(info.store_path.name, info.ca, refs, info.store_path)
-            nar_hash = contentaddress.nar_hash_of_ca(info.ca)
-        except MediabuilderError as e:
-            return f"bad content address: {e}"
-        if expected != info.store_path:
-            return f"content address {info.ca} does not give this store path"
-        if nar_hash is not None and nar_hash.nix32() != info.nar_hash:
-            return "NarHash differs from the content address"
-        return None
+        return _ca_mismatch(info, info.ca)
     if not info.sigs:
         return "not signed"
     names = ", ".join(sorted({s.split(":", 1)[0] for s in info.sigs}))
@@ -112,16 +102,25 @@ def ca_problem(info: NarInfo) -> str | None:
     checked against it too (`_check_nar`)."""
     if info.ca is None:
         return None
+    problem = _ca_mismatch(info, info.ca)
+    if problem is None or problem.startswith("bad content address"):
+        return problem
+    return f"{problem} (an unsigned CA line, forged)"
+
+
+def _ca_mismatch(info: NarInfo, ca: str) -> str | None:
+    """Why `ca` does not give `info`'s store path (or, for `fixed:r:sha256`, its NarHash); None
+    when it does."""
     try:
         refs = tuple(type(info.store_path).parse(r) for r in info.references)
-        expected = contentaddress.expected_path(info.store_path.name, info.ca, refs, info.store_path)
-        nar_hash = contentaddress.nar_hash_of_ca(info.ca)
+        expected = contentaddress.expected_path(info.store_path.name, ca, refs, info.store_path)
+        nar_hash = contentaddress.nar_hash_of_ca(ca)
     except MediabuilderError as e:
         return f"bad content address: {e}"
     if expected != info.store_path:
-        return f"content address {info.ca} does not give this store path (an unsigned CA line, forged)"
+        return f"content address {ca} does not give this store path"
     if nar_hash is not None and nar_hash.nix32() != info.nar_hash:
-        return "NarHash differs from the content address (an unsigned CA line, forged)"
+        return "NarHash differs from the content address"
     return None
 
 
