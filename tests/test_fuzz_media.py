@@ -29,7 +29,9 @@ import pytest
 from conftest import Example, run_cli
 
 from mediabuilder import cli
-from mediabuilder.media.source import FatSource, IsoSource, MediaSource, open_source
+from mediabuilder.media.fat_source import FatSource
+from mediabuilder.media.iso_source import IsoSource
+from mediabuilder.media.source import MediaSource, open_source
 
 pytestmark = pytest.mark.integration
 

@@ -98,6 +98,6 @@ def test_fat32_boot_sector_signature() -> None:
     ("flake", "FLAKF", True, False),
 ])
 def test_plain_names_must_spell_their_rock_ridge_names(name: str, ident: str, is_dir: bool, fits: bool) -> None:
-    from mediabuilder.media.source import _plain_name_fits
+    from mediabuilder.media.iso_source import _plain_name_fits
 
     assert _plain_name_fits(name, ident, is_dir) is fits

@@ -21,7 +21,7 @@ from mediabuilder import run as runner
 from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.installer import menus
 from mediabuilder.installer.medium import MEDIUM_DIR
-from mediabuilder.media.source import IsoSource
+from mediabuilder.media.iso_source import IsoSource
 
 MENU_LIMIT = 1024 * 1024
 EFI_IMAGE_LIMIT = 256 * 1024 * 1024
