@@ -17,7 +17,7 @@ from test_partition import LINUX, Loops, in_root, partitions, probe, run_medium
 from mediabuilder.errors import InvalidInput
 from mediabuilder.installer import layout, menus
 from mediabuilder.installer.remaster import kernel_params, unattended_params
-from mediabuilder.profile import InstallSettings, Layout
+from mediabuilder.profile import InstallSettings, Layout, load_profile
 
 UNATTENDED = ("mediabuilder.host=alpha mediabuilder.medium=mediabuilder mediabuilder.unattended=1 "
               "systemd.run=/iso/mediabuilder/unattended.sh systemd.run_success_action=poweroff "
@@ -113,6 +113,11 @@ def test_settings_refused(settings: InstallSettings, message: str) -> None:
     with pytest.raises(InvalidInput) as info:
         layout.check_settings(settings, list(EXAMPLE_HOSTS), installer=False, boot_default="")
     assert str(info.value).startswith(message)
+
+
+def test_profile_install_section(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text('[install]\nunattended = "alpha"\ndisk = "auto"\nlayout = "bios"\n')
+    assert load_profile(tmp_path / "p.toml").install == InstallSettings("alpha", "auto", Layout.BIOS)
 
 
 def test_boot_default_and_unattended_refused() -> None:
