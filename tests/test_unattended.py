@@ -144,12 +144,20 @@ def test_cli_refuses_before_any_work(tmp_path: Path, args: tuple[str, ...], mess
 # A flake of the test's own: hosts with fileSystems and with disko-style scripts
 
 
-def add_host(flake: Path, name: str, module: str) -> None:
+def add_host(flake: Path, name: str, module: str, build: str = "") -> None:
+    """Host `name` of `module` in the flake, committed. `build` (a file taking the host's pkgs):
+    a script added to its config.system.build as `destroyFormatMount`, as disko adds its own (the
+    example's small module system builds config.system.build itself, so the flake adds it)."""
     (flake / "hosts" / f"{name}.nix").write_text(module)
+    host = f'mkHost "{name}" ./hosts/{name}.nix'
+    if build:
+        (flake / "hosts" / f"{name}-disko.nix").write_text(build)
+        script = f"destroyFormatMount = import ./hosts/{name}-disko.nix s.pkgs;"
+        host = (f"let s = {host}; in s // {{ config = s.config // {{ system = s.config.system // {{ build = "
+                f"s.config.system.build // {{ {script} }}; }}; }}; }}")
     text = (flake / "flake.nix").read_text()
     anchor = '        beta = mkHost "beta" ./hosts/beta.nix;\n'
-    line = f'        {name} = mkHost "{name}" ./hosts/{name}.nix;\n'
-    (flake / "flake.nix").write_text(text.replace(anchor, anchor + line))
+    (flake / "flake.nix").write_text(text.replace(anchor, f"{anchor}        {name} = {host};\n"))
     subprocess.run(["git", "-C", str(flake), "add", "-A"], check=True)
     subprocess.run(["git", "-C", str(flake), "commit", "-q", "-m", f"Add host {name}"], check=True)
 
@@ -170,22 +178,23 @@ def test_file_systems_mismatch_refused(tmp_path: Path) -> None:
 
 
 DISKO_HOST = """\
-# A host whose configuration has a disko-style script (config.system.build.destroyFormatMount):
-# it erases {disk}, makes one GPT partition with ext4 labelled disko-root and mounts it at /mnt.
-{{ pkgs, ... }}:
-{{
-  fileSystems."/" = {{ device = "/dev/disk/by-label/disko-root"; fsType = "ext4"; }};
-  system.build.destroyFormatMount = pkgs.writeScript "disko-destroy-format-mount" ''
-    #!/bin/sh
-    set -eu
-    wipefs --all --quiet {disk}
-    printf 'label: gpt\\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=disko-root\\n' | sfdisk --quiet {disk}
-    partx -u {disk}
-    mkfs.ext4 -q -F -L disko-root {disk}p1
-    mkdir -p /mnt
-    mount {disk}p1 /mnt
-  '';
-}}
+# A host with disko: its fileSystems as disko declares them (the script is in delta-disko.nix).
+{ fileSystems."/" = { device = "/dev/disk/by-label/disko-root"; fsType = "ext4"; }; }
+"""
+DISKO_SCRIPT = """\
+# A disko-style script (config.system.build.destroyFormatMount): it erases {disk}, makes one GPT
+# partition with ext4 labelled disko-root and mounts it at /mnt; its tools from PATH, as disko's
+# NoDeps scripts.
+pkgs: pkgs.writeScript "disko-destroy-format-mount" ''
+  #!/bin/sh
+  set -eu
+  wipefs --all --quiet {disk}
+  printf 'label: gpt\\ntype=0FC63DAF-8483-4772-8E79-3D69D8477DE4, name=disko-root\\n' | sfdisk --quiet {disk}
+  partx -u {disk}
+  mkfs.ext4 -q -F -L disko-root {disk}p1
+  mkdir -p /mnt
+  mount {disk}p1 /mnt
+''
 """
 
 
@@ -196,7 +205,7 @@ def test_disko_host_installs_with_its_own_script(tmp_path: Path) -> None:
         disk, image = loops.new("disk", 1024**3)
         prepare_example(tmp_path / "example")
         flake = tmp_path / "example" / "flake"
-        add_host(flake, "delta", DISKO_HOST.format(disk=disk))
+        add_host(flake, "delta", DISKO_HOST, DISKO_SCRIPT.format(disk=disk))
         proc = run_cli("build", f"--flake={flake}#delta", "--cache", tmp_path / "cache", "-o", tmp_path / "media",
                        "--unattended", "delta", "--install-disk", disk)
         assert proc.returncode == 0, proc.stderr
