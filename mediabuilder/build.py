@@ -355,9 +355,10 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             install_sh = tree / "install.sh"
             install_sh.write_bytes(resources.files("mediabuilder.media").joinpath("install.sh").read_bytes())
             install_sh.chmod(0o755)
-            unattended_sh = tree / "unattended.sh"
-            unattended_sh.write_bytes(resources.files("mediabuilder.media").joinpath("unattended.sh").read_bytes())
-            unattended_sh.chmod(0o755)
+            if req.install.unattended:  # what the unattended boot entry runs (docs/installer.md)
+                unattended_sh = tree / "unattended.sh"
+                unattended_sh.write_bytes(resources.files("mediabuilder.media").joinpath("unattended.sh").read_bytes())
+                unattended_sh.chmod(0o755)
             (tree / "README.txt").write_text(README)
             step.detail = f"{len(known)} NAR files"
         with ui.step("Signing the manifest") as step:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -336,3 +337,43 @@ def test_interrupted_install_not_presented_as_installed(media: Media, loops: Loo
                          "nixos-unfinished (not installed)", "mounts left: 0"]
     assert probe(image, 4096)["LABEL"] == "nixos-unfinished"
     assert not any(line.startswith("mediabuilder: installed") for line in seen + rest)
+
+
+def on_a_terminal(medium: Path, disks: list[str], answers: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """install.sh ARGS with a real terminal (script(1) gives it a pty as /dev/tty), `answers` typed;
+    no network, only `disks` are candidates."""
+    install = shlex.join(["bash", str(medium / "install.sh"), "--media", str(medium), *args])
+    env = make_nix_env({"MEDIABUILDER_DISKS": " ".join(disks), "INSTALL_SH_CMDLINE": "/dev/null"})
+    env.pop("NIX_CONFIG")
+    return subprocess.run(["unshare", "--net", "--mount", "--propagation", "private", "setsid", "script", "-qec",
+                           install, "/dev/null"], input=answers, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+def test_interactive_disk_needs_its_name_typed(media: Media, loops: Loops) -> None:
+    disk, image = loops.new("disk", GiB)
+    key = (media.unattended / "media-key.pub").read_text().strip()
+    args = ("--host", "alpha", "--disk", disk, "--layout", "bios", "--expect-key", key)
+    before = sha256(image)
+    proc = on_a_terminal(media.unattended, [disk], "yes\n", *args)
+    out = (proc.stdout + proc.stderr).replace("\r", "")
+    assert proc.returncode == 2, out
+    assert "EVERYTHING ON THIS DISK WILL BE ERASED:\n" \
+           f"    {disk}: unknown model, 1024 MiB (1073741824 bytes), serial none\n" in out
+    assert f"install.sh: error: {disk}: not confirmed ('yes' is not {disk}); nothing was written" in out
+    assert sha256(image) == before
+    proc = on_a_terminal(media.unattended, [disk], f"{disk}\n", *args)
+    out = (proc.stdout + proc.stderr).replace("\r", "")
+    assert proc.returncode == 0, out
+    assert out.splitlines()[-1] == f"mediabuilder: installed alpha onto {disk}"
+    assert probe(image, 4096)["LABEL"] == "nixos"
+
+
+def test_auto_with_yes_refused(media: Media, loops: Loops) -> None:
+    disk, image = loops.new("disk", GiB)
+    before = sha256(image)
+    proc = run_medium(media.unattended, [disk], "install.sh", "--host", "alpha", "--disk", "auto", "--yes")
+    assert proc.returncode == 2
+    assert error_line(proc) == (f"install.sh: error: --disk auto: not with --yes: name the disk (--disk {disk}) "
+                                "or confirm it on the terminal")
+    assert sha256(image) == before

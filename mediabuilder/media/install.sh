@@ -115,13 +115,13 @@ die() {
 
 cleanup() {
     local i
-    abandon_disk
     for ((i = ${#CHROOT_MOUNTS[@]} - 1; i >= 0; i--)); do
         umount -R "${CHROOT_MOUNTS[i]}" 2>/dev/null || umount -lR "${CHROOT_MOUNTS[i]}" 2>/dev/null || true
     done
     if [[ -n $TARGET_CACHE && -d $TARGET_CACHE ]]; then
         rm -rf -- "$TARGET_CACHE"
     fi
+    abandon_disk # unmounts the target disk (install.sh --disk) last
     if [[ -n $SCRATCH && -d $SCRATCH ]]; then
         chmod -R u+w -- "$SCRATCH" 2>/dev/null || true
         rm -rf -- "$SCRATCH"
@@ -942,9 +942,11 @@ choose_layout() {
 # The kernel line's mediabuilder.host= (the menu entry that booted) must be the record's host.
 check_cmdline_host() {
     local cmdline=${INSTALL_SH_CMDLINE:-/proc/cmdline} word line=""
+    local -a words=()
     [[ -r $cmdline ]] || return 0
     IFS= read -r line <"$cmdline" || true
-    for word in $line; do
+    read -r -a words <<<"$line"
+    for word in "${words[@]}"; do
         if [[ $word == mediabuilder.host=* && ${word#*=} != "$1" ]]; then
             die "$cmdline" "the boot entry installs ${word#*=}, but this medium's unattended install is $1 (remastered menus edited?); nothing was written"
         fi
@@ -994,7 +996,9 @@ find_candidates() {
         name=${LSBLK_ROW[NAME]:-}
         [[ -n $name ]] || continue
         type[$name]=${LSBLK_ROW[TYPE]:-} rm[$name]=${LSBLK_ROW[RM]:-0} ro[$name]=${LSBLK_ROW[RO]:-0}
-        size[$name]=${LSBLK_ROW[SIZE]:-0} model[$name]=${LSBLK_ROW[MODEL]:-} serial[$name]=${LSBLK_ROW[SERIAL]:-}
+        size[$name]=${LSBLK_ROW[SIZE]:-0}
+        [[ ${size[$name]} =~ ^[0-9]+$ ]] || size[$name]=0 # used in arithmetic: digits only
+        model[$name]=${LSBLK_ROW[MODEL]:-} serial[$name]=${LSBLK_ROW[SERIAL]:-}
         path[$name]=${LSBLK_ROW[PATH]:-/dev/$name} parent[$name]=${LSBLK_ROW[PKNAME]:-}
         [[ -z ${LSBLK_ROW[MOUNTPOINT]:-} ]] || busy[$name]=${LSBLK_ROW[MOUNTPOINT]}
     done < <(list_devices)

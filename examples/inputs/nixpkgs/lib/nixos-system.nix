@@ -1,9 +1,7 @@
 # nixosSystem { system, modules, specialArgs } -> { config, pkgs }
 # A much reduced module system: each module is an attribute set, a function taking
 # { config, pkgs, lib, ... } + specialArgs, or a path to either. Results are merged by
-# lib.mergeAll; config.system.build.{toplevel,etc,systemPath,units} are added at the end, beside
-# what modules put there themselves (disko's scripts, for one). fileSystems, as in NixOS: mount
-# point -> { device, fsType, label }; only read by mediabuilder's layout check, not built.
+# lib.mergeAll; config.system.build.{toplevel,etc,systemPath,units} are added at the end.
 { lib, self }:
 { system ? "x86_64-linux", modules ? [ ], specialArgs ? { } }:
 let
@@ -18,12 +16,11 @@ let
     systemd.services = { };
     boot.kernelPackage = pkgs.linux;
     boot.kernelParams = [ ];
-    fileSystems = { };
     system.configurationRevision = "unknown";
     system.nixos.version = lib.version;
   };
   userConfig = lib.mergeAll ([ defaults ] ++ map load modules);
   build = import ./system-build.nix { inherit lib pkgs; config = userConfig; };
-  config = userConfig // { system = userConfig.system // { build = (userConfig.system.build or { }) // build; }; };
+  config = userConfig // { system = userConfig.system // { inherit build; }; };
 in
 { inherit config pkgs; }
