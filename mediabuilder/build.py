@@ -22,10 +22,11 @@ from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
+from mediabuilder.installer import layout as layouts
 from mediabuilder.media import delta, fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
 from mediabuilder.media.label import DEFAULT_LABEL, validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
-from mediabuilder.profile import CacheSettings, MediaFormat, MediaSettings, PartitionTable
+from mediabuilder.profile import CacheSettings, InstallSettings, MediaFormat, MediaSettings, PartitionTable
 from mediabuilder.store import nar, nix32
 from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
@@ -71,6 +72,7 @@ class BuildRequest:
     substituter_keys: tuple[str, ...] = ()
     # A delta medium: only what OLD (an older medium or its manifest) lacks.
     since: Path | None = None
+    install: InstallSettings = InstallSettings()
 
 
 @dataclass
@@ -231,6 +233,7 @@ class Source:
     pins: registry.Registry
     self_source: str | None
     tools: dict[str, StorePath]
+    layouts: dict[str, layouts.HostLayout]
 
 
 def build_media(req: BuildRequest) -> dict[str, str]:
@@ -239,6 +242,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     reproducible.source_date_epoch(None)  # a bad SOURCE_DATE_EPOCH is refused before any work
     if req.media.installer is not None:
         check_installer_hosts(req)
+    layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     have_nix = check_nix(req)
     runner.require("git")
     if req.cache.key is not None:
@@ -281,6 +285,9 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     source = resolve_source(req, have_nix)
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
     roots = {host: [toplevel, *extra] for host, toplevel in source.toplevels.items()}
+    for host, chosen in source.layouts.items():
+        if chosen.disko is not None:  # the host's disko script and the tools in its closure
+            roots[host].append(chosen.disko)
     fill_cache(req, cache, key, sorted({p for r in roots.values() for p in r}), have_nix)
     check_systems(req, cache)
     with ui.step("Reading closures") as step:
@@ -348,11 +355,16 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             install_sh = tree / "install.sh"
             install_sh.write_bytes(resources.files("mediabuilder.media").joinpath("install.sh").read_bytes())
             install_sh.chmod(0o755)
+            if req.install.unattended:  # what the unattended boot entry runs (docs/installer.md)
+                unattended_sh = tree / "unattended.sh"
+                unattended_sh.write_bytes(resources.files("mediabuilder.media").joinpath("unattended.sh").read_bytes())
+                unattended_sh.chmod(0o755)
             (tree / "README.txt").write_text(README)
             step.detail = f"{len(known)} NAR files"
         with ui.step("Signing the manifest") as step:
             epoch = reproducible.source_date_epoch(flakerepo.commit_time(source.repo))
-            manifest = make_manifest(source, shipped, closures, key, nixcli.version() if have_nix else "none", epoch)
+            manifest = make_manifest(req, source, shipped, closures, key, nixcli.version() if have_nix else "none",
+                                     epoch)
             manifest.base = base.to_json(relied) if base is not None else None
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req, target)
@@ -439,7 +451,29 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
         with ui.step("Adding install tools") as step:
             tools = build_tools(flake, req.tools)
             step.detail = ", ".join(tools) or "none"
-    return Source(toplevels, repo, local_dir, input_paths, pins, archive.get("path"), tools)
+    with ui.step("Choosing disk layouts") as step:
+        chosen = choose_layouts(req, flake, sorted(toplevels), have_nix)
+        step.detail = ", ".join(f"{h} {c.layout.value}" for h, c in chosen.items())
+    return Source(toplevels, repo, local_dir, input_paths, pins, archive.get("path"), tools, chosen)
+
+
+def choose_layouts(req: BuildRequest, flake: str, hosts: list[str], have_nix: bool) -> dict[str, layouts.HostLayout]:
+    """Each host's layout (--layout, else disko when it has disko, else uefi), checked against
+    its fileSystems; a disko host's script built, to go into the media cache with its closure."""
+    if req.install.unattended and req.install.unattended not in hosts:
+        raise InvalidInput(f"--unattended {req.install.unattended}: not one of the hosts ({', '.join(hosts)})",
+                           hint="name one of the hosts given with --flake PATH#HOST")
+    facts = layouts.evaluate(flake, hosts) if have_nix else {}
+    chosen = {h: layouts.choose(h, req.install.layout, facts.get(h)) for h in hosts}
+    layouts.build_disko([facts[h].disko[attr]["drv"] for h, (_, attr) in chosen.items() if attr])
+    found = {}
+    for host, (layout, attr) in chosen.items():
+        if attr:
+            script = StorePath.parse(facts[host].disko[attr]["out"])
+            found[host] = layouts.HostLayout(layout, script, layouts.disko_program(script))
+        else:
+            found[host] = layouts.HostLayout(layout)
+    return found
 
 
 def check_system_names(flake: str, names: list[str]) -> None:
@@ -528,7 +562,7 @@ def cache_closure(cache: BinaryCache, roots: list[StorePath]) -> list[NarInfo]:
     return [seen[p] for p in sorted(seen)]
 
 
-def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[str, list[NarInfo]],
+def make_manifest(req: BuildRequest, source: Source, shipped: flakerepo.FlakeRepo, closures: dict[str, list[NarInfo]],
                   key: SecretKey, nix_version: str, epoch: int) -> Manifest:
     public = key.public()
     return Manifest(
@@ -556,6 +590,7 @@ def make_manifest(source: Source, shipped: flakerepo.FlakeRepo, closures: dict[s
             "inputs": {p.id: {"path": p.path, "narHash": p.nar_hash} for p in source.pins.pins},
         },
         tools={name: str(path) for name, path in source.tools.items()},
+        install=layouts.InstallRecord(req.install.unattended, req.install.disk, source.layouts),
     )
 
 
@@ -637,11 +672,16 @@ def check_installer(media: MediaSettings) -> None:
     Installer.inspect(media.installer)
 
 
+def request_hosts(req: BuildRequest) -> list[str]:
+    """The hosts named on the command line (a bare --flake PATH names none: all of its hosts)."""
+    return [name for name, _ in req.systems] or [h for h in (nixcli.parse_flake_ref(r)[1] for r in req.refs) if h]
+
+
 def check_installer_hosts(req: BuildRequest) -> None:
     """Every host can name a boot menu entry, and --boot-default is one of them (before any work)."""
     from mediabuilder.installer.menus import check_host
 
-    hosts = [name for name, _ in req.systems] or [h for h in (nixcli.parse_flake_ref(r)[1] for r in req.refs) if h]
+    hosts = request_hosts(req)
     for host in hosts:
         check_host(host)
     if req.media.boot_default and req.media.boot_default not in hosts:
@@ -666,7 +706,7 @@ def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int,
 
             with output.temporary(tree.parent, directory=True) as scratch:
                 remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None,
-                         epoch=epoch)
+                         epoch=epoch, unattended=req.install.unattended or None)
         elif req.media.format is MediaFormat.ISO:
             iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch, slices=slices)
         else:

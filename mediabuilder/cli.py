@@ -25,6 +25,7 @@ from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, Media
 from mediabuilder.profile import (
     CacheSettings,
     Compression,
+    Layout,
     MediaFormat,
     PartitionTable,
     Profile,
@@ -307,6 +308,12 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
     if args.size and media.format is not MediaFormat.FAT32:  # (a profile's size may meet a --format)
         raise InvalidInput(f"--size {args.size}: only a fat32 image has a size to choose, not --format "
                            f"{media.format.value}", hint="pass --format fat32, or leave --size out")
+    install = override(
+        profile.install,
+        unattended=args.unattended,
+        disk=args.install_disk,
+        layout=Layout(args.layout) if args.layout else None,
+    )
     refs = tuple(args.flake or profile.flake.hosts)
     if not refs:
         raise InvalidInput("no host given", hint="pass --flake PATH#HOST or a profile with flake.hosts")
@@ -326,6 +333,7 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         substituters=substituters,
         substituter_keys=tuple(_key_text(k) for k in (args.trusted_key or profile.substituters.trusted_keys)),
         since=Path(os.path.abspath(args.since)) if args.since else None,
+        install=install,
     )
     started = time.monotonic()
     toplevels = build_media(request)
@@ -430,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot-default", metavar="HOST",
                    help="with --installer: make \"Install HOST offline\" the boot menus' default entry "
                         "(default: the installer's own)")
+    p.add_argument("--unattended", metavar="HOST",
+                   help="record an unattended install of HOST: `install.sh --unattended` then asks nothing, and with "
+                        "--installer the menus' default entry \"Install HOST offline (unattended)\" runs it after the "
+                        "menu's timeout and powers off (needs --install-disk) (default: none)")
+    p.add_argument("--install-disk", metavar="DEVICE|auto",
+                   help="with --unattended: the disk it installs onto, e.g. /dev/vda, or auto: the single internal "
+                        "disk that is not the boot medium (refused on the target when there are several)")
+    p.add_argument("--layout", choices=[x.value for x in Layout],
+                   help="how install.sh partitions the disk: uefi (GPT, ESP `boot` 512 MiB + ext4 `nixos`), bios "
+                        "(GPT, BIOS boot partition + ext4 `nixos`), disko (the host's own disko script) "
+                        "(default: disko when the host has disko, else uefi)")
     p.add_argument("--system", action="append", default=[], metavar="NAME=PATH",
                    help="a prebuilt system toplevel for host NAME, e.g. one CI built and pushed: no evaluation, "
                         "no local Nix needed (repeatable; --flake PATH then only gives the repository)")

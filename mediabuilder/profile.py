@@ -37,6 +37,14 @@ class PartitionTable(enum.Enum):
     GPT = "gpt"
 
 
+class Layout(enum.Enum):
+    """How install.sh partitions the target disk (docs/installer.md)."""
+
+    UEFI = "uefi"  # GPT: ESP 512 MiB vfat `boot` at /boot, ext4 `nixos` at /
+    BIOS = "bios"  # GPT: 1 MiB BIOS boot partition for GRUB, ext4 `nixos` at /
+    DISKO = "disko"  # the host's own disko script, from the media cache
+
+
 @dataclass(frozen=True)
 class FlakeSettings:
     # Flake references with a host, e.g. ".#alpha" or "/src/machines#beta".
@@ -81,6 +89,16 @@ class MediaSettings:
 
 
 @dataclass(frozen=True)
+class InstallSettings:
+    # The host the menus' default entry installs with no questions ("": no unattended install).
+    unattended: str = ""
+    # The target disk of an unattended install: a device path (/dev/vda) or "auto".
+    disk: str = ""
+    # None: "disko" when the host has disko scripts, else "uefi".
+    layout: Layout | None = None
+
+
+@dataclass(frozen=True)
 class SubstituterSettings:
     urls: tuple[str, ...] = ()
     trusted_keys: tuple[str, ...] = ()
@@ -93,6 +111,7 @@ class Profile:
     cache: CacheSettings = field(default_factory=CacheSettings)
     media: MediaSettings = field(default_factory=MediaSettings)
     substituters: SubstituterSettings = field(default_factory=SubstituterSettings)
+    install: InstallSettings = field(default_factory=InstallSettings)
 
 
 SECTIONS: dict[str, type] = {
@@ -100,6 +119,7 @@ SECTIONS: dict[str, type] = {
     "cache": CacheSettings,
     "media": MediaSettings,
     "substituters": SubstituterSettings,
+    "install": InstallSettings,
 }
 
 T = TypeVar("T")
@@ -158,8 +178,8 @@ def _convert(source: str, where: str, hint: Any, value: Any, base: Path) -> Any:
             except ValueError:
                 pass
         raise wrong("a size such as 4096, \"700M\" or \"4G\"")
-    for enum_type in (Compression, MediaFormat, PartitionTable):
-        if hint == enum_type.__name__:
+    for enum_type in (Compression, MediaFormat, PartitionTable, Layout):
+        if hint in (enum_type.__name__, f"{enum_type.__name__} | None"):
             allowed = ", ".join(m.value for m in enum_type)
             try:
                 return enum_type(value)
@@ -198,9 +218,6 @@ def load_profile(path: Path) -> Profile:
     base = path.resolve().parent
     sections: dict[str, Any] = {}
     for name, value in data.items():
-        if name == "install":
-            raise InvalidInput(f"{source}: [install]: not supported by this mediabuilder (it was ignored before)",
-                               hint="pass --root and --flake-dir to install.sh on the target instead")
         if name not in SECTIONS:
             allowed = ", ".join(SECTIONS)
             raise InvalidInput(f"{source}: [{name}]: unknown section (allowed: {allowed})")

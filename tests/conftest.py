@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Nor are the installer tests yet: their stand-in installer ISO is built from the host's Debian
 # packages (apt-get download of a kernel) and booted by the host's QEMU and OVMF, which the root
 # does not have (docs/environments.md).
-TRIXIE_ONLY_ON_HOST = ["test_cross_version.py", "test_installer.py"]
+TRIXIE_ONLY_ON_HOST = ["test_cross_version.py", "test_installer.py", "test_installer_boot.py"]
 collect_ignore = TRIXIE_ONLY_ON_HOST if os.environ.get("MEDIABUILDER_ENV") == "trixie" else []
 PREPARE = REPO / "examples" / "prepare.sh"
 EXAMPLE_HOSTS = ("alpha", "beta")

@@ -7,11 +7,22 @@ Laid out like the real one (FIELD-NOTES "The NixOS installer ISO"): the kernel a
 `/nix-store.squashfs`, `/version.txt`, volume label `nixos-minimal-25.05-x86_64`, and made with
 the xorriso flags nixpkgs uses.
 
-Its live system is a busybox initrd: it loads Debian's modules for CD, SATA, USB and virtio disks,
-finds the ISO by the label in `root=LABEL=`, mounts it at /iso and reports on the serial console
-(lines starting `STANDIN:`): the kernel command line, and when the command line names
-`mediabuilder.medium=DIR`, what it found under /iso/DIR. Then it powers off. It has no systemd
-and no Nix: it proves the boot path and the medium's place, not the install.
+Its live system is what the minimal ISO offers install.sh (the contract's item 4): a Debian 13
+root (mmdebstrap) with systemd as PID 1, Nix 2.26, bash, coreutils, util-linux, fdisk (sfdisk),
+dosfstools and e2fsprogs; no git, no Python, no network. It is squashed into
+`/nix-store.squashfs` (on the real ISO that file holds only the store; NixOS's stage 1 makes the
+root). The initrd (busybox) loads Debian's modules for CD, SATA, USB and virtio disks and for the
+file systems, finds the ISO by the label in `root=LABEL=`, mounts it at /iso, mounts the squashfs
+under a tmpfs overlay as the new root, moves /iso into it and switch_roots to systemd, which
+honours `systemd.run=` from the kernel line.
+
+It reports on the serial console in lines starting `STANDIN:`: the initrd the kernel command
+line and the device it mounted; without `systemd.run=`, a unit of the live system (in
+multi-user.target) what PID 1 and Nix are and what it found under `/iso/DIR` when the command line
+names `mediabuilder.medium=DIR`, and then powers off (the real ISO would show a login prompt).
+The stock kernel line carries `console=ttyS0,115200n8`, which the real ISO's default entry does
+not (it has a serial variant): so the console of the live system, where `systemd.run=` writes,
+is the serial line the tests read.
 """
 
 from __future__ import annotations
@@ -28,15 +39,23 @@ LABEL = "nixos-minimal-25.05-x86_64"
 KERNEL_DIR = "boot/3hg0ixf6kcw5ds7hg6qwmpkd1a5h0c0s-linux-6.12.30"
 INITRD_DIR = "boot/f8kyvdpy7q6ak9wbcqmw2dkdl5apc7dp-initrd-linux-6.12.30"
 TOPLEVEL = "/nix/store/9wq3a4r0cw4b0q2x6n1l3z8b5g8d6k2j-nixos-system-nixos-25.05.20250601.abcdef0"
-KERNEL_LINE = f"init={TOPLEVEL}/init root=LABEL={LABEL} boot.shell_on_fail loglevel=4"
+KERNEL_LINE = f"init={TOPLEVEL}/init root=LABEL={LABEL} boot.shell_on_fail console=ttyS0,115200n8 loglevel=4"
 SOURCE_DATE_EPOCH = "1748736000"
 GPT_GUID = "6e1d0b6c-1a36-4f8e-9b36-7d3f1c2a9e01"
 # Bump when the recipe below changes: part of the cache key.
-RECIPE = "3"
+RECIPE = "4"
 CACHE_ROOT = Path(os.environ.get("MEDIABUILDER_STANDIN_CACHE", "/var/cache/mediabuilder"))
 
+# Loaded by the initrd; the live root has no /lib/modules, so whatever it mounts later (ext4 and
+# vfat for the install, crc32c for ext4, code pages for vfat) is loaded here too.
 ROOT_MODULES = ("isofs", "sr_mod", "ata_piix", "ahci", "sd_mod", "virtio_blk", "virtio_pci", "virtio_scsi",
-                "xhci_pci", "ehci_pci", "uhci_hcd", "usb_storage", "uas")
+                "xhci_pci", "ehci_pci", "uhci_hcd", "usb_storage", "uas", "loop", "squashfs", "overlay",
+                "ext4", "crc32c_generic", "crc32c_intel", "vfat", "nls_cp437", "nls_ascii", "nls_iso8859_1",
+                "nls_utf8", "efivarfs")
+# The live system (the contract's item 4); `mount` and `fdisk` (sfdisk) are not in mmdebstrap's apt variant.
+LIVE_PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "nix-bin", "bash", "coreutils", "util-linux", "mount",
+                 "fdisk", "dosfstools", "e2fsprogs")
+LIVE_SUITE = "trixie"
 
 ISOLINUX_CFG = f"""\
 SERIAL 0 115200
@@ -149,7 +168,7 @@ mkdir -p /proc /sys /dev /iso /tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-say() { echo "STANDIN: $*" >/dev/ttyS0; echo "STANDIN: $*" >/dev/console; }
+say() { echo "STANDIN: $*" >/dev/ttyS0; }
 stop() { say "$*"; sync; poweroff -f; sleep 10; }
 say "cmdline: $(cat /proc/cmdline)"
 depmod
@@ -173,6 +192,26 @@ done
 [ -n "$found" ] || stop "no device with label $label"
 mount -t iso9660 -o ro "$found" /iso || stop "cannot mount $found"
 say "mounted $found (label $label) at /iso"
+mkdir -p /live/ro /live/rw /newroot
+mount -t squashfs -o ro,loop /iso/nix-store.squashfs /live/ro || stop "cannot mount /iso/nix-store.squashfs"
+mount -t tmpfs -o mode=0755 tmpfs /live/rw
+mkdir -p /live/rw/upper /live/rw/work
+mount -t overlay -o lowerdir=/live/ro,upperdir=/live/rw/upper,workdir=/live/rw/work overlay /newroot ||
+    stop "cannot mount the overlay"
+mkdir -p /newroot/iso
+mount --move /iso /newroot/iso
+for d in dev proc sys; do mount --move /$d /newroot/$d; done
+exec switch_root /newroot /lib/systemd/systemd
+"""
+
+# The live system's report (without systemd.run=): a oneshot unit in multi-user.target.
+REPORT = """\
+#!/bin/bash
+say() { echo "STANDIN: $*" >/dev/ttyS0; }
+param() { tr ' ' '\\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
+say "live system: PID 1 $(cat /proc/1/comm), $(systemctl --version | head -n 1 | cut -d ' ' -f 1-2), $(nix --version)"
+iso="$(findmnt -n -o SOURCE,FSTYPE /iso | tr -s ' ') ($(findmnt -n -o OPTIONS /iso | cut -d , -f 1))"
+say "/iso is $iso, / is $(findmnt -n -o FSTYPE /)"
 medium=$(param mediabuilder.medium)
 host=$(param mediabuilder.host)
 if [ -n "$medium" ]; then
@@ -184,7 +223,20 @@ if [ -n "$medium" ]; then
         say "no medium under $dir"
     fi
 fi
-stop "done"
+say "done"
+systemctl --no-block poweroff
+"""
+REPORT_UNIT = """\
+[Unit]
+Description=Stand-in installer: report on the serial console, then power off
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/standin-report
+
+[Install]
+WantedBy=multi-user.target
 """
 
 
@@ -210,12 +262,12 @@ def _module_deps(ko: Path) -> list[str]:
     return [d for d in found.group(1).decode().split(",") if d] if found else []
 
 
-def _modules(kernel_root: Path, version: str, dest: Path) -> None:
-    """Copy ROOT_MODULES and everything they depend on; the initrd runs depmod."""
+def _modules(kernel_root: Path, version: str, dest: Path, modules: tuple[str, ...] = ROOT_MODULES) -> None:
+    """Copy `modules` and everything they depend on; the initrd runs depmod."""
     tree = kernel_root / "lib" / "modules" / version
     by_name = {ko.name[:-3].replace("-", "_"): ko for ko in tree.rglob("*.ko")}
     wanted: set[str] = set()
-    todo = [m for m in ROOT_MODULES if m in by_name]
+    todo = [m for m in modules if m in by_name]
     while todo:
         name = todo.pop()
         if name in wanted:
@@ -231,16 +283,17 @@ def _modules(kernel_root: Path, version: str, dest: Path) -> None:
         if (tree / extra).exists():
             shutil.copy2(tree / extra, dest / "lib" / "modules" / version / extra)
     (dest / "etc").mkdir(exist_ok=True)
-    (dest / "etc" / "standin-modules").write_text(" ".join(m for m in ROOT_MODULES if m in by_name) + "\n")
+    (dest / "etc" / "standin-modules").write_text(" ".join(m for m in modules if m in by_name) + "\n")
 
 
-def _initrd(kernel_root: Path, version: str, work: Path, out: Path) -> None:
+def _initrd(kernel_root: Path, version: str, work: Path, out: Path, init: str = INIT,
+            modules: tuple[str, ...] = ROOT_MODULES) -> None:
     root = work / "initrd-root"
     (root / "bin").mkdir(parents=True)
     shutil.copy2("/usr/bin/busybox", root / "bin" / "busybox")
-    (root / "init").write_text(INIT)
+    (root / "init").write_text(init)
     (root / "init").chmod(0o755)
-    _modules(kernel_root, version, root)
+    _modules(kernel_root, version, root, modules)
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     with out.open("wb") as f:
         cpio = subprocess.Popen(["cpio", "-o", "-H", "newc", "--quiet", "-R", "0:0"], cwd=root,
@@ -290,12 +343,69 @@ def _tree(kernel_root: Path, version: str, work: Path) -> Path:
     _efi_dir(tree, work)
     (tree / "boot" / "grub").mkdir()
     (tree / "boot" / "grub" / "loopback.cfg").write_text("source /EFI/BOOT/grub.cfg\n")
-    squash = work / "squash"
-    (squash / "nix" / "store").mkdir(parents=True)
-    (squash / "nix" / "store" / ".stand-in").write_text("the stand-in has no store\n")
-    _run("mksquashfs", squash, tree / "nix-store.squashfs", "-quiet", "-all-root", "-no-progress")
+    shutil.copy2(live_squashfs(), tree / "nix-store.squashfs")
     (tree / "version.txt").write_text("25.05.20250601.abcdef0\n")
     return tree
+
+
+def _setup_live_root(root: Path) -> None:
+    """What the live system needs besides its packages: Nix's container settings, a fixed machine
+    id (no first-boot questions), the report unit; and less of what a live system never reads."""
+    for sub in ("usr/share/doc", "usr/share/man", "usr/share/locale", "usr/share/info"):
+        shutil.rmtree(root / sub, ignore_errors=True)
+    (root / "etc" / "nix").mkdir(exist_ok=True)
+    (root / "etc" / "nix" / "nix.conf").write_text(
+        "build-users-group =\nsandbox = false\nexperimental-features = nix-command flakes\n")
+    (root / "etc" / "hostname").write_text("nixos\n")
+    (root / "etc" / "machine-id").write_text("6e1d0b6c1a364f8e9b367d3f1c2a9e01\n")
+    (root / "etc" / "fstab").write_text("")
+    system = root / "etc" / "systemd" / "system"
+    for unit in ("systemd-firstboot.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+                 "e2scrub_reap.service", "dpkg-db-backup.timer", "fstrim.timer", "getty@tty1.service",
+                 "ldconfig.service", "systemd-journal-catalog-update.service"):
+        link = system / unit
+        link.unlink(missing_ok=True)
+        for wants in system.glob(f"*.wants/{unit}"):
+            wants.unlink()
+        link.symlink_to("/dev/null")
+    (root / "usr" / "local" / "sbin").mkdir(parents=True, exist_ok=True)
+    (root / "usr" / "local" / "sbin" / "standin-report").write_text(REPORT)
+    (root / "usr" / "local" / "sbin" / "standin-report").chmod(0o755)
+    (system / "standin-report.service").write_text(REPORT_UNIT)
+    (system / "multi-user.target.wants").mkdir(exist_ok=True)
+    (system / "multi-user.target.wants" / "standin-report.service").symlink_to("../standin-report.service")
+    (root / "iso").mkdir(exist_ok=True)
+    (root / "nix" / "var" / "nix").mkdir(parents=True, exist_ok=True)
+
+
+def live_cache_key() -> str:
+    text = "\n".join([RECIPE, LIVE_SUITE, *LIVE_PACKAGES, REPORT, REPORT_UNIT,
+                      Path(__file__).read_text().split("def _setup_live_root")[1].split("def live_cache_key")[0]])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def live_squashfs() -> Path:
+    """The live root (Debian 13 with systemd and Nix 2.26), squashed; built once (about a minute,
+    from deb.debian.org) and kept in CACHE_ROOT/standin-live-<hash>/live.squashfs."""
+    place = CACHE_ROOT / f"standin-live-{live_cache_key()}"
+    squash = place / "live.squashfs"
+    if squash.is_file():
+        return squash
+    work = CACHE_ROOT / f".standin-live-work-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        root = work / "root"
+        _run("mmdebstrap", "--quiet", "--variant=apt", f"--include={','.join(LIVE_PACKAGES)}", LIVE_SUITE, root,
+             "http://deb.debian.org/debian")
+        _setup_live_root(root)
+        built = work / "live.squashfs"
+        _run("mksquashfs", root, built, "-quiet", "-no-progress", "-comp", "zstd", "-noappend")
+        place.mkdir(exist_ok=True)
+        os.replace(built, squash)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return squash
 
 
 def xorriso_args(tree: Path, out: Path) -> list[str]:
@@ -314,7 +424,7 @@ def xorriso_args(tree: Path, out: Path) -> list[str]:
 
 
 def cache_key(package: str) -> str:
-    text = "\n".join([RECIPE, package, ISOLINUX_CFG, GRUB_CFG, INIT, Path(__file__).read_text()])
+    text = "\n".join([RECIPE, package, ISOLINUX_CFG, GRUB_CFG, INIT, live_cache_key(), Path(__file__).read_text()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -3,7 +3,8 @@
 The menus are edited by parsing (unit tests on the stand-in's menus and an older layout); the
 remastered stand-in ISO (tests/standin.py) is read back by xorriso, isoinfo, 7z and pycdlib,
 verified with `mediabuilder verify`, and booted under QEMU (BIOS as a CD, UEFI as a USB stick),
-where the stand-in's live system reports on the serial console what it found under /iso.
+where the stand-in's live system (systemd, Nix 2.26) reports on the serial console what it found
+under /iso. The unattended install itself boots in test_installer_boot.py.
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ def test_refused_flags(example: Example, remastered: Remastered, tmp_path: Path,
 def boot(iso: Path, firmware: str, tmp_path: Path) -> list[str]:
     """Boot `iso` until the stand-in powers off; its STANDIN: lines from the serial console."""
     log = tmp_path / f"serial-{firmware}.log"
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-display", "none", "-no-reboot",
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "1024", "-display", "none", "-no-reboot", "-nic", "none",
             "-serial", f"file:{log}"]
     if firmware == "bios":
         argv += ["-cdrom", str(iso)]
@@ -389,15 +390,17 @@ def boot(iso: Path, firmware: str, tmp_path: Path) -> list[str]:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     serial = log.read_bytes().decode(errors="replace")
     assert proc.returncode == 0, proc.stderr + serial[-3000:]
-    return [ln.strip() for ln in serial.splitlines() if ln.strip().startswith("STANDIN: ")]
+    # From where the marker starts: the serial getty's terminal resets may precede it on a line.
+    return [ln[ln.index("STANDIN: "):].strip() for ln in serial.splitlines() if "STANDIN: " in ln]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("firmware, device", [("bios", "/dev/sr0"), ("uefi", "/dev/sda")])
 def test_boots_into_the_install_entry(remastered: Remastered, tmp_path: Path, firmware: str, device: str) -> None:
     """BIOS (SeaBIOS) from the ISO as a CD, UEFI (OVMF) from it as a USB stick: the default entry
-    (--boot-default beta) boots the stock kernel with the install's parameters, and the live
-    system finds the medium under /iso/mediabuilder."""
+    (--boot-default beta) boots the stock kernel with the install's parameters; the initrd finds
+    the ISO by its label and switches to the live system, where systemd (PID 1) and Nix 2.26 run
+    and a unit finds the medium under /iso/mediabuilder."""
     manifest = subprocess.run(["isoinfo", "-R", "-x", "/mediabuilder/manifest.json", "-i", remastered.out],
                               capture_output=True, check=True).stdout
     lines = boot(remastered.out, firmware, tmp_path)
@@ -408,8 +411,10 @@ def test_boots_into_the_install_entry(remastered: Remastered, tmp_path: Path, fi
     assert cmdline[1 + len(stock):3 + len(stock)] == ["mediabuilder.host=beta", "mediabuilder.medium=mediabuilder"]
     assert lines[1:] == [
         f"STANDIN: mounted {device} (label nixos-minimal-25.05-x86_64) at /iso",
+        "STANDIN: live system: PID 1 systemd, systemd 257, nix (Nix) 2.26.3",
+        f"STANDIN: /iso is {device} iso9660 (ro), / is overlay",
         "STANDIN: medium at /iso/mediabuilder for host beta: README.txt cache flake install.sh manifest.json "
-        "manifest.storepath media-key.pub registry.json",
+        "manifest.storepath media-key.pub registry.json unattended.sh",
         f"STANDIN: manifest.json sha256 {hashlib.sha256(manifest).hexdigest()}",
         "STANDIN: done",
     ]

@@ -25,7 +25,7 @@ def test_mypy() -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = ["mediabuilder/media/install.sh", "examples/prepare.sh", "scripts/demo.sh", ".ci/run", "setup",
-               "scripts/trixie-root.sh", "scripts/in-trixie"]
+    scripts = ["mediabuilder/media/install.sh", "mediabuilder/media/unattended.sh", "examples/prepare.sh",
+               "scripts/demo.sh", ".ci/run", "setup", "scripts/trixie-root.sh", "scripts/in-trixie"]
     proc = _run("shellcheck", *scripts)
     assert proc.returncode == 0, proc.stdout + proc.stderr

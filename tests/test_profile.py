@@ -140,7 +140,7 @@ def test_override_keeps_none() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[caches]\ndir = 'x'\n", "[caches]: unknown section (allowed: flake, cache, media, substituters)"),
+        ("[caches]\ndir = 'x'\n", "[caches]: unknown section (allowed: flake, cache, media, substituters, install)"),
         ("[cache]\ndirectory = 'x'\n", "cache.directory: unknown key (allowed: compression, dir, jobs, key)"),
         ("[media]\nformt = 'iso'\n", "media.formt: unknown key"),
         ("[cache]\njobs = \"x\"\n", "cache.jobs: expected a non-negative integer, got 'x'"),
@@ -157,7 +157,9 @@ def test_override_keeps_none() -> None:
         ("[cache]\ncompression = \"gzip\"\n", "cache.compression: 'gzip' is not one of zstd, xz, none"),
         ("[media]\npartition_table = \"apm\"\n", "media.partition_table: 'apm' is not one of none, mbr, gpt"),
         ("[cache\n", "not valid TOML"),
-        ("[install]\nroot = '/mnt'\n", "[install]: not supported by this mediabuilder"),
+        ("[install]\nroot = '/mnt'\n", "install.root: unknown key (allowed: disk, layout, unattended)"),
+        ("[install]\nlayout = 'mbr'\n", "install.layout: 'mbr' is not one of uefi, bios, disko"),
+        ("[install]\nunattended = true\n", "install.unattended: expected a string, got True"),
     ],
 )
 def test_bad_profile(tmp_path: Path, text: str, message: str) -> None:

@@ -28,21 +28,44 @@ def check_host(host: str) -> str:
     return host
 
 
-def entry_id(host: str) -> str:
-    return f"install-{host}"
+def entry_id(host: str, unattended: bool = False) -> str:
+    return f"install-{host}" + ("-unattended" if unattended else "")
 
 
-def entry_title(host: str) -> str:
-    return f"Install {host} offline"
+def entry_title(host: str, unattended: bool = False) -> str:
+    return f"Install {host} offline" + (" (unattended)" if unattended else "")
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    title: str
+    params: str  # what is appended to the stock kernel line
 
 
 @dataclass(frozen=True)
 class Install:
-    """What the new entries carry: the hosts, the kernel parameters each adds, the default."""
+    """What the new entries carry: the hosts, the kernel parameters each adds, the default; with
+    `unattended`, one more entry for that host (kernel parameters `unattended_params`) that is
+    the default of every menu."""
 
     hosts: tuple[str, ...]
     params: dict[str, str]  # host → what is appended to the stock kernel line
     default: str | None = None
+    unattended: str | None = None
+    unattended_params: str = ""
+
+    def entries(self) -> list[Entry]:
+        found = [Entry(entry_id(h), entry_title(h), self.params[h]) for h in self.hosts]
+        if self.unattended is not None:
+            u = self.unattended
+            found.append(Entry(entry_id(u, True), entry_title(u, True), self.unattended_params))
+        return found
+
+    def default_id(self) -> str | None:
+        if self.unattended is not None:
+            return entry_id(self.unattended, True)
+        return None if self.default is None else entry_id(self.default)
 
 
 # SYSLINUX
@@ -86,26 +109,27 @@ def edit_isolinux(text: str, install: Install, where: str) -> str:
     stock = next((b for b in bootable if b.label == default), bootable[0])
     taken = {b.label.lower() for b in blocks}
     new: list[str] = []
-    for host in install.hosts:
-        if entry_id(host).lower() in taken:
-            raise InvalidMedia(f"{where}: already has an entry {entry_id(host)} (remastered before?)",
+    for entry in install.entries():
+        if entry.id.lower() in taken:
+            raise InvalidMedia(f"{where}: already has an entry {entry.id} (remastered before?)",
                                hint="give the stock NixOS installer ISO")
-        new += ["", f"# {entry_title(host)} (mediabuilder)"]
+        new += ["", f"# {entry.title} (mediabuilder)"]
         for line in lines[stock.start:stock.end]:
             key, value = _syslinux_key(line)
             if key == "label":
-                new.append(f"LABEL {entry_id(host)}")
+                new.append(f"LABEL {entry.id}")
             elif key == "menu" and value.lower().startswith("label"):
-                new.append(f"MENU LABEL {entry_title(host)}")
+                new.append(f"MENU LABEL {entry.title}")
             elif key == "menu" and value.lower() == "default":
                 continue
             elif key == "append":
-                new.append(f"{line.rstrip()} {install.params[host]}")
+                new.append(f"{line.rstrip()} {entry.params}")
             else:
                 new.append(line)
     out = lines[:stock.end] + new + lines[stock.end:]
-    if install.default is not None:
-        out = _syslinux_default(out, entry_id(install.default))
+    default = install.default_id()
+    if default is not None:
+        out = _syslinux_default(out, default)
     return "\n".join(out) + "\n"
 
 
@@ -221,19 +245,20 @@ def edit_grub(text: str, install: Install, where: str) -> str:
         raise InvalidMedia(f"{where}: no boot entry of a NixOS installer "
                            "(menuentry with linux ... init=... and initrd)")
     new = []
-    for host in install.hosts:
-        if re.search(rf"--id[ =]['\"]?{re.escape(entry_id(host))}\b", text):
-            raise InvalidMedia(f"{where}: already has an entry {entry_id(host)} (remastered before?)",
+    for entry in install.entries():
+        if re.search(rf"--id[ =]['\"]?{re.escape(entry.id)}(?![\w-])", text):
+            raise InvalidMedia(f"{where}: already has an entry {entry.id} (remastered before?)",
                                hint="give the stock NixOS installer ISO")
         head = text[stock.start:stock.open]
-        head = _TITLE.sub(f"menuentry '{entry_title(host)}'", head, count=1)
+        head = _TITLE.sub(f"menuentry '{entry.title}'", head, count=1)
         head = _UNIQUE_OPTION.sub("", head).rstrip()  # the stock entry's --id and --hotkey stay its own
-        head += f" --id {entry_id(host)} "
-        body = _append_to_linux(text[stock.open:stock.end], install.params[host])
-        new.append(f"\n\n# {entry_title(host)} (mediabuilder)\n{head}{body}")
+        head += f" --id {entry.id} "
+        body = _append_to_linux(text[stock.open:stock.end], entry.params)
+        new.append(f"\n\n# {entry.title} (mediabuilder)\n{head}{body}")
     out = text[:stock.end] + "".join(new) + text[stock.end:]
-    if install.default is not None:
-        out = out.rstrip("\n") + f"\n\n# mediabuilder: the default entry\nset default={entry_id(install.default)}\n"
+    default = install.default_id()
+    if default is not None:
+        out = out.rstrip("\n") + f"\n\n# mediabuilder: the default entry\nset default={default}\n"
     return out
 
 

@@ -34,6 +34,19 @@ def kernel_params(host: str) -> str:
     return f"mediabuilder.host={host} mediabuilder.medium={MEDIUM_DIR}"
 
 
+# The medium's script that the unattended entry runs as systemd's kernel-command-line.service.
+UNATTENDED_SCRIPT = "unattended.sh"
+
+
+def unattended_params(host: str) -> str:
+    """What the "Install HOST offline (unattended)" entry adds: systemd-run-generator runs the
+    medium's unattended.sh as a oneshot unit instead of the usual default target (no getty),
+    powers off when it succeeds and leaves the machine up (the script's shell on the console)
+    when it fails. No quotes: they would break the unit's ExecStart (docs/installer.md)."""
+    return (f"{kernel_params(host)} mediabuilder.unattended=1 systemd.run=/iso/{MEDIUM_DIR}/{UNATTENDED_SCRIPT} "
+            "systemd.run_success_action=poweroff systemd.run_failure_action=none")
+
+
 @dataclass(frozen=True)
 class BootReport:
     """What xorriso says about an ISO's boot structures, as `-report_el_torito as_mkisofs` and
@@ -164,16 +177,20 @@ def _read_fat_file(image: Path, fat_path: str, where: str) -> bytes:
 
 
 def remaster(installer: Path, medium: Path, output: Path, hosts: tuple[str, ...], scratch: Path,
-             default: str | None = None, epoch: int | None = None) -> Installer:
+             default: str | None = None, epoch: int | None = None, unattended: str | None = None) -> Installer:
     """Write `output`: the installer ISO with `medium` under /MEDIUM_DIR and its menus edited.
+    With `unattended`, that host's unattended entry is every menu's default.
     With `epoch`, every date xorriso writes (the volume's, its UUID, every file's) and the edited
     grub.cfg in efi.img are dated `epoch`, and the same inputs give the same bytes."""
     for host in hosts:
         menus.check_host(host)
     if default is not None and default not in hosts:
         raise InvalidInput(f"--boot-default {default}: not one of the hosts ({', '.join(hosts)})")
+    if unattended is not None and unattended not in hosts:
+        raise InvalidInput(f"--unattended {unattended}: not one of the hosts ({', '.join(hosts)})")
     found, data = Installer.inspect(installer)
-    install = menus.Install(hosts, {h: kernel_params(h) for h in hosts}, default)
+    install = menus.Install(hosts, {h: kernel_params(h) for h in hosts}, default, unattended,
+                            unattended_params(unattended) if unattended is not None else "")
     where = f"{installer}: "
     try:
         new_isolinux = menus.edit_isolinux(_text(data[found.isolinux_cfg], where + found.isolinux_cfg), install,

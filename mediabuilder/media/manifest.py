@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mediabuilder.errors import InvalidMedia
 from mediabuilder.store import nar
@@ -20,6 +20,9 @@ VERSION = 1
 MANIFEST_NAME = "mediabuilder-manifest"
 # Files install.sh trusts by other means than sha256sums (see docs/media-layout.md).
 SELF_CHECKED = ("manifest.json", "manifest.storepath", "media-key.pub")
+if TYPE_CHECKING:
+    from mediabuilder.installer.layout import InstallRecord
+
 _STOREPATH_RE = re.compile(r"^/nix/store/[0-9a-df-np-sv-z]{32}-mediabuilder-manifest$")
 
 
@@ -56,6 +59,8 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     # A delta medium (--since): its base's identity and the paths it relies on (not shipped).
     base: dict[str, Any] | None = None
+    # Each host's disk layout, and the unattended install's host and disk (install.sh --unattended).
+    install: InstallRecord | None = None
 
     @property
     def relied(self) -> list[str]:
@@ -81,6 +86,8 @@ class Manifest:
         }
         if self.base is not None:
             data["base"] = self.base
+        if self.install is not None:
+            data["install"] = self.install.to_json()
         return data
 
     def render(self) -> str:
@@ -127,6 +134,8 @@ class Manifest:
         }
         if self.base is not None:
             contents["base"] = self.base_table()
+        if self.install is not None:
+            contents["install"] = self.install.table()
         for name, text in contents.items():
             (directory / name).write_text(text, encoding="utf-8")
             os.chmod(directory / name, 0o444)
