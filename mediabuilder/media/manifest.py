@@ -56,6 +56,8 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     # A delta medium (--since): its base's identity and the paths it relies on (not shipped).
     base: dict[str, Any] | None = None
+    # What the hosts' store paths hold for offline rebuilds: none, config or full (docs/rebuild.md).
+    rebuild: str = "none"
 
     @property
     def relied(self) -> list[str]:
@@ -76,6 +78,7 @@ class Manifest:
             },
             "flake": self.flake,
             "tools": self.tools,
+            "rebuild": self.rebuild,
             "store_paths": all_paths,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
         }

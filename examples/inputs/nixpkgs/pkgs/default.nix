@@ -78,7 +78,7 @@ let
     '';
     gcc = runCommand "gcc-wrapper-13.2.0" { inherit binutils; } ''
       mkdir -p $out/bin
-      printf '#!%s/bin/sh\necho "gcc 13.2.0 (assembled with %s)"\n' ${bootstrapTools} "$(basename $binutils)" > $out/bin/gcc
+      printf '#!%s/bin/sh\necho "gcc 13.2.0 (assembled with %s)"\n' ${bootstrapTools} "$(basename $binutils | cut -c34-)" > $out/bin/gcc
       chmod +x $out/bin/gcc
     '';
 
