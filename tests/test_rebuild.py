@@ -98,13 +98,30 @@ def rebuild_on_target(root: Path, message: str) -> subprocess.CompletedProcess[s
     conf = (root / "root/.config/nix/nix.conf").read_text()
     conf_file = root.parent / f"{root.name}-nix.conf"
     conf_file.write_text(conf.replace("/var/lib/mediabuilder/", f"{root}/var/lib/mediabuilder/")
-                         + "build-users-group =\nsandbox = false\n")
+                         + "build-users-group = nixbld\n")
     env = {k: v for k, v in make_nix_env().items() if k != "NIX_CONFIG"}
     env |= {"NIX_USER_CONF_FILES": str(conf_file), "NIX_CONF_DIR": str(root / "etc/nix")}
     return subprocess.run(
-        ["unshare", "-n", "nix", "build", "--store", str(root), "--no-link", "--json",
-         f"git+file://{root}/etc/nixos#{TOPLEVEL}", "--option", "substituters", "", "--option", "eval-cache", "false"],
+        ["unshare", "-n", "-m", "bash", "-c", WITH_BUILD_USERS, "with-build-users", root.parent,
+         "nix", "build", "--store", str(root), "--no-link", "--json", f"git+file://{root}/etc/nixos#{TOPLEVEL}",
+         "--option", "substituters", "", "--option", "eval-cache", "false"],
         env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+# Nix builds in a store elsewhere than /nix/store (`--store ROOT`) inside a sandbox; without
+# build users that needs a user namespace, which Nix 2.26 cannot make in the Debian 13 test root
+# (a chroot: the kernel refuses CLONE_NEWUSER there). A NixOS machine and the NixOS installer have
+# build users: so does the rebuild here, a group `nixbld` with one user bind-mounted over
+# /etc/group and /etc/passwd in a private mount namespace (the files themselves are untouched).
+WITH_BUILD_USERS = """set -e
+scratch=$1; shift
+cp /etc/group "$scratch/group"; cp /etc/passwd "$scratch/passwd"
+echo 'nixbld:x:30000:nixbld1' >>"$scratch/group"
+echo 'nixbld1:x:30001:30000:Nix build user:/var/empty:/bin/false' >>"$scratch/passwd"
+mount --bind "$scratch/group" /etc/group
+mount --bind "$scratch/passwd" /etc/passwd
+exec "$@"
+"""
 
 
 def built_names(stderr: str) -> list[str]:
