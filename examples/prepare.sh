@@ -101,9 +101,59 @@ github_locked() {
     rm -rf "$tree"
 }
 
+# is_static FILE: an x86_64 ELF executable without a program interpreter (no PT_INTERP
+# program header), so it runs in a root with no /lib.
+is_static() {
+    local phoff phentsize phnum i type
+    [ -f "$1" ] && [ -r "$1" ] || return 1
+    [ "$(od -An -c -N4 "$1" | tr -d ' ')" = '177ELF' ] || return 1
+    [ "$(od -An -tu1 -j4 -N2 "$1" | tr -s ' ')" = ' 2 1' ] || return 1   # 64-bit, little endian
+    [ "$(od -An -tu2 -j18 -N2 "$1" | tr -d ' ')" = 62 ] || return 1      # EM_X86_64
+    phoff=$(od -An -tu8 -j32 -N8 "$1" | tr -d ' ')
+    phentsize=$(od -An -tu2 -j54 -N2 "$1" | tr -d ' ')
+    phnum=$(od -An -tu2 -j56 -N2 "$1" | tr -d ' ')
+    [ "$phnum" -gt 0 ] || return 1
+    for ((i = 0; i < phnum; i++)); do
+        type=$(od -An -tu4 -j$((phoff + i * phentsize)) -N4 "$1" | tr -d ' ')
+        [ "$type" != 3 ] || return 1   # PT_INTERP: dynamically linked
+    done
+}
+
+# bootstrap_files OUT: the fake nixpkgs' bootstrap (pkgs/bootstrap-files.nix): which static
+# busybox of this machine its fixed-output derivation copies, and the NAR hash of what it makes
+# ($out/bin/busybox), as nixpkgs pins its bootstrap tools by hash.
+bootstrap_files() {
+    local candidates="/bin/busybox /usr/bin/busybox /usr/lib/busybox-static/busybox" c found="" tree hash
+    # First what dpkg says busybox-static installed, then the usual places.
+    for c in $(dpkg-query -L busybox-static 2>/dev/null | grep '/busybox$' || true) $candidates; do
+        if is_static "$c"; then found=$c; break; fi
+    done
+    if [ -z "$found" ]; then
+        {
+            echo "prepare.sh: no statically linked busybox for x86_64-linux on this machine:"
+            for c in $candidates; do
+                if [ -e "$c" ]; then echo "  $c: not a static ELF executable"; else echo "  $c: missing"; fi
+            done
+            echo "Install Debian's busybox-static (apt-get install busybox-static); the 'busybox'"
+            echo "package is dynamically linked and cannot run in a root without /lib."
+        } >&2
+        exit 1
+    fi
+    tree=$(mktemp -d)
+    mkdir "$tree/bin"
+    cp "$found" "$tree/bin/busybox"
+    chmod 0555 "$tree/bin/busybox"
+    hash=$(nix_out hash path "$tree")
+    chmod -R u+w "$tree"
+    rm -rf "$tree"
+    printf '# Written by examples/prepare.sh: the static busybox of the machine that prepared this\n# example, and the NAR hash of bootstrapBusybox (bin/busybox, a copy of it).\n{ busybox = { path = "%s"; hash = "%s"; }; }\n' \
+        "$found" "$hash" >"$1"
+}
+
 # nixpkgs: the library and packages, then a README (a second revision).
 mkdir -p "$dest/inputs/nixpkgs"
 cp -R "$src/inputs/nixpkgs/." "$dest/inputs/nixpkgs/"
+bootstrap_files "$dest/inputs/nixpkgs/pkgs/bootstrap-files.nix"
 mv "$dest/inputs/nixpkgs/README.md" "$dest/inputs/nixpkgs.README.md"
 g init -q "$dest/inputs/nixpkgs"
 commit "$dest/inputs/nixpkgs" "2023-11-01T10:00:00Z" "Initial fake nixpkgs: lib, builders, packages"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from mediabuilder import __version__, flakelock, nixcli, ui
+from mediabuilder import __version__, flakelock, nixcli, rebuild, ui
 from mediabuilder import run as runner
 from mediabuilder.cache.compression import decompressing_reader
 from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCache, default_key_name, load_or_create_key
@@ -26,7 +26,14 @@ from mediabuilder.installer import layout as layouts
 from mediabuilder.media import delta, fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
 from mediabuilder.media.label import DEFAULT_LABEL, validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
-from mediabuilder.profile import CacheSettings, InstallSettings, MediaFormat, MediaSettings, PartitionTable
+from mediabuilder.profile import (
+    CacheSettings,
+    InstallSettings,
+    MediaFormat,
+    MediaSettings,
+    PartitionTable,
+    RebuildLevel,
+)
 from mediabuilder.store import nar, nix32
 from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
@@ -244,6 +251,9 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         check_installer_hosts(req)
     layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     have_nix = check_nix(req)
+    if req.media.rebuild is not RebuildLevel.NONE and not have_nix:
+        raise InvalidInput(f"--rebuild {req.media.rebuild.value}: needs a local Nix, which reads the build closure "
+                           "from the derivations", hint="build on a machine with Nix, or pass --rebuild none")
     runner.require("git")
     if req.cache.key is not None:
         if not req.cache.key.is_file():
@@ -283,8 +293,9 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
     ui.info(f"Building media {req.output} ({req.media.format.value})")
     base = read_base(req, key)
     source = resolve_source(req, have_nix)
+    build_inputs = select_rebuild_paths(req.media.rebuild, source.toplevels)
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
-    roots = {host: [toplevel, *extra] for host, toplevel in source.toplevels.items()}
+    roots = {host: [toplevel, *extra, *build_inputs.get(host, [])] for host, toplevel in source.toplevels.items()}
     for host, chosen in source.layouts.items():
         if chosen.disko is not None:  # the host's disko script and the tools in its closure
             roots[host].append(chosen.disko)
@@ -305,6 +316,21 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
                                hint="free some space or choose another --output") from None
         raise
     return {h: str(t) for h, t in source.toplevels.items()}
+
+
+def select_rebuild_paths(level: RebuildLevel, toplevels: dict[str, StorePath]) -> dict[str, list[StorePath]]:
+    """Each host's paths for offline rebuilds beyond its system (docs/rebuild.md); a system that
+    wants a substituter is refused first."""
+    if level is RebuildLevel.NONE:
+        return {}
+    with ui.step(f"Selecting what rebuilds need (--rebuild {level.value})") as step:
+        found = {}
+        for host, toplevel in toplevels.items():
+            rebuild.check_no_substituters(host, toplevel, level)
+            runtime = [i.path for i in nixcli.closure([toplevel])]
+            found[host] = rebuild.select(level, host, toplevel, runtime)
+        step.detail = ", ".join(f"{h}: {len(p)} roots" for h, p in found.items())
+    return found
 
 
 def read_base(req: BuildRequest, key: SecretKey) -> delta.Base | None:
@@ -365,6 +391,7 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             epoch = reproducible.source_date_epoch(flakerepo.commit_time(source.repo))
             manifest = make_manifest(req, source, shipped, closures, key, nixcli.version() if have_nix else "none",
                                      epoch)
+            manifest.rebuild = req.media.rebuild.value
             manifest.base = base.to_json(relied) if base is not None else None
             manifest.files = collect_files(tree, known=known)
             limit = split_limit(req, target)

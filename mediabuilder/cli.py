@@ -29,6 +29,7 @@ from mediabuilder.profile import (
     MediaFormat,
     PartitionTable,
     Profile,
+    RebuildLevel,
     load_profile,
     override,
     parse_size,
@@ -304,6 +305,7 @@ def cmd_build(args: argparse.Namespace, profile: Profile) -> int:
         partition_table=PartitionTable(args.partition_table) if args.partition_table else None,
         installer=Path(os.path.abspath(args.installer)) if args.installer else None,
         boot_default=args.boot_default,
+        rebuild=RebuildLevel(args.rebuild) if args.rebuild else None,
     )
     if args.size and media.format is not MediaFormat.FAT32:  # (a profile's size may meet a --format)
         raise InvalidInput(f"--size {args.size}: only a fat32 image has a size to choose, not --format "
@@ -462,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "installed from OLD; OLD is an older medium (directory or image, signed by this build's "
                         "key), its manifest.json, or /var/lib/mediabuilder of an installed machine "
                         "(default: a full medium)")
+    p.add_argument("--rebuild", choices=[r.value for r in RebuildLevel], metavar="LEVEL",
+                   help="what the installed machine needs to rebuild offline: none (the system only), config "
+                        "(what a configuration-only change needs) or full (the whole build closure); "
+                        "docs/rebuild.md (default: none, the smallest medium)")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--allow-dirty", action="store_true",
                    help="ship uncommitted changes as a labelled commit on top (default: refuse a dirty tree)")

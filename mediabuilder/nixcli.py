@@ -205,12 +205,18 @@ def evaluate_toplevels(flake: str, names: list[str]) -> dict[str, dict[str, str]
 
 
 def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
-    """Every path in the closure of `paths`, with NarHash, NarSize, references, deriver, sigs, CA."""
+    """Every path in the closure of `paths`, with NarHash, NarSize, references, deriver, sigs, CA.
+    A `.drv` is the store derivation itself (offline rebuilds ship them), not its outputs: those
+    are asked with `--derivation`, the others without (2.26 maps an output to its deriver then)."""
     args = [str(p) for p in paths]
-    if not args:
-        return []
-    proc = runner.run([*NIX, "path-info", "--json", "--recursive", *args])
-    return parse_path_info_json(proc.stdout)
+    found: dict[StorePath, PathInfo] = {}
+    for drvs in (False, True):
+        chosen = [a for a in args if a.endswith(".drv") == drvs]
+        if chosen:
+            flags = ["--derivation"] if drvs else []
+            proc = runner.run([*NIX, "path-info", "--json", "--recursive", *flags, *chosen])
+            found.update((i.path, i) for i in parse_path_info_json(proc.stdout))
+    return [found[p] for p in sorted(found)]
 
 
 def flake_archive(flake: str) -> dict[str, Any]:

@@ -45,6 +45,14 @@ class Layout(enum.Enum):
     DISKO = "disko"  # the host's own disko script, from the media cache
 
 
+class RebuildLevel(enum.Enum):
+    """What the medium carries for offline rebuilds on the installed machine (docs/rebuild.md)."""
+
+    NONE = "none"
+    CONFIG = "config"
+    FULL = "full"
+
+
 @dataclass(frozen=True)
 class FlakeSettings:
     # Flake references with a host, e.g. ".#alpha" or "/src/machines#beta".
@@ -86,6 +94,8 @@ class MediaSettings:
     installer: Path | None = None
     # With an installer: the host whose "Install HOST offline" entry is the menus' default; "": the stock one.
     boot_default: str = ""
+    # Offline rebuilds: none (the system only: smallest), config or full (docs/rebuild.md).
+    rebuild: RebuildLevel = RebuildLevel.NONE
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,7 @@ def _convert(source: str, where: str, hint: Any, value: Any, base: Path) -> Any:
             except ValueError:
                 pass
         raise wrong("a size such as 4096, \"700M\" or \"4G\"")
-    for enum_type in (Compression, MediaFormat, PartitionTable, Layout):
+    for enum_type in (Compression, MediaFormat, PartitionTable, Layout, RebuildLevel):
         if hint in (enum_type.__name__, f"{enum_type.__name__} | None"):
             allowed = ", ".join(m.value for m in enum_type)
             try:

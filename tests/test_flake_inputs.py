@@ -26,11 +26,24 @@ from mediabuilder.store.hashes import Hash
 from mediabuilder.store.storepath import make_store_path
 
 # Fixed commit dates in examples/prepare.sh: nixpkgs' second commit (2023-11-03T10:00:00Z) and
-# systems' only one (2023-11-01T12:00:00Z); their trees carry no DEST, so hashes are fixed too.
+# systems' only one (2023-11-01T12:00:00Z). Their trees carry no DEST, but nixpkgs' holds the
+# hash of the preparing machine's static busybox (pkgs/bootstrap-files.nix): its revision and
+# NAR hash are computed here, not pinned.
 NIXPKGS_LAST_MODIFIED = 1699005600
-NIXPKGS_NAR_HASH = "sha256-hsaD7wCgpNSD4EN0nXcDr+WJ94tBSBLq+jVskElZtAw="
 SYSTEMS_LAST_MODIFIED = 1698840000
-NIXPKGS_VERSION = "23.11.20231103.5ac6fce"  # lib.version: lastModifiedDate and shortRev of the pin
+
+
+def nixpkgs_version(inst: Installed) -> str:
+    """lib.version: lastModifiedDate and shortRev of the pin."""
+    return f"23.11.20231103.{inst.revs['nixpkgs'][:7]}"
+
+
+def tree_nar_hash(repo: Path, scratch: Path) -> str:
+    """The NAR hash of a repository's HEAD tree, as a github: input's tarball unpacks to."""
+    scratch.mkdir()
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive, check=True)
+    return nix("nix", "hash", "path", scratch).stdout.strip()
 
 
 def source_path(nar_hash: str) -> str:
@@ -51,6 +64,7 @@ class Installed:
     toplevel: str
     root: Path
     revs: dict[str, str]  # each input repository's HEAD (read before the sources are moved away)
+    nixpkgs_nar_hash: str
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +79,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     assert proc.returncode == 0, proc.stderr
     toplevel = proc.stdout.split("\t")[1].strip()
     revs = {name: git_out(dest / "inputs" / name, "rev-parse", "HEAD") for name in ("nixpkgs", "systems", "tools")}
+    nixpkgs_nar_hash = tree_nar_hash(dest / "inputs" / "nixpkgs", base / "nixpkgs-tree")
     hidden = base / "inputs-out-of-reach"
     os.rename(dest / "inputs", hidden)
     try:
@@ -72,7 +87,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
         root.mkdir()
         proc = install_offline(base / "media", root, "--host", "alpha", "--yes")
         assert proc.returncode == 0, proc.stderr
-        yield Installed(dest, lock, archive, base / "media", toplevel, root, revs)
+        yield Installed(dest, lock, archive, base / "media", toplevel, root, revs, nixpkgs_nar_hash)
     finally:
         os.rename(hidden, dest / "inputs")
 
@@ -90,7 +105,7 @@ def test_lock_as_nix_2_26_writes_it(installed: Installed) -> None:
     assert node(installed, "root") == {"inputs": {"nixpkgs": "nixpkgs", "site": "site", "tools": "tools"}}
     # github: owner, repo, rev, narHash, lastModified; no revCount, no download.
     assert node(installed, "nixpkgs") == {
-        "locked": {"lastModified": NIXPKGS_LAST_MODIFIED, "narHash": NIXPKGS_NAR_HASH, "owner": "NixOS",
+        "locked": {"lastModified": NIXPKGS_LAST_MODIFIED, "narHash": installed.nixpkgs_nar_hash, "owner": "NixOS",
                    "repo": "nixpkgs", "rev": installed.revs["nixpkgs"],
                    "type": "github"},
         "original": {"owner": "NixOS", "ref": "nixos-23.11", "repo": "nixpkgs", "type": "github"},
@@ -171,7 +186,7 @@ def test_archived_inputs_on_media_and_installed(installed: Installed) -> None:
 def test_offline_reevaluation(installed: Installed) -> None:
     assert evaluate_installed(installed.root, "alpha") == installed.toplevel
     # The version nixpkgs computes from its github pin: lastModifiedDate and shortRev.
-    assert (Path(installed.toplevel) / "nixos-version").read_text() == NIXPKGS_VERSION
+    assert (Path(installed.toplevel) / "nixos-version").read_text() == nixpkgs_version(installed)
 
 
 def eval_on_target(inst: Installed, *args: str) -> str:
@@ -191,7 +206,7 @@ def eval_on_target(inst: Installed, *args: str) -> str:
 @pytest.mark.integration
 def test_registry_resolves_offline_on_the_target(installed: Installed) -> None:
     # github pin: the same lib.version as the lock gives (rev and lastModified carried).
-    assert eval_on_target(installed, "eval", "--raw", "nixpkgs#lib.version") == NIXPKGS_VERSION
+    assert eval_on_target(installed, "eval", "--raw", "nixpkgs#lib.version") == nixpkgs_version(installed)
     # The nested input, by its own name.
     systems = eval_on_target(installed, "eval", "--json", "--impure", "--expr", 'import (builtins.getFlake "systems")')
     assert json.loads(systems) == ["x86_64-linux", "aarch64-linux"]

@@ -753,9 +753,23 @@ prepare_source_cache() {
 copy_closure() {
     step "copying ${#HOST_PATHS[@]} store paths into $ROOT/nix/store"
     prepare_source_cache
-    run nix copy "${NIX_TRUST[@]}" \
-        --option substitute true --option substituters "file://$SOURCE_CACHE" \
-        --from "file://$SOURCE_CACHE" --to "local?root=$ROOT" "${HOST_PATHS[@]}"
+    copy_paths --to "local?root=$ROOT"
+}
+
+# copy_paths [NIX COPY FLAGS...]: HOST_PATHS from the source cache, with only the media key
+# trusted. The .drv files of offline rebuilds go in a second call with --derivation (without it
+# Nix 2.8 takes a .drv for its outputs and builds them; with it Nix 2.26 takes an output for its
+# .drv).
+copy_paths() {
+    local -a outs=() drvs=()
+    local p
+    for p in "${HOST_PATHS[@]}"; do
+        if [[ $p == *.drv ]]; then drvs+=("$p"); else outs+=("$p"); fi
+    done
+    local -a copy=(nix copy "${NIX_TRUST[@]}" --option substitute true --option substituters "file://$SOURCE_CACHE"
+        --from "file://$SOURCE_CACHE" "$@")
+    ((${#outs[@]} == 0)) || run "${copy[@]}" "${outs[@]}"
+    ((${#drvs[@]} == 0)) || run "${copy[@]}" --derivation "${drvs[@]}"
 }
 
 set_profile() {
@@ -1436,9 +1450,7 @@ confirm_upgrade() {
 upgrade_copy() {
     step "copying ${#HOST_PATHS[@]} store paths into ${ROOT:-}/nix/store (those it lacks)"
     prepare_source_cache
-    run nix copy "${NIX_TRUST[@]}" --no-recursive \
-        --option substitute true --option substituters "file://$SOURCE_CACHE" \
-        --from "file://$SOURCE_CACHE" --to "$(target_store)" "${HOST_PATHS[@]}"
+    copy_paths --no-recursive --to "$(target_store)"
 }
 
 # The bundle's branches into refs/remotes/media/*; the local branch fast-forwarded when it has
@@ -1526,6 +1538,47 @@ record_install() {
     mv -f -- "$STATE/.installed.new" "$STATE/installed"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Offline rebuilds (docs/rebuild.md): a medium built with --rebuild config|full lists, among each
+# host's store paths, what the machine needs to build a changed configuration (.drv files,
+# builders, build inputs). They were copied and checked with the rest (only the media key
+# trusted); here they get a GC root, so that collecting garbage keeps them (an upgrade replaces
+# the root: the earlier medium's build inputs may then go), and root's Nix is told to build with
+# no substituters. The system itself must not want one: mediabuilder refuses a nix.conf that does.
+
+REBUILD=none
+
+read_rebuild_level() {
+    local level
+    level=$(sed -n -E 's/^  "rebuild": "([a-z]+)",?$/\1/p' "$TRUSTED/manifest.json")
+    case ${level:-none} in
+        none | config | full) REBUILD=${level:-none} ;;
+        *) die "$MANIFEST_PATH/manifest.json" "unknown rebuild level '$level' (media made by an incompatible mediabuilder)" ;;
+    esac
+}
+
+configure_rebuild() {
+    read_rebuild_level
+    [[ $REBUILD != none ]] || return 0
+    step "keeping the build inputs for offline rebuilds ($REBUILD) and building with no substituters"
+    local roots=$ROOT/nix/var/nix/gcroots/mediabuilder-rebuild p
+    rm -rf -- "$roots.new"
+    mkdir -p -- "$roots.new"
+    for p in "${HOST_PATHS[@]}" "${BASE_NEEDED[@]}"; do
+        ln -sfn -- "$p" "$roots.new/${p#/nix/store/}"
+    done
+    rm -rf -- "$roots"
+    mv -- "$roots.new" "$roots"
+    local conf=$ROOT/root/.config/nix/nix.conf
+    [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
+    mkdir -p -- "${conf%/*}"
+    if ! grep -qsx 'substituters =' -- "$conf"; then
+        printf '%s\n' '# Written by mediabuilder install.sh: offline rebuilds build here, from the store.' \
+            'substituters =' >>"$conf"
+    fi
+    info "$((${#HOST_PATHS[@]} + ${#BASE_NEEDED[@]})) store paths rooted in $roots; rebuild with: nixos-rebuild switch --flake $FLAKE_DIR${SUBDIR:+/$SUBDIR}#$HOST"
+}
+
 main_upgrade() {
     locate_media
     read_installed
@@ -1541,6 +1594,7 @@ main_upgrade() {
     upgrade_copy
     upgrade_flake
     upgrade_registry
+    configure_rebuild
     upgrade_profile
     upgrade_switch
     record_install
@@ -1586,6 +1640,7 @@ main() {
     install_bootloader
     clone_flake
     configure_nix
+    configure_rebuild
     record_install
     done_summary
     if [[ -n $DISK_REQ ]]; then

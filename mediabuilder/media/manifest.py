@@ -61,6 +61,8 @@ class Manifest:
     base: dict[str, Any] | None = None
     # Each host's disk layout, and the unattended install's host and disk (install.sh --unattended).
     install: InstallRecord | None = None
+    # What the hosts' store paths hold for offline rebuilds: none, config or full (docs/rebuild.md).
+    rebuild: str = "none"
 
     @property
     def relied(self) -> list[str]:
@@ -81,6 +83,7 @@ class Manifest:
             },
             "flake": self.flake,
             "tools": self.tools,
+            "rebuild": self.rebuild,
             "store_paths": all_paths,
             "files": {name: entry.to_json() for name, entry in sorted(self.files.items())},
         }

@@ -1,5 +1,5 @@
 {
-  description = "A tiny stand-in for nixpkgs: no real software, every package is built by /bin/sh";
+  description = "A tiny stand-in for nixpkgs: no real software, every package built from a bootstrap busybox";
 
   outputs = { self }:
     let

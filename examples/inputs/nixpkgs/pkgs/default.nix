@@ -1,16 +1,86 @@
-# The package set: build helpers plus ~30 stand-in packages. Every derivation is built by
-# /bin/sh with the host's coreutils (the sandbox is off), so no bootstrap tools are needed.
+# The package set: a bootstrap, build helpers and ~30 stand-in packages, a build graph shaped
+# like nixpkgs' in miniature. Nothing is built by a program outside the store (a chroot store,
+# `nix build --store ROOT`, has no /bin/sh): the one way in is `bootstrapBusybox`, a
+# fixed-output derivation holding the build machine's static busybox under the hash that
+# examples/prepare.sh recorded in ./bootstrap-files.nix (as nixpkgs fetches its bootstrap tools
+# by hash). From it, `bootstrapTools` (busybox and its applets, built by that busybox), `stdenv`
+# (the setup every builder sources) and build-only tools (`gcc`, `binutils`) that packages
+# are built with but do not reference.
 { lib, system }:
 let
+  bootstrapFiles = import ./bootstrap-files.nix;
   pkgs = rec {
     inherit system;
 
+    # The only derivation whose builder is outside the store: built once on the build machine
+    # (which has /bin/sh), checked by its fixed hash, and from then on a plain store path.
+    bootstrapBusybox = derivation {
+      name = "bootstrap-busybox";
+      inherit system;
+      builder = "/bin/sh";
+      args = [ "-c" ''
+        set -eu
+        /bin/mkdir -p "$out/bin"
+        /bin/cp "${bootstrapFiles.busybox.path}" "$out/bin/busybox"
+        /bin/chmod 0555 "$out/bin/busybox"
+      '' ];
+      outputHashMode = "recursive";
+      outputHashAlgo = "sha256";
+      outputHash = bootstrapFiles.busybox.hash;
+    };
+
+    # busybox with every applet as a symlink, built by the bootstrap busybox itself
+    # (its builder's name, `busybox`, makes it take `sh` as the applet to run).
+    bootstrapTools = derivation {
+      name = "bootstrap-tools";
+      inherit system;
+      builder = "${bootstrapBusybox}/bin/busybox";
+      args = [ "sh" "-c" ''
+        set -eu
+        bb=${bootstrapBusybox}/bin/busybox
+        $bb mkdir -p $out/bin
+        $bb cp $bb $out/bin/busybox
+        for a in $($out/bin/busybox --list); do
+          [ "$a" = busybox ] || $bb ln -s busybox $out/bin/$a
+        done
+      '' ];
+    };
+
+    # What every builder sources first: strict mode, the bootstrap tools and the
+    # nativeBuildInputs on PATH.
+    stdenv = derivation {
+      name = "stdenv-linux";
+      inherit system;
+      builder = "${bootstrapTools}/bin/sh";
+      args = [ "-c" ''
+        set -eu
+        export PATH=${bootstrapTools}/bin
+        mkdir -p $out
+        {
+          printf 'set -eu\nexport PATH=%s/bin\n' ${bootstrapTools}
+          printf 'for p in ${"$"}{nativeBuildInputs:-}; do PATH=$PATH:$p/bin; done\n'
+        } > $out/setup
+      '' ];
+    };
+
     runCommand = name: env: script: derivation ({
       inherit name system;
-      builder = "/bin/sh";
-      args = [ "-c" ("set -eu\n" + script) ];
-      PATH = "/usr/bin:/bin";
+      builder = "${bootstrapTools}/bin/sh";
+      args = [ "-c" (". ${stdenv}/setup\n" + script) ];
     } // env);
+
+    # Build-only tools: packages are "compiled" with gcc, itself built with binutils; neither
+    # is referenced by what they build, so neither is in a system's closure.
+    binutils = runCommand "binutils-2.40" { } ''
+      mkdir -p $out/bin
+      for t in as ld ar; do printf '#!%s/bin/sh\necho "%s (binutils 2.40)"\n' ${bootstrapTools} "$t" > $out/bin/$t; done
+      chmod +x $out/bin/*
+    '';
+    gcc = runCommand "gcc-wrapper-13.2.0" { inherit binutils; } ''
+      mkdir -p $out/bin
+      printf '#!%s/bin/sh\necho "gcc 13.2.0 (assembled with %s)"\n' ${bootstrapTools} "$(basename $binutils | cut -c34-)" > $out/bin/gcc
+      chmod +x $out/bin/gcc
+    '';
 
     writeText = name: text:
       runCommand name { inherit text; passAsFile = [ "text" ]; } ''cp "$textPath" "$out"'';
@@ -34,7 +104,8 @@ let
     # nix-support/propagated-build-inputs naming its dependencies (store references; empty
     # when there are none) and lib/deps/<dep> symlinks into the dependencies.
     mkPackage = { pname, version, deps ? [ ], bins ? [ pname ], script ? "" }:
-      runCommand "${pname}-${version}" { inherit pname version deps bins; } (''
+      runCommand "${pname}-${version}" { inherit pname version deps bins; nativeBuildInputs = [ gcc ]; } (''
+        gcc >/dev/null  # a package is built with the compiler (which it does not reference)
         mkdir -p $out/bin $out/lib $out/share/doc/$pname $out/nix-support
         for b in $bins; do
           {
@@ -47,7 +118,7 @@ let
         done
         printf 'lib%s %s\n' "$pname" "$version" > $out/lib/lib$pname.so.$version
         ln -s lib$pname.so.$version $out/lib/lib$pname.so
-        echo "$pname $version: a stand-in package built by /bin/sh" > $out/share/doc/$pname/README
+        echo "$pname $version: a stand-in package" > $out/share/doc/$pname/README
         : > $out/nix-support/propagated-build-inputs
         for d in $deps; do
           echo "$d" >> $out/nix-support/propagated-build-inputs
@@ -136,63 +207,18 @@ let
     postgresql = mkPackage { pname = "postgresql"; version = "15.5"; deps = [ openssl readline zlib ]; bins = [ "postgres" "psql" "initdb" ]; };
 
     # The one real program: the build machine's statically linked busybox (Debian package
-    # busybox-static), copied in so that the scripts which run inside the installed root
-    # (`chroot ROOT <toplevel>/bin/switch-to-configuration`: no /bin/sh, no /usr, only the
-    # closure) have a shell and tools. bin/<applet> are relative symlinks to bin/busybox.
+    # busybox-static, by way of the bootstrap), so that the scripts which run inside the
+    # installed root (`chroot ROOT <toplevel>/bin/switch-to-configuration`: no /bin/sh, no /usr,
+    # only the closure) have a shell and tools. bin/<applet> are relative symlinks to bin/busybox.
     busybox = runCommand "busybox-static" {
-      # ELF machine numbers (e_machine) per Nix system.
-      elfMachine = { x86_64-linux = "62"; aarch64-linux = "183"; }.${system};
-      candidates = "/bin/busybox /usr/bin/busybox /usr/lib/busybox-static/busybox";
       applets = "sh ash [ test basename cat chmod cp cut date dirname echo env false grep head id ln ls mkdir mktemp mv printf readlink realpath rm rmdir sed sleep sort tail touch tr true uname wc";
     } ''
-      # is_static FILE: an ELF executable for this system without a program interpreter
-      # (no PT_INTERP program header), so it runs with no /lib around it.
-      is_static() {
-        [ -f "$1" ] && [ -r "$1" ] || return 1
-        [ "$(od -An -c -N4 "$1" | tr -d ' ')" = '177ELF' ] || return 1
-        [ "$(od -An -tu1 -j4 -N2 "$1" | tr -s ' ')" = ' 2 1' ] || return 1   # 64-bit, little endian
-        [ "$(od -An -tu2 -j18 -N2 "$1" | tr -d ' ')" = "$elfMachine" ] || return 1
-        phoff=$(od -An -tu8 -j32 -N8 "$1" | tr -d ' ')
-        phentsize=$(od -An -tu2 -j54 -N2 "$1" | tr -d ' ')
-        phnum=$(od -An -tu2 -j56 -N2 "$1" | tr -d ' ')
-        [ "$phnum" -gt 0 ] || return 1
-        i=0
-        while [ "$i" -lt "$phnum" ]; do
-          type=$(od -An -tu4 -j$((phoff + i * phentsize)) -N4 "$1" | tr -d ' ')
-          [ "$type" != 3 ] || return 1   # PT_INTERP: dynamically linked
-          i=$((i + 1))
-        done
-      }
-      # First what dpkg says busybox-static installed, then the usual places (Debian's
-      # busybox-static has /bin/busybox, which is /usr/bin/busybox with merged /usr).
-      found=
-      for c in $(dpkg-query -L busybox-static 2>/dev/null | grep '/busybox$' || true) $candidates; do
-        if is_static "$c"; then found=$c; break; fi
-      done
-      if [ -z "$found" ]; then
-        {
-          echo "busybox: no statically linked busybox for $system on the build machine:"
-          for c in $candidates; do
-            if [ -e "$c" ]; then echo "  $c: not a static ELF executable for $system"; else echo "  $c: missing"; fi
-          done
-          echo "Install Debian's busybox-static (apt-get install busybox-static); the 'busybox'"
-          echo "package is dynamically linked and cannot run in a root without /lib."
-        } >&2
-        exit 1
-      fi
       mkdir -p $out/bin $out/share/doc/busybox
-      cp "$found" $out/bin/busybox
+      cp ${bootstrapTools}/bin/busybox $out/bin/busybox
       chmod 0555 $out/bin/busybox
-      list=$($out/bin/busybox --list)
-      for a in $applets; do
-        if ! printf '%s\n' "$list" | grep -qxF -- "$a"; then
-          echo "busybox: $found has no applet '$a'" >&2
-          exit 1
-        fi
-        ln -s busybox "$out/bin/$a"
-      done
+      for a in $applets; do ln -s busybox "$out/bin/$a"; done
       [ "$($out/bin/sh -c 'echo ok')" = ok ]
-      { echo "Copied from $found on the build machine:"; $out/bin/busybox 2>&1 | head -n 1; } \
+      { echo "Copied from the bootstrap tools:"; $out/bin/busybox 2>&1 | head -n 1; } \
         > $out/share/doc/busybox/SOURCE
     '';
 
