@@ -85,6 +85,9 @@ def remove_unless_locked(path: Path) -> bool:
 class BinaryCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Narinfos parsed, by the file they were parsed from (inode, size, mtime): a build reads
+        # each one four times (fill, closure, sizes, assembly), and parsing is most of that.
+        self._parsed: dict[StorePath, tuple[tuple[int, int, int], NarInfo]] = {}
 
     def __repr__(self) -> str:
         return f"BinaryCache({str(self.root)!r})"
@@ -130,14 +133,24 @@ class BinaryCache:
         return self.narinfo_path(path).is_file()
 
     def read_narinfo(self, path: StorePath) -> NarInfo:
+        """The path's narinfo, parsed again only when its file changed since it was last parsed
+        (another inode, size or modification time: a narinfo is replaced by a rename)."""
         file = self.narinfo_path(path)
         try:
-            text = file.read_text()
+            with open(file, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+                known = self._parsed.get(path)
+                if known is not None and known[0] == identity:
+                    return known[1]
+                text = f.read().decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
         except FileNotFoundError:
             raise InvalidMedia(f"{file}: missing") from None
         except UnicodeDecodeError:
             raise FormatError(f"{file}: not text") from None
-        return NarInfo.parse(text, source=str(file))
+        info = NarInfo.parse(text, source=str(file))
+        self._parsed[path] = (identity, info)
+        return info
 
     def narinfo_files(self) -> Iterator[Path]:
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
