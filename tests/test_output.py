@@ -205,6 +205,30 @@ def test_place_never_replaces_what_appeared_meanwhile(tmp_path: Path) -> None:
     assert (tmp_path / "dstFalse").read_text() == "new\n"
 
 
+def test_place_syncs_an_image_and_its_directory_and_a_tree_by_its_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image is made durable by fsync (its data before the rename, the directory after),
+    not by syncing the whole filesystem, which waits for everyone else's writes too."""
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(output, "_syncfs", lambda directory: synced.append(f"syncfs {directory.name}"))
+
+    def recorded(fd: int) -> None:
+        synced.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "image.tmp").write_bytes(b"image")
+    output.place(tmp_path / "image.tmp", out / "media.iso", replace=False)
+    assert synced == ["fsync image.tmp", "fsync out"]
+    synced.clear()
+    (tmp_path / "tree").mkdir()
+    output.place(tmp_path / "tree", out / "media", replace=False)
+    assert synced == ["syncfs out"]
+
+
 def test_split_limit_comes_from_the_outputs_own_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A FAT32 stick mounted at the output itself (not at its parent) splits at FAT32's limit."""
     stick = tmp_path / "stick"

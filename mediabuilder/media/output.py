@@ -276,9 +276,25 @@ def move_in(tree: Path, output: Path) -> None:
         _syncfs(output)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def place(src: Path, output: Path, *, replace: bool) -> None:
     """Rename the finished file or directory `src` to `output`: over an existing output only when
-    `replace`; otherwise an output that appeared meanwhile (another build) is an error."""
+    `replace`; otherwise an output that appeared meanwhile (another build) is an error.
+
+    What was renamed is then on the disk: an image by an fsync of it before the rename (nearly
+    free: the image writers fsync their images) and of its directory after it, not by syncing the
+    whole filesystem, which waits for whatever else anyone has written to it; a tree, of many
+    files, by syncing its filesystem."""
+    is_file = src.is_file() and not src.is_symlink()
+    if is_file:
+        _fsync_file(src)
     try:
         if replace and os.path.lexists(output):
             os.replace(src, output)
@@ -287,4 +303,7 @@ def place(src: Path, output: Path, *, replace: bool) -> None:
     except FileExistsError:
         raise InvalidInput(f"{output}: appeared while this build was running (another build?)",
                            hint="nothing was replaced; choose another --output or pass --force") from None
-    _syncfs(output.parent)
+    if is_file:
+        _fsync_dir(output.parent)
+    else:
+        _syncfs(output.parent)
