@@ -254,3 +254,30 @@ def test_protected_paths_messages(tmp_path: Path) -> None:
             output.check_not_protected(out, guard)
         assert str(info.value) == f"{out}: {message}"
     output.check_not_protected(tmp_path / "b", guard)  # beside it: fine
+
+
+def test_write_behind_starts_writeback_every_window_and_stops_when_refused(tmp_path: Path) -> None:
+    calls: list[tuple[int, int, int, int]] = []
+    with open(tmp_path / "image", "wb") as f:
+        behind = output.WriteBehind(f.fileno())
+        assert behind._call is not None  # Linux has sync_file_range
+        real = behind._call
+
+        def recorded(*args: int) -> int:
+            calls.append((args[0], args[1], args[2], args[3]))
+            return int(real(*args))
+
+        def refused(*args: int) -> int:  # EINVAL, ESPIPE, ...
+            calls.append((args[0], args[1], args[2], args[3]))
+            return -1
+
+        behind._call = recorded
+        for _ in range(5):
+            f.write(b"\0" * (output.WRITE_BEHIND // 2))
+            f.flush()
+            behind.wrote(output.WRITE_BEHIND // 2)
+        assert calls == [(f.fileno(), 0, 0, 2)] * 2  # after the 2nd and the 4th write
+        behind._call = refused
+        behind.wrote(output.WRITE_BEHIND * 3)
+        behind.wrote(output.WRITE_BEHIND * 3)
+        assert len(calls) == 3 and behind._call is None  # tried once, then left alone

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mediabuilder.errors import InvalidInput
 from mediabuilder.interrupts import uninterrupted
@@ -238,6 +239,36 @@ def _syncfs(directory: Path) -> None:
             raise OSError(err, os.strerror(err), str(directory))
     finally:
         os.close(fd)
+
+
+# Bytes an image writer writes between two starts of writeback (see WriteBehind).
+WRITE_BEHIND = 32 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class WriteBehind:
+    """Starts the writeback of an image file every WRITE_BEHIND bytes written to it
+    (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait for it), so that the disk
+    writes while the copy goes on and the fsync before the rename finds little left to write.
+    Without it the kernel holds up to a fifth of memory dirty, and a 4.5 GiB image then waited
+    1.4-1.9 s in its fsync after the copy (0.03 s with it; cat + sync is copy, then write).
+    Where the call is missing (not Linux) or refused, the image is written as before."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pending = 0
+        self._call: Any = None
+        with contextlib.suppress(OSError, AttributeError):
+            call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            self._call = call
+
+    def wrote(self, count: int) -> None:
+        self.pending += count
+        if self.pending >= WRITE_BEHIND and self._call is not None:
+            self.pending = 0
+            if self._call(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # 0, 0: the whole file
+                self._call = None
 
 
 def move_in(tree: Path, output: Path) -> None:
