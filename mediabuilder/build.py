@@ -397,7 +397,7 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             limit = split_limit(req, target)
             # A directory medium, and the installer's tree that xorriso maps, hold the parts as files.
             in_place = req.media.format is MediaFormat.DIR or req.media.installer is not None
-            split, slices = split_large_files(tree, manifest.files, limit, in_place) if limit else (0, {})
+            split, slices = split_large_files(tree, manifest.files, limit, in_place, cache) if limit else (0, {})
             sign_manifest(manifest, tree, key, req.cache.compression.value, staging / "trust")
             step.detail = f"{len(manifest.files)} files, key {key.public().fingerprint()}"
             if split:
@@ -644,21 +644,28 @@ def split_limit(req: BuildRequest, target: Target) -> int | None:
     return None if limit is None else min(limit, split.PART_SIZE)
 
 
-def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int,
-                      in_place: bool) -> tuple[int, dict[Path, list[split.Slice]]]:
+def split_large_files(tree: Path, files: dict[str, FileEntry], limit: int, in_place: bool,
+                      cache: BinaryCache | None = None) -> tuple[int, dict[Path, list[split.Slice]]]:
     """Give each file over `limit` numbered parts, recorded in `files`: a directory gets them as
     files beside it (`in_place`), copied and hashed in one pass, in place of the whole file; an
     image gets them as slices of the whole file, returned, that its writer reads straight from
-    it (nothing is copied: the parts are hashed in one read). Returns (files split, slices)."""
+    it (nothing is copied). An image's parts of a NAR are hashed when it entered `cache` (the
+    local cache the tree's NARs are linked from), else in one read of it here. Returns (files
+    split, slices)."""
     count = 0
     slices: dict[Path, list[split.Slice]] = {}
     for name, entry in sorted(files.items()):
         if not split.needs_split(entry.size, limit):
             continue
         src = tree / name
+        recorded = None
+        if cache is not None and name.startswith("cache/nar/"):
+            recorded = cache.read_parts(name.removeprefix("cache/"), limit)
         if in_place:
             parts = split.split_file(src, src.parent, limit)
             src.unlink()
+        elif recorded is not None:
+            parts, slices[src] = split.slices_of(src, limit, recorded)
         else:
             parts, slices[src] = split.slice_file(src, limit)
         prefix = name.rsplit("/", 1)[0] + "/" if "/" in name else ""

@@ -27,9 +27,11 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -227,6 +229,48 @@ def fresh(name: str) -> Path:
     d = BENCH_DIR / name
     shutil.rmtree(d, ignore_errors=True)
     return d
+
+
+@dataclass
+class Rounds:
+    """Wall times of runs repeated in rounds, by name (shared by every bench script): the median,
+    the spread, and ratios taken round by round (both sides of a ratio ran in the same round)."""
+
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, seconds: float) -> float:
+        self.times.setdefault(name, []).append(seconds)
+        return seconds
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def text(self, name: str) -> str:
+        """`1.23 s (1.10-1.40)`: the median and the spread of the rounds."""
+        t = self.times[name]
+        return f"{statistics.median(t):.2f} s ({min(t):.2f}-{max(t):.2f})"
+
+    def ratios(self, name: str, reference: str) -> list[float]:
+        return [a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
+
+    def ratio(self, name: str, reference: str) -> float:
+        """The median of the round-by-round ratios."""
+        return statistics.median(self.ratios(name, reference))
+
+    def ratio_text(self, name: str, reference: str) -> str:
+        """`0.734 (0.70-0.79 over 3 rounds)`."""
+        r = self.ratios(name, reference)
+        return f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f} over {len(r)} rounds)"
+
+
+def verdict(value: float, target: float) -> str:
+    return "ok" if value <= target else "MISSED"
+
+
+def print_footer(rounds: int, data: Path) -> None:
+    """The load (other helpers' tests move both sides of a ratio) and where the data was."""
+    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine)")
+    print(f"medians of {rounds} rounds; cores: {os.cpu_count()}; data: {data}")
 
 
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:

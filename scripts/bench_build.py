@@ -13,7 +13,8 @@ With the example flake (examples/prepare.sh, host alpha) and a warm cache, print
      (19 GiB free: the path, its cache entry, the image and its split parts);
   3. the peak RSS of every build (RUSAGE_CHILDREN of a dedicated wrapper; target <= 256 MiB).
 
-Each timing is the median of ROUNDS runs, alternating ours and the reference. Data lives under
+Each timing is the median of ROUNDS runs, alternating ours and the reference, with its spread
+(fastest-slowest); each ratio is the median of the ratios taken round by round, with theirs. Data lives under
 $MEDIABUILDER_BENCH_DIR/build (default /var/tmp/mediabuilder-bench/build); the big path stays in
 the store for later runs (`nix-store --delete` it to free the space). No wall-clock assertions:
 this prints numbers; the exit status is 0 unless something failed to run.
@@ -21,11 +22,10 @@ this prints numbers; the exit status is 0 unless something failed to run.
 
 from __future__ import annotations
 
-import os
 import shutil
-import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -93,80 +93,83 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def tree_case(flake: Path, paths: list[str]) -> dict[str, float | int]:
-    """Medians: ours iso / fat32, dir (+ xorriso, + mkfs.fat/mcopy); the largest peak RSS."""
-    cache = WORK / "cache-tree"
-    extra = [a for p in paths for a in ("--store-path", p)]
+@dataclass
+class Case:
+    """One case's builds: their times by name, round by round, and the largest peak RSS."""
+
+    flake: Path
+    cache: Path
+    extra: list[str]
+    rounds: bench.Rounds = field(default_factory=bench.Rounds)
+    peak: int = 0
+
+    def build(self, name: str, out: Path, fmt: str, keep: bool = False) -> float:
+        """Time one build into `out` as `name`; the output is removed unless `keep`."""
+        wall, rss = build(self.flake, self.cache, out, fmt, self.extra)
+        self.rounds.add(name, wall)
+        self.peak = max(self.peak, rss)
+        if not keep:
+            remove(out)
+        return wall
+
+    def shell(self, name: str, script: str, *args: str) -> float:
+        """Time a reference or limit script (bash -c SCRIPT ref ARGS...) as `name`."""
+        wall, _, _ = bench.measured(name, ["bash", "-c", script, "ref", *args])
+        return self.rounds.add(name, wall)
+
+
+def tree_case(flake: Path, paths: list[str]) -> Case:
+    """ours iso / fat32 against dir (+ xorriso, + mkfs.fat/mcopy), round by round."""
+    case = Case(flake, WORK / "cache-tree", [a for p in paths for a in ("--store-path", p)])
     tree, image = WORK / "media", WORK / "media.img"
     remove(tree)
     bench.say("bench tree: filling the cache (not timed) ...")
-    build(flake, cache, tree, "dir", extra)
-    content = fat32.scan(tree).content
-    size, _ = fat32.image_geometry(content, None, "none")
+    build(flake, case.cache, tree, "dir", case.extra)
+    size, _ = fat32.image_geometry(fat32.scan(tree).content, None, "none")
     remove(tree)
-    times: dict[str, list[float]] = {k: [] for k in ("iso", "fat32", "dir+xorriso", "dir+mkfs.fat")}
-    peak = 0
     for rnd in range(ROUNDS):
-        for fmt, ref_name, script, args in (("iso", "dir+xorriso", REF_ISO, []),
-                                            ("fat32", "dir+mkfs.fat", REF_FAT, [str(size)])):
-            bench.say(f"  bench tree, round {rnd + 1}/{ROUNDS}: build --format {fmt} ...")
-            wall, rss = build(flake, cache, image, fmt, extra)
-            times[fmt].append(wall)
-            peak = max(peak, rss)
-            remove(image)
-            bench.say(f"  bench tree, round {rnd + 1}/{ROUNDS}: build --format dir + {ref_name[4:]} ...")
-            dir_wall, rss = build(flake, cache, tree, "dir", extra)
-            peak = max(peak, rss)
-            ref_wall, _, _ = bench.measured(f"ref-{fmt}", ["bash", "-c", script, "ref", str(tree), str(image), *args])
-            times[ref_name].append(dir_wall + ref_wall)
-            bench.say(f"    {fmt} {wall:.1f} s; dir {dir_wall:.1f} s + {ref_name[4:]} {ref_wall:.1f} s")
+        for fmt, ref, script, args in (("iso", "dir+xorriso", REF_ISO, []),
+                                       ("fat32", "dir+mkfs.fat", REF_FAT, [str(size)])):
+            bench.say(f"  bench tree, round {rnd + 1}/{ROUNDS}: build --format {fmt}, then dir + {ref[4:]} ...")
+            ours = case.build(fmt, image, fmt)
+            dir_wall = case.build(f"dir ({fmt} round)", tree, "dir", keep=True)
+            ref_wall = case.shell(ref[4:], script, str(tree), str(image), *args)
+            case.rounds.add(ref, dir_wall + ref_wall)
+            bench.say(f"    {fmt} {ours:.1f} s; dir {dir_wall:.1f} s + {ref[4:]} {ref_wall:.1f} s")
             remove(tree)
             remove(image)
-    return {**{k: statistics.median(v) for k, v in times.items()}, "rss": peak}
+    return case
 
 
-def big_case(flake: Path) -> dict[str, float | int] | None:
-    """Medians: ours iso / fat32 with the 4.5 GiB path, and copying its NAR once; None without room."""
+def big_case(flake: Path) -> tuple[Case, int] | None:
+    """ours iso / fat32 with the 4.5 GiB path against copying its NAR once, round by round, and
+    the NAR's size; None without room."""
     free = shutil.disk_usage(WORK).free
     marker = WORK / "big-path"
     have = marker.is_file() and bench.all_valid([marker.read_text().strip()])
     if free + (BIG_FILE if have else 0) < BIG_ROOM:
         bench.say(f"4.5 GiB case skipped: {free / GiB:.1f} GiB free on {WORK}, it needs {BIG_ROOM / GiB:.0f}")
         return None
-    path = big_path()
-    cache = WORK / "cache-big"
+    case = Case(flake, WORK / "cache-big", ["--store-path", big_path(), "--compression", "none"])
     image, copy = WORK / "big.img", WORK / "big.copy"
-    extra = ["--store-path", path, "--compression", "none"]
     bench.say("4.5 GiB path: filling the cache (not timed) ...")
-    build(flake, cache, image, "iso", extra)
+    build(flake, case.cache, image, "iso", case.extra)
     remove(image)
-    nar = max((cache / "nar").iterdir(), key=lambda p: p.stat().st_size)
+    nar = max((case.cache / "nar").iterdir(), key=lambda p: p.stat().st_size)
     nar_size = nar.stat().st_size
-    times: dict[str, list[float]] = {"iso": [], "fat32": [], "copy": []}
-    peak = 0
     try:
         for rnd in range(ROUNDS):
             for fmt in ("iso", "fat32"):
                 bench.say(f"  4.5 GiB path, round {rnd + 1}/{ROUNDS}: build --format {fmt} ...")
-                wall, rss = build(flake, cache, image, fmt, extra)
-                times[fmt].append(wall)
-                peak = max(peak, rss)
-                remove(image)
-                bench.say(f"    {wall:.1f} s, peak RSS {rss / MiB:.0f} MiB")
+                bench.say(f"    {case.build(fmt, image, fmt):.1f} s, peak RSS so far {case.peak / MiB:.0f} MiB")
             bench.say(f"  4.5 GiB path, round {rnd + 1}/{ROUNDS}: copying its NAR ...")
-            wall, _, _ = bench.measured("limit-copy-nar", ["bash", "-c", COPY, "copy", str(nar), str(copy)])
-            times["copy"].append(wall)
+            bench.say(f"    {case.shell('copy', COPY, str(nar), str(copy)):.1f} s")
             remove(copy)
-            bench.say(f"    {wall:.1f} s")
     finally:
         remove(image)
         remove(copy)
-        shutil.rmtree(cache, ignore_errors=True)
-    return {**{k: statistics.median(v) for k, v in times.items()}, "rss": peak, "nar": nar_size}
-
-
-def verdict(ratio: float, target: float) -> str:
-    return "ok" if ratio <= target else "MISSED"
+        shutil.rmtree(case.cache, ignore_errors=True)
+    return case, nar_size
 
 
 def main() -> int:
@@ -178,27 +181,30 @@ def main() -> int:
     flake = example()
     tree = tree_case(flake, paths)
     big = big_case(flake)
+    t = tree.rounds
     rows: list[tuple[str, str, str, str]] = [("bench tree", f"example host {HOST} + {len(paths)} store paths", "", "")]
     for fmt, ref in (("iso", "dir+xorriso"), ("fat32", "dir+mkfs.fat")):
-        ratio = tree[fmt] / tree[ref]
-        rows += [(f"{fmt}: build --format {fmt}", f"{tree[fmt]:.1f} s", "", ""),
-                 (f"{fmt}: build --format dir + {ref[4:]} + fsync", f"{tree[ref]:.1f} s", "", ""),
-                 (f"(1) {fmt}: ours / dir + {ref[4:]}", f"{ratio:.3f}", "<= 0.8", verdict(ratio, 0.8))]
-    peaks = [int(tree["rss"])]
+        rows += [(f"{fmt}: build --format {fmt}", t.text(fmt), "", ""),
+                 (f"{fmt}: build --format dir + {ref[4:]} + fsync",
+                  f"{t.text(ref)}: dir {t.text(f'dir ({fmt} round)')}", "", ""),
+                 (f"(1) {fmt}: ours / dir + {ref[4:]}", t.ratio_text(fmt, ref), "<= 0.8",
+                  bench.verdict(t.ratio(fmt, ref), 0.8))]
+    peaks = [tree.peak]
     if big is None:
         rows.append(("(2) one 4.5 GiB path", "skipped: not enough free disk", "<= 1.3", "?"))
     else:
-        peaks.append(int(big["rss"]))
-        rows.append(("limit: its NAR copied once + fsync", f"{big['copy']:.1f} s ({big['nar'] / GiB:.2f} GiB)", "", ""))
+        case, nar_size = big
+        b = case.rounds
+        peaks.append(case.peak)
+        rows.append(("limit: its NAR copied once + fsync", f"{b.text('copy')} ({nar_size / GiB:.2f} GiB)", "", ""))
         for fmt in ("iso", "fat32"):
-            ratio = big[fmt] / big["copy"]
-            rows += [(f"{fmt}: build, one 4.5 GiB path", f"{big[fmt]:.1f} s", "", ""),
-                     (f"(2) {fmt}: build / NAR copy", f"{ratio:.3f}", "<= 1.3", verdict(ratio, 1.3))]
+            rows += [(f"{fmt}: build, one 4.5 GiB path", b.text(fmt), "", ""),
+                     (f"(2) {fmt}: build / NAR copy", b.ratio_text(fmt, "copy"), "<= 1.3",
+                      bench.verdict(b.ratio(fmt, "copy"), 1.3))]
     peak = max(peaks)
-    rows.append(("(3) peak RSS, every build", f"{peak / MiB:.0f} MiB", "<= 256 MiB", verdict(peak, RSS_TARGET)))
+    rows.append(("(3) peak RSS, every build", f"{peak / MiB:.0f} MiB", "<= 256 MiB", bench.verdict(peak, RSS_TARGET)))
     bench.print_table(rows)
-    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine)")
-    print(f"medians of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
+    bench.print_footer(ROUNDS, WORK)
     return 0
 
 

@@ -20,7 +20,8 @@ On a media-like tree (the binary cache `scripts/bench.py` filled, hard-linked, w
 Ours fsyncs the image before renaming it into place, so the references are timed with an
 fsync of their image too (`sync FILE`); the table shows the reference's time without it as
 well. Each timing is the median of ROUNDS runs, alternating reference and ours, page cache warm
-(a run takes about a second, and on a shared machine the best of two was often one lucky run).
+(a run takes about a second, and on a shared machine the best of two was often one lucky run),
+with its spread (fastest-slowest); each ratio is the median of the round-by-round ratios.
 
 Data lives under $MEDIABUILDER_BENCH_DIR/images (default /var/tmp/mediabuilder-bench/images),
 never in the repository; images are deleted as soon as they are measured. No wall-clock
@@ -34,7 +35,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -237,18 +237,14 @@ def plain_copy(tree: Path, out: Path) -> float:
     return wall
 
 
-def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
-    """format -> (ours s, reference s without fsync, reference s with fsync), medians of ROUNDS;
-    "copy" -> (the plain copy's s, 0, 0), measured in the same rounds."""
+def compare(tree: Path) -> bench.Rounds:
+    """Wall times, ROUNDS of each: FMT (ours), FMT-ref (the reference without fsync), FMT-ref+fsync,
+    and copy (the plain copy, measured in the same rounds)."""
     content = fat32.scan(tree).content
     size, geometry = fat32.image_geometry(content, None, "none")
     image = WORK / "out.img"
-    results: dict[str, tuple[float, float, float]] = {}
-    copies: list[float] = []
+    rounds = bench.Rounds()
     for fmt in ("iso", "fat32"):
-        ours: list[float] = []
-        refs: list[float] = []
-        refs_sync: list[float] = []
         for rnd in range(ROUNDS):
             say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: reference ...")
             if fmt == "iso":
@@ -257,20 +253,16 @@ def compare(tree: Path) -> dict[str, tuple[float, float, float]]:
                 ref_argv = reference_fat32(tree, image, size, geometry.cluster)
             image.unlink(missing_ok=True)
             wall, _ = measured(f"ref-{fmt}", ref_argv)
-            sync = fsynced(image)
-            refs.append(wall)
-            refs_sync.append(wall + sync)
+            rounds.add(f"{fmt}-ref", wall)
+            rounds.add(f"{fmt}-ref+fsync", wall + fsynced(image))
             image.unlink()
             say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: ours ...")
             code = OURS_ISO if fmt == "iso" else OURS_FAT32
-            wall, _ = measured(f"ours-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])
-            ours.append(wall)
+            rounds.add(fmt, measured(f"ours-{fmt}", [sys.executable, "-c", code, str(tree), str(image), LABEL])[0])
             image.unlink()
             say(f"  {fmt}, round {rnd + 1}/{ROUNDS}: plain copy ...")
-            copies.append(plain_copy(tree, image))
-        results[fmt] = (statistics.median(ours), statistics.median(refs), statistics.median(refs_sync))
-    results["copy"] = (statistics.median(copies), 0.0, 0.0)
-    return results
+            rounds.add(f"{fmt}-copy", plain_copy(tree, image))
+    return rounds
 
 
 def peak_rss(tree: Path, image: Path) -> dict[str, tuple[float, int]]:
@@ -288,7 +280,7 @@ def peak_rss(tree: Path, image: Path) -> dict[str, tuple[float, int]]:
 
 def rss_row(name: str, peak: int, detail: str) -> tuple[str, str, str, str]:
     """A table row for a peak RSS against the 256 MiB target."""
-    return name, f"{peak / MiB:.0f} MiB ({detail})", "<= 256 MiB", "ok" if peak <= RSS_TARGET else "MISSED"
+    return name, f"{peak / MiB:.0f} MiB ({detail})", "<= 256 MiB", bench.verdict(peak, RSS_TARGET)
 
 
 def main() -> int:
@@ -325,17 +317,15 @@ def main() -> int:
     rows: list[tuple[str, str, str, str]] = [
         ("tree", f"{count} files, {nbytes / MiB:.0f} MiB", "", ""),
     ]
-    copy = times["copy"][0]
-    rows.append(("limit: plain copy of the bytes + fsync", f"{copy:.2f} s", "", ""))
     for fmt, ref_name in (("iso", "xorriso -as mkisofs -R -J"), ("fat32", "mkfs.fat -F 32 + mcopy -s")):
-        ours, ref, ref_sync = times[fmt]
-        ratio = ours / ref_sync
+        ratio = times.ratio(fmt, f"{fmt}-ref+fsync")
         rows += [
-            (f"{fmt}: ours (write_{fmt})", f"{ours:.2f} s", "", ""),
-            (f"{fmt}: {ref_name}", f"{ref:.2f} s, {ref_sync:.2f} s with fsync", "", ""),
-            (f"{fmt}: ours / reference (with fsync)", f"{ratio:.3f} (without: {ours / ref:.3f})", "<= 1.1",
-             "ok" if ratio <= 1.1 else "MISSED"),
-            (f"{fmt}: ours / limit (plain copy)", f"{ours / copy:.3f}", "", ""),
+            (f"{fmt}: ours (write_{fmt})", times.text(fmt), "", ""),
+            (f"{fmt}: {ref_name}", f"{times.text(f'{fmt}-ref')}, {times.text(f'{fmt}-ref+fsync')} with fsync", "", ""),
+            (f"{fmt}: ours / reference (with fsync)", times.ratio_text(fmt, f"{fmt}-ref+fsync"), "<= 1.1",
+             bench.verdict(ratio, 1.1)),
+            (f"{fmt}: limit: plain copy of the bytes + fsync", times.text(f"{fmt}-copy"), "", ""),
+            (f"{fmt}: ours / limit (plain copy)", times.ratio_text(fmt, f"{fmt}-copy"), "", ""),
         ]
     for fmt in ("iso", "fat32"):
         if fmt not in rss:
@@ -344,8 +334,7 @@ def main() -> int:
         wall, peak = rss[fmt]
         rows.append(rss_row(f"peak RSS, write_{fmt}, 4.5 GiB file", peak, f"{wall:.1f} s"))
     bench.print_table(rows)
-    print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (a shared machine)")
-    print(f"medians of {ROUNDS} rounds; cores: {os.cpu_count()}; data: {WORK}")
+    bench.print_footer(ROUNDS, WORK)
     return 0
 
 

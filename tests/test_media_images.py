@@ -357,6 +357,8 @@ def test_big_store_path_split_and_installed(example: Example, big_path: BigPath,
         assert PART_SIZE == 4 * GIB - 64 * 1024 < FAT32_MAX_FILE
         assert [p["name"] for p in parts] == [f"cache/{info['URL']}.part{i:03d}" for i in range(len(parts))]
         assert not (extracted / "cache" / info["URL"]).exists()
+        # the parts were hashed as the NAR entered the cache, not read again for the image
+        assert (big_cache / "parts" / f"{Path(info['URL']).name}.json").is_file()
 
         root.mkdir()
         proc = install_offline(extracted, root, "--host", HOST, "--yes")

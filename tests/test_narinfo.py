@@ -194,3 +194,24 @@ def test_nix_copy_cache_round_trip(tmp_path: Path) -> None:
                 assert info.deriver is not None and info.deriver.endswith(".drv")
             else:
                 assert info.ca is not None and info.ca.startswith("fixed:r:sha256:")
+
+
+def test_cache_reads_a_narinfo_again_only_when_its_file_changed(tmp_path: Path) -> None:
+    from mediabuilder.cache.layout import BinaryCache
+    from mediabuilder.errors import InvalidMedia
+
+    cache = BinaryCache(tmp_path / "cache")
+    cache.create()
+    info = NarInfo.parse(SIGNED, source="test")
+    cache.write_narinfo(info)
+    first = cache.read_narinfo(info.store_path)
+    assert first == info
+    assert cache.read_narinfo(info.store_path) is first  # parsed once
+    other = dataclasses.replace(info, file_size=125)  # as long as before: same size, another file
+    cache.write_narinfo(other)
+    assert cache.read_narinfo(info.store_path) == other
+    cache.narinfo_path(info.store_path).write_text(SIGNED.replace("FileSize: 124", "FileSize: 999"))  # in place
+    assert cache.read_narinfo(info.store_path).file_size == 999
+    cache.narinfo_path(info.store_path).unlink()
+    with pytest.raises(InvalidMedia, match="missing"):
+        cache.read_narinfo(info.store_path)

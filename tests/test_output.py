@@ -205,6 +205,30 @@ def test_place_never_replaces_what_appeared_meanwhile(tmp_path: Path) -> None:
     assert (tmp_path / "dstFalse").read_text() == "new\n"
 
 
+def test_place_syncs_an_image_and_its_directory_and_a_tree_by_its_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image is made durable by fsync (its data before the rename, the directory after),
+    not by syncing the whole filesystem, which waits for everyone else's writes too."""
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(output, "_syncfs", lambda directory: synced.append(f"syncfs {directory.name}"))
+
+    def recorded(fd: int) -> None:
+        synced.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "image.tmp").write_bytes(b"image")
+    output.place(tmp_path / "image.tmp", out / "media.iso", replace=False)
+    assert synced == ["fsync image.tmp", "fsync out"]
+    synced.clear()
+    (tmp_path / "tree").mkdir()
+    output.place(tmp_path / "tree", out / "media", replace=False)
+    assert synced == ["syncfs out"]
+
+
 def test_split_limit_comes_from_the_outputs_own_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A FAT32 stick mounted at the output itself (not at its parent) splits at FAT32's limit."""
     stick = tmp_path / "stick"
@@ -230,3 +254,30 @@ def test_protected_paths_messages(tmp_path: Path) -> None:
             output.check_not_protected(out, guard)
         assert str(info.value) == f"{out}: {message}"
     output.check_not_protected(tmp_path / "b", guard)  # beside it: fine
+
+
+def test_write_behind_starts_writeback_every_window_and_stops_when_refused(tmp_path: Path) -> None:
+    calls: list[tuple[int, int, int, int]] = []
+    with open(tmp_path / "image", "wb") as f:
+        behind = output.WriteBehind(f.fileno())
+        assert behind._call is not None  # Linux has sync_file_range
+        real = behind._call
+
+        def recorded(*args: int) -> int:
+            calls.append((args[0], args[1], args[2], args[3]))
+            return int(real(*args))
+
+        def refused(*args: int) -> int:  # EINVAL, ESPIPE, ...
+            calls.append((args[0], args[1], args[2], args[3]))
+            return -1
+
+        behind._call = recorded
+        for _ in range(5):
+            f.write(b"\0" * (output.WRITE_BEHIND // 2))
+            f.flush()
+            behind.wrote(output.WRITE_BEHIND // 2)
+        assert calls == [(f.fileno(), 0, 0, 2)] * 2  # after the 2nd and the 4th write
+        behind._call = refused
+        behind.wrote(output.WRITE_BEHIND * 3)
+        behind.wrote(output.WRITE_BEHIND * 3)
+        assert len(calls) == 3 and behind._call is None  # tried once, then left alone

@@ -1,21 +1,32 @@
 """Parts written straight from the whole file (one pass): an image made from slices of a file is
 byte for byte the image made from the same parts copied out, and independent readers (bsdtar,
-xorriso, 7z, mtools, fsck.fat) give the parts back with the sizes and hashes `split_file` gives."""
+xorriso, 7z, mtools, fsck.fat) give the parts back with the sizes and hashes `split_file` gives.
+A NAR's parts hashed as the cache wrote it (`PartHashes`, the cache's record) are those parts."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import random
 from pathlib import Path
 
 import pytest
 from media_checks import fsck_fat, mtools_image, nontrivial_bytes
 
+from mediabuilder.cache import writer
+from mediabuilder.cache.layout import BinaryCache
+from mediabuilder.errors import InternalError
 from mediabuilder.media import fatfs
 from mediabuilder.media.fat32 import write_fat32
 from mediabuilder.media.iso import write_iso
 from mediabuilder.media.source import open_source
-from mediabuilder.media.split import Part, Slice, slice_file, split_file
+from mediabuilder.media.split import Part, PartHashes, Slice, slice_file, slices_of, split_file
 from mediabuilder.run import run
+from mediabuilder.store import nar
+from mediabuilder.store.hashes import Hash
+from mediabuilder.store.keys import SecretKey
+from mediabuilder.store.pathinfo import PathInfo
+from mediabuilder.store.storepath import StorePath
 
 LIMIT = 300_000  # small parts of the same kind as PART_SIZE's, so the test is fast
 SIZE = 2 * LIMIT + 12_345
@@ -64,6 +75,89 @@ def test_slice_file_gives_split_files_parts(tmp_path: Path) -> None:
         assert [s.offset for s in slices] == [LIMIT * i for i in range(len(parts))]
         assert [hashlib.sha256(data[s.offset:s.offset + s.size]).hexdigest() for s in slices] == [
             p.sha256 for p in parts]
+
+
+def test_part_hashes_while_writing_give_slice_files_parts(tmp_path: Path) -> None:
+    rng = random.Random(16)
+    for size in (0, 1, LIMIT - 1, LIMIT, LIMIT + 1, 2 * LIMIT, 2 * LIMIT + 1, SIZE):
+        data = nontrivial_bytes(size, seed=size)
+        src = tmp_path / f"f{size}.bin"
+        src.write_bytes(data)
+        hashes = PartHashes(LIMIT)
+        done = 0
+        while done < size:  # writes of any size, across part boundaries
+            n = rng.choice((1, 4096, LIMIT - 1, LIMIT, 3 * LIMIT))
+            hashes.update(data[done:done + n])
+            done += n
+        assert hashes.size == size
+        assert hashes.whole.hexdigest() == hashlib.sha256(data).hexdigest()
+        if size == 0:
+            assert hashes.parts() == [(0, hashlib.sha256(b"").hexdigest())]
+            continue
+        parts, slices = slice_file(src, LIMIT)
+        assert hashes.parts() == [(p.size, p.sha256) for p in parts]
+        assert slices_of(src, LIMIT, hashes.parts()) == (parts, slices)
+
+
+def test_slices_of_refuses_parts_of_another_file(tmp_path: Path) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(nontrivial_bytes(SIZE, seed=1))
+    parts, _ = slice_file(src, LIMIT)
+    hashed = [(p.size, p.sha256) for p in parts]
+    for wrong in (hashed[:-1], [*hashed, (1, "0" * 64)], [(LIMIT - 1, hashed[0][1]), *hashed[1:]]):
+        with pytest.raises(InternalError, match="recorded parts"):
+            slices_of(src, LIMIT, wrong)
+    with pytest.raises(InternalError, match="recorded parts"):
+        slices_of(src, LIMIT + 1, hashed)
+
+
+def exported_nar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> tuple[BinaryCache, str, Path]:
+    """A tree holding one file of `size` bytes exported into a cache uncompressed, with parts of
+    LIMIT (as PART_SIZE): (the cache, the NAR's URL, the NAR file)."""
+    monkeypatch.setattr(writer, "PART_SIZE", LIMIT)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob").write_bytes(nontrivial_bytes(size, seed=7))
+    digest, nar_size = hashlib.sha256(), 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal nar_size
+        digest.update(chunk)
+        nar_size += len(chunk)
+
+    nar.dump(tree, sink)
+    path = StorePath.parse("/nix/store/" + "a" * 32 + "-parts-test")
+    cache = BinaryCache(tmp_path / "cache")
+    info = writer.export_tree(cache, tree, PathInfo(path, Hash("sha256", digest.digest()), nar_size, ()),
+                              SecretKey.generate("test-1"), "none")
+    return cache, info.url, cache.file_path(info.url)
+
+
+def test_cache_records_a_big_nars_parts_as_it_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, url, nar_file = exported_nar(tmp_path, monkeypatch, SIZE)
+    parts, _ = slice_file(nar_file, LIMIT)
+    assert len(parts) == 3
+    assert cache.read_parts(url, LIMIT) == [(p.size, p.sha256) for p in parts]
+    assert sorted(os.listdir(cache.root / "parts")) == [f"{nar_file.name}.json"]
+    assert cache.read_parts(url, LIMIT + 2048) is None  # another part size: hashed again
+    os.utime(nar_file, ns=(0, 0))  # the file changed (or was copied) since: hashed again
+    assert cache.read_parts(url, LIMIT) is None
+
+
+def test_cache_records_no_parts_for_a_nar_that_fits_a_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, url, _ = exported_nar(tmp_path, monkeypatch, LIMIT // 2)
+    assert cache.read_parts(url, LIMIT) is None
+    assert not (cache.root / "parts").exists()
+
+
+def test_a_damaged_parts_record_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache, url, _ = exported_nar(tmp_path, monkeypatch, SIZE)
+    record = cache.parts_path(url)
+    good = record.read_text()
+    for bad in ("", "{", "[]", good.replace('"parts": [[', '"parts": [["x", 1], ['), good.replace(str(LIMIT), "1"),
+                good.replace('"size": ', '"size": 1'), good.replace('"parts": [[', '"parts": [[1, "00"], [')):
+        record.write_text(bad)
+        assert cache.read_parts(url, LIMIT) is None, bad
 
 
 def extracted_parts(root: Path, parts: list[Part]) -> list[Part]:

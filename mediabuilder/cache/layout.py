@@ -4,6 +4,8 @@
     <hashpart>.narinfo          one per store path, written last
     nar/<filehash>.nar.zst      the compressed NARs
     log/, realisations/         empty, but Nix wants them on read-only media
+    parts/<nar file>.json       the sha256 of each part of a NAR bigger than a part, recorded as
+                                it was written (local caches only; never copied to media)
     signing-key.sec/.pub        the key a build made for itself (never copied to media)
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import socket
@@ -27,8 +30,10 @@ CACHE_INFO = f"StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: 30\n"
 SUBDIRS = ("nar", "log", "realisations")
 SECRET_KEY = "signing-key.sec"
 PUBLIC_KEY = "signing-key.pub"
+PARTS = "parts"
 TMP_PREFIX = ".tmp-"
 _NARINFO = re.compile(r"^[0-9a-df-np-sv-z]{32}\.narinfo$")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def temp_name(final: Path) -> Path:
@@ -80,6 +85,9 @@ def remove_unless_locked(path: Path) -> bool:
 class BinaryCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Narinfos parsed, by the file they were parsed from (inode, size, mtime): a build reads
+        # each one four times (fill, closure, sizes, assembly), and parsing is most of that.
+        self._parsed: dict[StorePath, tuple[tuple[int, int, int], NarInfo]] = {}
 
     def __repr__(self) -> str:
         return f"BinaryCache({str(self.root)!r})"
@@ -115,7 +123,7 @@ class BinaryCache:
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files left by a run that was killed; returns how many."""
         removed = 0
-        for directory in (self.root, self.root / "nar"):
+        for directory in (self.root, self.root / "nar", self.root / PARTS):
             for entry in directory.glob(f"{TMP_PREFIX}*"):
                 removed += remove_unless_locked(entry)
         return removed
@@ -125,14 +133,24 @@ class BinaryCache:
         return self.narinfo_path(path).is_file()
 
     def read_narinfo(self, path: StorePath) -> NarInfo:
+        """The path's narinfo, parsed again only when its file changed since it was last parsed
+        (another inode, size or modification time: a narinfo is replaced by a rename)."""
         file = self.narinfo_path(path)
         try:
-            text = file.read_text()
+            with open(file, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+                known = self._parsed.get(path)
+                if known is not None and known[0] == identity:
+                    return known[1]
+                text = f.read().decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
         except FileNotFoundError:
             raise InvalidMedia(f"{file}: missing") from None
         except UnicodeDecodeError:
             raise FormatError(f"{file}: not text") from None
-        return NarInfo.parse(text, source=str(file))
+        info = NarInfo.parse(text, source=str(file))
+        self._parsed[path] = (identity, info)
+        return info
 
     def narinfo_files(self) -> Iterator[Path]:
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
@@ -141,6 +159,34 @@ class BinaryCache:
 
     def write_narinfo(self, info: NarInfo) -> None:
         write_atomic(self.narinfo_path(info.store_path), info.render().encode())
+
+    def parts_path(self, url: str) -> Path:
+        return self.root / PARTS / f"{Path(url).name}.json"
+
+    def write_parts(self, url: str, limit: int, parts: list[tuple[int, str]]) -> None:
+        """Record the (size, sha256) of each `limit`-byte part of the NAR file `url`, hashed as it
+        was written into this cache, bound to the file's size and modification time."""
+        st = self.file_path(url).stat()
+        record = {"limit": limit, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "parts": parts}
+        (self.root / PARTS).mkdir(exist_ok=True)
+        write_atomic(self.parts_path(url), json.dumps(record).encode())
+
+    def read_parts(self, url: str, limit: int) -> list[tuple[int, str]] | None:
+        """The parts recorded for the NAR file `url` at `limit`, or None (then hash them): none
+        recorded, another limit, or a file whose size or modification time is not what it was
+        when its parts were hashed. Trusted as the narinfo's FileHash is: this cache wrote both."""
+        try:
+            st = self.file_path(url).stat()
+            record = json.loads(self.parts_path(url).read_bytes())
+            parts = [(int(n), str(digest)) for n, digest in record["parts"]]
+            if (record["limit"], record["size"], record["mtime_ns"]) != (limit, st.st_size, st.st_mtime_ns):
+                return None
+        except (OSError, ValueError, TypeError, KeyError, FormatError):
+            return None
+        cut = [min(limit, st.st_size - start) for start in range(0, st.st_size, limit)]
+        if [n for n, _ in parts] != cut or not all(_SHA256_HEX.fullmatch(digest) for _, digest in parts):
+            return None
+        return parts
 
     def public_key(self) -> PublicKey | None:
         file = self.root / PUBLIC_KEY

@@ -22,6 +22,7 @@ from mediabuilder.cache.compression import EXTENSIONS, Compressor
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.interrupts import uninterrupted
+from mediabuilder.media.split import PART_SIZE, PartHashes
 from mediabuilder.store import nar, nix32
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
@@ -45,17 +46,20 @@ class FillResult:
 
 
 class _HashingFile:
-    """A file that hashes and counts what is written to it."""
+    """A file that hashes and counts what is written to it: the whole file, and the parts of
+    PART_SIZE an image cuts it into (so an image need not read it to hash them)."""
 
     def __init__(self, path: Path) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
         lock(self._file)
-        self.sha256 = hashlib.sha256()
-        self.size = 0
+        self.hashes = PartHashes(PART_SIZE)
+
+    @property
+    def size(self) -> int:
+        return self.hashes.size
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.size += len(data)
+        self.hashes.update(data)
         return self._file.write(data)
 
     def close(self) -> None:
@@ -96,9 +100,11 @@ def export_nar(
                 f"Nix recorded {nar_hash}, {nar_size} bytes)",
                 hint="the local store is damaged: run `nix-store --verify --check-contents --repair`",
             )
-        file_hash = nix32.encode(out.sha256.digest())
+        file_hash = nix32.encode(out.hashes.whole.digest())
         url = f"nar/{file_hash}{EXTENSIONS[compression]}"
         os.replace(tmp, Path(root) / url)
+        if out.size > PART_SIZE:
+            BinaryCache(Path(root)).write_parts(url, PART_SIZE, out.hashes.parts())
         return Exported(url=url, file_hash=f"sha256:{file_hash}", file_size=out.size)
     except BaseException:
         out.close()

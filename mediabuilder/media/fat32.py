@@ -29,6 +29,7 @@ from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs, reproducible
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
+from mediabuilder.media.output import WriteBehind
 from mediabuilder.media.split import FAT32_SAFE_FILE, Slice
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
@@ -505,6 +506,7 @@ class _Copier:
     def __init__(self, out: int) -> None:
         self.out = out
         self.buffer = memoryview(bytearray(COPY_CHUNK))
+        self.behind = WriteBehind(out)
 
     def copy(self, path: Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
         """`size` bytes of `path` from `start` to `offset` in the image."""
@@ -521,6 +523,7 @@ class _Copier:
                         "was it changed while the image was written?"
                     )
                 _pwrite(self.out, self.buffer[:n], offset + done)
+                self.behind.wrote(n)
                 done += n
                 progress(n)
         finally:

@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer as Buffer
 
 from mediabuilder import interrupts, ui
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media import reproducible
 from mediabuilder.media.label import validate_label
+from mediabuilder.media.output import WriteBehind
 from mediabuilder.media.split import SINGLE_EXTENT_MAX, Slice, SliceReader
 
 # The biggest file written as a single extent; bigger ones must be split beforehand.
@@ -207,11 +212,24 @@ def write_iso(tree: Path, output: Path, *, label: str, into: Path | None = None,
         _write(tree, output, label, into, slices or {})
 
 
+class _ImageFile(io.FileIO):
+    """The image file, its writeback started as it is written (`WriteBehind`)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "wb")
+        self.behind = WriteBehind(self.fileno())
+
+    def write(self, data: Buffer) -> int:
+        n = super().write(data)
+        self.behind.wrote(n or 0)
+        return n or 0
+
+
 def _write(tree: Path, output: Path, label: str, into: Path | None, slices: Mapping[Path, Sequence[Slice]]) -> None:
     plan = _plan(tree, label, slices)
     tmp = into or output.with_name(f".{output.name}.tmp-{os.getpid()}")
     try:
-        with ui.progress(None, "Writing ISO image") as bar, tmp.open("wb") as out:
+        with ui.progress(None, "Writing ISO image") as bar, io.BufferedWriter(_ImageFile(tmp)) as out:
             # pycdlib reports progress per file; the bar follows the image's bytes as they are
             # written (the file position, read 4 times a second), its callback gives the total.
             def total(_done: int, size: int, _opaque: object) -> None:

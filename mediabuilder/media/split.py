@@ -3,7 +3,8 @@
 A file `NAME` bigger than the limit becomes `NAME.part000`, `NAME.part001`, ... each at most
 `limit` bytes; the parts are hashed while they are copied so the manifest can list them. An
 image needs no copies: each part is a `Slice` of the whole file, hashed in one read of it
-(`slice_file`), that the image writers read straight from it.
+(`slice_file`), that the image writers read straight from it. A file hashed as it was written
+(`PartHashes`, the cache's NARs) needs not even that read: `slices_of` takes its parts as given.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -89,6 +90,53 @@ def split_file(src: Path, dest_dir: Path, limit: int) -> list[Part]:
     if sum(p.size for p in parts) != size:
         raise InternalError(f"{src}: changed size while it was being split")
     return parts
+
+
+def slices_of(src: Path, limit: int, hashed: Sequence[tuple[int, str]]) -> tuple[list[Part], list[Slice]]:
+    """What `slice_file` gives, from the (size, sha256) of each part recorded when `src` was written
+    (`PartHashes`); InternalError unless they cut a file of `src`'s size into parts of `limit`."""
+    size = src.stat().st_size
+    names = part_names(src.name, part_count(size, limit))
+    want = [min(limit, size - limit * i) for i in range(len(names))]
+    if [n for n, _ in hashed] != want:
+        raise InternalError(f"{src}: its recorded parts do not cut {size} bytes into parts of {limit}")
+    parts = [Part(name, n, digest) for name, (n, digest) in zip(names, hashed, strict=True)]
+    return parts, [Slice(p.name, src, limit * i, p.size) for i, p in enumerate(parts)]
+
+
+class PartHashes:
+    """The sha256 of a file written front to back and, in the same pass, of the parts of `limit`
+    bytes `slice_file` would cut it into. The first part's digest is the whole file's state at
+    `limit` bytes (a copy of it), so only the bytes after the first part are hashed twice."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise InternalError(f"split limit must be positive, not {limit}")
+        self.limit = limit
+        self.whole = hashlib.sha256()
+        self.size = 0
+        self._done: list[tuple[int, str]] = []  # (size, sha256) of the parts that are complete
+        self._current: Any = None  # the part being written, from the second part on
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            room = self.limit - self.size % self.limit
+            piece, view = view[:room], view[room:]
+            self.whole.update(piece)
+            if self._current is not None:
+                self._current.update(piece)
+            self.size += len(piece)
+            if self.size % self.limit == 0:  # a part ends here
+                self._done.append((self.limit, (self._current or self.whole.copy()).hexdigest()))
+                self._current = hashlib.sha256()
+
+    def parts(self) -> list[tuple[int, str]]:
+        """(size, sha256) of every part of what was written so far (one part when it fits `limit`)."""
+        if self.size <= self.limit:
+            return [(self.size, self.whole.hexdigest())]
+        tail = self.size % self.limit
+        return self._done + ([(tail, self._current.hexdigest())] if tail else [])
 
 
 def slice_file(src: Path, limit: int) -> tuple[list[Part], list[Slice]]:
