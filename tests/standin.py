@@ -362,7 +362,10 @@ def _setup_live_root(root: Path) -> None:
     system = root / "etc" / "systemd" / "system"
     for unit in ("systemd-firstboot.service", "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
                  "e2scrub_reap.service", "dpkg-db-backup.timer", "fstrim.timer", "getty@tty1.service",
-                 "ldconfig.service", "systemd-journal-catalog-update.service"):
+                 "ldconfig.service", "systemd-journal-catalog-update.service",
+                 # console=ttyS0 makes the getty generator start one on the serial line, which
+                 # waits 90 s for udev's dev-ttyS0.device under emulation; the report unit needs none.
+                 "serial-getty@ttyS0.service"):
         link = system / unit
         link.unlink(missing_ok=True)
         for wants in system.glob(f"*.wants/{unit}"):

@@ -414,7 +414,7 @@ def test_boots_into_the_install_entry(remastered: Remastered, tmp_path: Path, fi
         "STANDIN: live system: PID 1 systemd, systemd 257, nix (Nix) 2.26.3",
         f"STANDIN: /iso is {device} iso9660 (ro), / is overlay",
         "STANDIN: medium at /iso/mediabuilder for host beta: README.txt cache flake install.sh manifest.json "
-        "manifest.storepath media-key.pub registry.json unattended.sh",
+        "manifest.storepath media-key.pub registry.json",
         f"STANDIN: manifest.json sha256 {hashlib.sha256(manifest).hexdigest()}",
         "STANDIN: done",
     ]

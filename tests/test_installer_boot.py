@@ -11,8 +11,9 @@ profile, /etc/nixos and its history by git). Then the disk alone boots under UEF
 removable path EFI/BOOT/BOOTX64.EFI: systemd-boot, the host's kernel and initrd), whose initrd
 reports `INSTALLED: host=bootbox toplevel=...` on the serial console.
 
-Boots (software emulation, about a minute each for the installer): BIOS+CD and UEFI+USB installs,
-each installed disk booted under UEFI, and two disks with `auto`, refused. Every run has a hard
+Boots (software emulation, about a minute each for the installer): BIOS+CD and UEFI+USB installs
+(UEFI with a second, removable USB stick, which `auto` must pass over), each installed disk
+booted under UEFI, and two disks with `auto`, refused. Every run has a hard
 timeout and is killed; a failing test prints the serial console. Each boot's time is printed
 (`pytest -s`) and recorded in docs/installer.md.
 """
@@ -174,6 +175,7 @@ class Installed:
     disk: Path
     run: Run
     stick: Path | None  # UEFI: the stick the ISO was booted from
+    spare: Path | None  # UEFI: a blank, writable, removable USB stick beside it
 
 
 @pytest.fixture(scope="module", params=["bios", "uefi"])
@@ -181,15 +183,20 @@ def installed(request: pytest.FixtureRequest, built: Built, tmp_path_factory: py
     firmware = request.param
     tmp = tmp_path_factory.mktemp(f"install-{firmware}")
     disk = blank_disk(tmp / "disk.img")
-    stick = None
+    stick = spare = None
     medium = built.iso
+    extra: list[str] = []
     if firmware == "uefi":
         stick = tmp / "stick.img"
         shutil.copyfile(built.iso, stick)
         medium = stick
-    run = qemu([*installer(firmware, medium, tmp), *virtio_disks(disk)], tmp / "serial.log", INSTALL_TIMEOUT)
+        # A removable disk is never a candidate: with it, `auto` still means the one virtio disk.
+        spare = blank_disk(tmp / "spare.img", GIB)
+        extra = ["-drive", f"if=none,id=spare,format=raw,file={spare}",
+                 "-device", "usb-storage,drive=spare,removable=on"]
+    run = qemu([*installer(firmware, medium, tmp), *extra, *virtio_disks(disk)], tmp / "serial.log", INSTALL_TIMEOUT)
     report(f"{firmware} x {'CD' if firmware == 'bios' else 'USB stick'} x {HOST}: unattended install", run)
-    return Installed(firmware, disk, run, stick)
+    return Installed(firmware, disk, run, stick, spare)
 
 
 def test_unattended_install_runs_and_powers_off(installed: Installed, built: Built) -> None:
@@ -210,6 +217,8 @@ def test_unattended_install_runs_and_powers_off(installed: Installed, built: Bui
     assert not [ln for ln in mediabuilder if "install failed" in ln], serial[-6000:]
     if installed.stick is not None:  # the boot medium, writable, was not touched
         assert sha256(installed.stick) == sha256(built.iso)
+    if installed.spare is not None:  # nor the removable stick
+        assert sha256(installed.spare) == sha256(blank_disk(installed.spare.with_name("blank.img"), GIB))
 
 
 @dataclass(frozen=True)
