@@ -244,6 +244,17 @@ def test_upgrade_brings_the_build_inputs(setup: Setup, tmp_path: Path) -> None:
         proc = rebuild_on_target(root, "alpha: nginx in the foreground (after the upgrade)")
     assert proc.returncode == 0, proc.stderr
     assert built_names(proc.stderr) == REBUILT
+    # A newer medium without build inputs: their GC root goes (root's nix.conf stays as it is).
+    roots_dir = root / "nix/var/nix/gcroots/mediabuilder-rebuild"
+    assert roots_dir.is_dir()
+    note.write_text(note.read_text().replace('"B"', '"C"'))
+    _commit(flake, "alpha: note C")
+    medium_c = tmp_path / "media-none-c"
+    proc = run_cli("build", f"--flake={flake}#alpha", "--cache", setup.cache, "--output", medium_c)
+    assert proc.returncode == 0, proc.stderr
+    proc = install_offline(medium_c, root, "--upgrade", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert not roots_dir.exists()
 
 
 @pytest.mark.integration

@@ -1558,10 +1558,13 @@ read_rebuild_level() {
 }
 
 configure_rebuild() {
-    read_rebuild_level
-    [[ $REBUILD != none ]] || return 0
-    step "keeping the build inputs for offline rebuilds ($REBUILD) and building with no substituters"
     local roots=$ROOT/nix/var/nix/gcroots/mediabuilder-rebuild p
+    read_rebuild_level
+    if [[ $REBUILD == none ]]; then
+        rm -rf -- "$roots" # an earlier medium's build inputs: collectable from now on
+        return 0
+    fi
+    step "keeping the build inputs for offline rebuilds ($REBUILD) and building with no substituters"
     rm -rf -- "$roots.new"
     mkdir -p -- "$roots.new"
     for p in "${HOST_PATHS[@]}" "${BASE_NEEDED[@]}"; do
