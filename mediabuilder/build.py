@@ -242,8 +242,8 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     reproducible.source_date_epoch(None)  # a bad SOURCE_DATE_EPOCH is refused before any work
     if req.media.installer is not None:
         check_installer_hosts(req)
-    layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     have_nix = check_nix(req)
+    layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     runner.require("git")
     if req.cache.key is not None:
         if not req.cache.key.is_file():
