@@ -249,11 +249,11 @@ def build_media(req: BuildRequest) -> dict[str, str]:
     reproducible.source_date_epoch(None)  # a bad SOURCE_DATE_EPOCH is refused before any work
     if req.media.installer is not None:
         check_installer_hosts(req)
-    layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     have_nix = check_nix(req)
     if req.media.rebuild is not RebuildLevel.NONE and not have_nix:
         raise InvalidInput(f"--rebuild {req.media.rebuild.value}: needs a local Nix, which reads the build closure "
                            "from the derivations", hint="build on a machine with Nix, or pass --rebuild none")
+    layouts.check_settings(req.install, request_hosts(req), req.media.installer is not None, req.media.boot_default)
     runner.require("git")
     if req.cache.key is not None:
         if not req.cache.key.is_file():

@@ -192,8 +192,8 @@ def test_no_terminal_output_unchanged(example: Example, slow_path: str, cache: P
     steps = lines[1:-1]
     assert [ln.split(" … ")[0].strip() for ln in steps] == [
         "Resolving hosts", "Checking the repository", "Building toplevels", "Archiving flake inputs",
-        "Adding install tools", "Filling binary cache", "Reading closures", "Assembling the media tree",
-        "Signing the manifest", "Writing the medium",
+        "Adding install tools", "Choosing disk layouts", "Filling binary cache", "Reading closures",
+        "Assembling the media tree", "Signing the manifest", "Writing the medium",
     ]
     assert all(STEP_LINE.match(ln) for ln in steps), steps
     quiet = run_cli(*build_args(example, cache, tmp_path / "media2", "--quiet"))

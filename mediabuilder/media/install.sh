@@ -556,6 +556,7 @@ check_target() {
     if ((!DRY_RUN)) && ((EUID != 0)); then
         die "$ROOT" "installing needs root; run this script as root (sudo)"
     fi
+    read_flake_info
 }
 
 # The flake repository, cloned from the bundle into scratch before anything is written to the
@@ -619,6 +620,7 @@ json_unescape() {
 # spaces, and each remote is alone on a line of the "remotes" object.
 read_flake_info() {
     local block line in_remotes=0 name url
+    BRANCH="" REV="" SUBDIR="" REMOTE_NAMES=() REMOTE_URLS=() # (read again by check_target after --disk)
     block=$(sed -n '/^  "flake": {$/,/^  }/p' "$TRUSTED/manifest.json")
     [[ -n $block ]] || die "$MANIFEST_PATH/manifest.json" "has no \"flake\" object (media made by an incompatible mediabuilder)"
     while IFS= read -r line; do
@@ -1623,9 +1625,9 @@ main() {
         read_install_record
     fi
     choose_host
-    read_flake_info
     if [[ -n $DISK_REQ ]]; then
         ((DRY_RUN || EUID == 0)) || die "$DISK_REQ" "installing onto a disk needs root; run this script as root (sudo)"
+        read_flake_info
         choose_layout
         plan_disk
     else
