@@ -60,6 +60,7 @@ bench: setup
     python scripts/bench_images.py
     python scripts/bench_installer.py
     python scripts/bench_build.py
+    python scripts/bench_upgrade.py
     if [ -f scripts/bench_substituter.py ]; then python scripts/bench_substituter.py; fi
 
 # Peak memory of the image writers on a 5,000-NAR, 20 GiB medium (needs 22 GiB free; minutes).
