@@ -18,7 +18,7 @@ SUITE=trixie
 # Every tool the tests use (./setup's PACKAGES), and what a bare apt variant lacks.
 PACKAGES=(nix-bin git xorriso genisoimage mtools dosfstools libarchive-tools p7zip-full shellcheck
           busybox-static zstd util-linux fdisk openssl python3-venv curl
-          mount ca-certificates procps)
+          mount ca-certificates procps e2fsprogs)
 
 # mediabuilder's dependencies from pyproject.toml, one a line: `runtime`, or `all` (with dev's).
 dependencies() {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -21,10 +22,11 @@ from pathlib import Path
 import pycdlib
 import pytest
 import standin
-from conftest import EXAMPLE_HOSTS, Example, assert_one_line_error, make_nix_env, run_cli
+from conftest import EXAMPLE_HOSTS, Example, assert_one_line_error, make_nix_env, prepare_example, run_cli
+from test_unattended import INSTALL as UNATTENDED_INSTALL
 
 from mediabuilder.errors import InvalidInput, InvalidMedia
-from mediabuilder.installer import menus
+from mediabuilder.installer import layout, menus
 from mediabuilder.installer.remaster import kernel_params
 from mediabuilder.profile import load_profile
 
@@ -418,3 +420,38 @@ def test_boots_into_the_install_entry(remastered: Remastered, tmp_path: Path, fi
         f"STANDIN: manifest.json sha256 {hashlib.sha256(manifest).hexdigest()}",
         "STANDIN: done",
     ]
+
+
+@pytest.mark.integration
+def test_remastered_menus_default_to_the_unattended_entry(tmp_path: Path) -> None:
+    """(test_unattended.py's, here because the stand-in is built on the host only.) The stand-in
+    installer remastered with --unattended: all three menus as menus.py edits
+    them, with the unattended entry the default, and unattended.sh on the medium, signed."""
+    prepare_example(tmp_path / "example")
+    flake = tmp_path / "example" / "flake"
+    stock = standin.standin_iso()
+    out = tmp_path / "out.iso"
+    proc = run_cli("build", *[a for h in EXAMPLE_HOSTS for a in ("--flake", f"{flake}#{h}")], "--format", "iso",
+                   "--installer", stock, "--cache", tmp_path / "cache", "-o", out,
+                   "--unattended", "alpha", "--install-disk", "auto", "--layout", "bios")
+    assert proc.returncode == 0, proc.stderr
+
+    def read(path: str) -> str:
+        return subprocess.run(["isoinfo", "-R", "-x", path, "-i", out], capture_output=True, text=True,
+                              check=True).stdout
+
+    assert read("/isolinux/isolinux.cfg") == menus.edit_isolinux(standin.ISOLINUX_CFG, UNATTENDED_INSTALL, "x")
+    grub = read("/EFI/BOOT/grub.cfg")
+    assert grub == menus.edit_grub(standin.GRUB_CFG, UNATTENDED_INSTALL, "x")
+    efi = tmp_path / "efi.img"
+    subprocess.run(["xorriso", "-report_about", "FAILURE", "-osirrox", "on", "-indev", out, "-extract",
+                    "/boot/efi.img", efi], check=True, capture_output=True)
+    assert subprocess.run(["mtype", "-i", efi, "::/EFI/BOOT/grub.cfg"], capture_output=True, text=True,
+                          check=True).stdout == grub
+    manifest = json.loads(read("/mediabuilder/manifest.json"))
+    script = read("/mediabuilder/unattended.sh")
+    assert script == (Path(layout.__file__).parent.parent / "media" / "unattended.sh").read_text()
+    assert manifest["files"]["unattended.sh"]["sha256"] == hashlib.sha256(script.encode()).hexdigest()
+    assert manifest["install"]["unattended"] == "alpha" and manifest["install"]["layout"] == "bios"
+    verified = run_cli("verify", out, "--trusted-key", tmp_path / "cache" / "signing-key.pub")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
