@@ -20,6 +20,7 @@ import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
 from mediabuilder.errors import InvalidMedia
+from mediabuilder.media.iso import JOLIET_MAX, NOT_JOLIET
 from mediabuilder.media.source import (
     ISO_BLOCK,
     Extents,
@@ -29,8 +30,6 @@ from mediabuilder.media.source import (
 )
 
 NM_CURRENT, NM_PARENT = 0x02, 0x04  # Rock Ridge NM flags: the name is "." or ".."
-JOLIET_MAX = 64  # characters of a Joliet name
-_NOT_JOLIET = re.compile(r"[*/:;?\\]")
 _ISO_FILE = re.compile(r"[A-Z0-9_]*(\.[A-Z0-9_]*)?;[0-9]+")  # ECMA-119 levels 2 and 3, what writers write
 # a directory's name is d-characters; xorriso's -full-iso9660-filenames (NixOS's installer ISOs)
 # keeps one dot in it: /BOOT/3HG0…KD1A5H.30 for boot/3hg0…-linux-6.12.30
@@ -368,4 +367,4 @@ class IsoSource(_ImageSource):
 
 def _joliet_spells(rel: str) -> bool:
     """Whether Joliet can hold every name of `rel` as it is (ISO writers change the others)."""
-    return all(len(part) <= JOLIET_MAX and not _NOT_JOLIET.search(part) for part in rel.split("/"))
+    return all(len(part) <= JOLIET_MAX and not NOT_JOLIET.search(part) for part in rel.split("/"))
