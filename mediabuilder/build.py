@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediabuilder import __version__, flakelock, nixcli, rebuild, ui
 from mediabuilder import run as runner
@@ -23,7 +24,7 @@ from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCac
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
 from mediabuilder.installer import layout as layouts
-from mediabuilder.media import delta, fat32, flakerepo, fsinfo, iso, output, registry, reproducible, split
+from mediabuilder.media import flakerepo, fsinfo, output, registry, reproducible, split
 from mediabuilder.media.label import DEFAULT_LABEL, validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import (
@@ -39,9 +40,9 @@ from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
 from mediabuilder.store.storepath import StorePath
-from mediabuilder.substituter.client import Substituter
-from mediabuilder.substituter.prefetch import default_jobs as download_jobs
-from mediabuilder.substituter.prefetch import prefetch
+
+if TYPE_CHECKING:
+    from mediabuilder.media import delta
 
 README = """\
 This medium installs a NixOS system with no network.
@@ -188,7 +189,8 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> dict[str, FileEntry]:
     """Copy the narinfos and NARs of `paths` from the local cache into `media/cache`; returns the
-    manifest entries of the NAR files, whose sha256 the narinfos already give."""
+    manifest entries of the NAR files, whose sha256 the narinfos already give, and of the
+    narinfos linked to the very files that were parsed (hashed as they were read)."""
     root = media / "cache"
     root.mkdir()
     for sub in SUBDIRS:
@@ -218,7 +220,11 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
             bar.update(start - bar.n)  # the whole file is counted by the caller
 
         for info in infos:
-            link_or_copy(local.narinfo_path(info.store_path), root / f"{info.store_path.hash_part}.narinfo")
+            narinfo = root / f"{info.store_path.hash_part}.narinfo"
+            link_or_copy(local.narinfo_path(info.store_path), narinfo)
+            parsed = local.narinfo_digest(info.store_path, narinfo)  # a link to what was parsed
+            if parsed is not None:
+                known[f"cache/{narinfo.name}"] = FileEntry(*parsed)
             if (root / info.url).exists():  # two paths with the same NAR
                 continue
             link_or_copy_nar(local.file_path(info.url), root / info.url)
@@ -337,6 +343,8 @@ def read_base(req: BuildRequest, key: SecretKey) -> delta.Base | None:
     """OLD of `--since`, before any evaluation: a medium signed by this build's key, or a manifest."""
     if req.since is None:
         return None
+    from mediabuilder.media import delta
+
     with ui.step("Reading the base (--since)") as step:
         base = delta.load_base(req.since, [key.public()])
         step.detail = (f"{'signed medium' if base.signed else 'unsigned manifest'} at {base.rev[:12]}, "
@@ -350,6 +358,8 @@ def leave_out_base(closures: dict[str, list[NarInfo]], union: list[StorePath],
     what the base lacks and what it holds."""
     if base is None:
         return union, []
+    from mediabuilder.media import delta
+
     with ui.step("Leaving out what the base holds") as step:
         ships, relied = delta.split({h: [str(i.store_path) for i in c] for h, c in closures.items()}, base)
         step.detail = f"{len(ships)} of {len(union)} paths shipped, {len(relied)} relied on"
@@ -461,11 +471,13 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
             flake = flakerepo.snapshot_ref(repo)
             hosts = [nixcli.HostRef(flake, h.host) for h in hosts]
         step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
+    facts = None
     if req.systems:
         toplevels = dict(req.systems)
     else:
         with ui.step("Building toplevels") as step:
-            toplevels = nixcli.build_toplevels(hosts)
+            toplevels, evaluated = nixcli.build_hosts(hosts, also=layouts.facts_expr())
+            facts = {h: layouts.facts_of(v) for h, v in evaluated.items()}
             step.detail = f"{len(toplevels)} system(s)"
     with ui.step("Archiving flake inputs") as step:
         lock = local_dir / "flake.lock"
@@ -479,18 +491,21 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
             tools = build_tools(flake, req.tools)
             step.detail = ", ".join(tools) or "none"
     with ui.step("Choosing disk layouts") as step:
-        chosen = choose_layouts(req, flake, sorted(toplevels), have_nix)
+        chosen = choose_layouts(req, flake, sorted(toplevels), have_nix, facts)
         step.detail = ", ".join(f"{h} {c.layout.value}" for h, c in chosen.items())
     return Source(toplevels, repo, local_dir, input_paths, pins, archive.get("path"), tools, chosen)
 
 
-def choose_layouts(req: BuildRequest, flake: str, hosts: list[str], have_nix: bool) -> dict[str, layouts.HostLayout]:
+def choose_layouts(req: BuildRequest, flake: str, hosts: list[str], have_nix: bool,
+                   facts: dict[str, layouts.Facts] | None = None) -> dict[str, layouts.HostLayout]:
     """Each host's layout (--layout, else disko when it has disko, else uefi), checked against
-    its fileSystems; a disko host's script built, to go into the media cache with its closure."""
+    its fileSystems (`facts`: as the evaluation of the toplevels gave them, else evaluated here);
+    a disko host's script built, to go into the media cache with its closure."""
     if req.install.unattended and req.install.unattended not in hosts:
         raise InvalidInput(f"--unattended {req.install.unattended}: not one of the hosts ({', '.join(hosts)})",
                            hint="name one of the hosts given with --flake PATH#HOST")
-    facts = layouts.evaluate(flake, hosts) if have_nix else {}
+    if facts is None:
+        facts = layouts.evaluate(flake, hosts) if have_nix else {}
     chosen = {h: layouts.choose(h, req.install.layout, facts.get(h)) for h in hosts}
     layouts.build_disko([facts[h].disko[attr]["drv"] for h, (_, attr) in chosen.items() if attr])
     found = {}
@@ -551,6 +566,10 @@ def fill_cache(req: BuildRequest, cache: BinaryCache, key: SecretKey, roots: lis
     they lack from the local store."""
     local = roots
     if req.substituters:
+        from mediabuilder.substituter.client import Substituter
+        from mediabuilder.substituter.prefetch import default_jobs as download_jobs
+        from mediabuilder.substituter.prefetch import prefetch
+
         with ui.step("Prefetching from substituters") as step:
             trusted = [PublicKey.parse(k, source="--trusted-key") for k in req.substituter_keys]
             jobs = req.cache.jobs or download_jobs()
@@ -624,10 +643,11 @@ def make_manifest(req: BuildRequest, source: Source, shipped: flakerepo.FlakeRep
 def sign_manifest(manifest: Manifest, tree: Path, key: SecretKey, compression: str, scratch: Path) -> StorePath:
     """Write manifest.json, and the signed manifest store path into the media cache (its files
     are laid out in `scratch`, an empty directory that the caller removes)."""
-    (tree / "manifest.json").write_text(manifest.render(), encoding="utf-8")
+    rendered = manifest.render()
+    (tree / "manifest.json").write_text(rendered, encoding="utf-8")
     scratch.mkdir()
     trust = scratch / "manifest"
-    manifest.write_trust_dir(trust)
+    manifest.write_trust_dir(trust, rendered)
     path, nar_hash, nar_size = trust_path(trust)
     export_tree(BinaryCache(tree / "cache"), trust, PathInfo(path, nar_hash, nar_size, ()), key, compression)
     os.chmod(trust, 0o755)
@@ -685,6 +705,8 @@ def check_media_settings(media: MediaSettings) -> None:
     if media.format in (MediaFormat.ISO, MediaFormat.FAT32):
         validate_label(media.label, media.format.value)
     if media.format is MediaFormat.FAT32 and media.size is not None:
+        from mediabuilder.media import fat32
+
         fat32.check_size(media.size, media.partition_table.value)
     if media.format is MediaFormat.FAT32 and media.partition_table is not PartitionTable.NONE:
         runner.require("sfdisk", "to write a partition table")
@@ -742,8 +764,12 @@ def write_output(tree: Path, target: Target, req: BuildRequest, epoch: int,
                 remaster(req.media.installer, tree, image, hosts, scratch, default=req.media.boot_default or None,
                          epoch=epoch, unattended=req.install.unattended or None)
         elif req.media.format is MediaFormat.ISO:
+            from mediabuilder.media import iso
+
             iso.write_iso(tree, target.path, label=req.media.label, into=image, epoch=epoch, slices=slices)
         else:
+            from mediabuilder.media import fat32
+
             fat32.write_fat32(tree, target.path, label=req.media.label, size=req.media.size,
                               partition_table=req.media.partition_table.value, into=image, epoch=epoch,
                               slices=slices)

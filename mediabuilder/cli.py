@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from mediabuilder import __version__, interrupts, nixcli, ui
 from mediabuilder.cache.layout import BinaryCache, default_key_name, load_or_create_key
-from mediabuilder.cache.verify import Report
 from mediabuilder.cache.writer import fill
 from mediabuilder.errors import InternalError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.profile import (
@@ -38,6 +37,7 @@ from mediabuilder.store.keys import PublicKey, write_key_pair
 from mediabuilder.store.storepath import StorePath
 
 if TYPE_CHECKING:
+    from mediabuilder.cache.verify import Report
     from mediabuilder.media.source import MediaSource
 
 

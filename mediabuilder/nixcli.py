@@ -175,16 +175,23 @@ def _attr_list(names: Iterable[str]) -> str:
 
 
 def build_toplevels(hosts: list[HostRef]) -> dict[str, StorePath]:
+    """Build every host's toplevel (build_hosts)."""
+    return build_hosts(hosts)[0]
+
+
+def build_hosts(hosts: list[HostRef], also: str = "") -> tuple[dict[str, StorePath], dict[str, Any]]:
     """Build every host's toplevel; each is known by what one evaluation says it is (its .drv and
     output path), never by the position of an answer: `nix build A B` does not answer in the order
     asked (2.8 sorts). One evaluation of all hosts, then `nix-store --realise` of their .drv files
-    (no second evaluation)."""
+    (no second evaluation). Returns the toplevels and, with `also` (evaluate_toplevels), each
+    host's value of it from the same evaluation."""
     toplevels: dict[str, StorePath] = {}
+    extra: dict[str, Any] = {}
     by_flake: dict[str, list[str]] = {}
     for h in hosts:
         by_flake.setdefault(h.flake, []).append(h.host)
     for flake, names in by_flake.items():
-        evaluated = evaluate_toplevels(flake, names)
+        evaluated = evaluate_toplevels(flake, names, also)
         proc = runner.run(["nix-store", "--realise", *sorted({v["drv"] for v in evaluated.values()})])
         built = set(proc.stdout.decode().split())
         for name in names:
@@ -192,15 +199,20 @@ def build_toplevels(hosts: list[HostRef]) -> dict[str, StorePath]:
             if out not in built:
                 raise InternalError(f"nix-store --realise {drv} did not give {out} (the toplevel of {name})")
             toplevels[name] = StorePath.parse(out)
-    return {h.host: toplevels[h.host] for h in hosts}
+            if also:
+                extra[name] = evaluated[name]["also"]
+    return {h.host: toplevels[h.host] for h in hosts}, extra
 
 
-def evaluate_toplevels(flake: str, names: list[str]) -> dict[str, dict[str, str]]:
-    """Host name -> {"drv": its toplevel's .drv (written to the store), "out": its output path}."""
-    apply = (f"cs: builtins.listToAttrs (map (n: let t = cs.${{n}}.config.system.build.toplevel; in "
-             f"{{ name = n; value = {{ drv = t.drvPath; out = t.outPath; }}; }}) {_attr_list(names)})")
+def evaluate_toplevels(flake: str, names: list[str], also: str = "") -> dict[str, dict[str, Any]]:
+    """Host name -> {"drv": its toplevel's .drv (written to the store), "out": its output path}
+    and, with `also` (a Nix expression of the host's `c`, its config), "also": its value: a real
+    host is evaluated once, not once for each question asked of it."""
+    extra = f"also = {also}; " if also else ""
+    apply = (f"cs: builtins.listToAttrs (map (n: let c = cs.${{n}}.config; t = c.system.build.toplevel; in "
+             f"{{ name = n; value = {{ drv = t.drvPath; out = t.outPath; {extra}}}; }}) {_attr_list(names)})")
     proc = runner.run([*NIX, "eval", *LOCKED, "--json", f"{flake}#nixosConfigurations", "--apply", apply])
-    evaluated: dict[str, dict[str, str]] = json.loads(proc.stdout)
+    evaluated: dict[str, dict[str, Any]] = json.loads(proc.stdout)
     return evaluated
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -82,12 +83,17 @@ def remove_unless_locked(path: Path) -> bool:
         os.close(fd)
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class BinaryCache:
     def __init__(self, root: Path) -> None:
         self.root = root
-        # Narinfos parsed, by the file they were parsed from (inode, size, mtime): a build reads
-        # each one four times (fill, closure, sizes, assembly), and parsing is most of that.
-        self._parsed: dict[StorePath, tuple[tuple[int, int, int], NarInfo]] = {}
+        # Narinfos parsed, by the file they were parsed from (inode, size, mtime), with the sha256
+        # of its bytes: a build reads each one four times (fill, closure, sizes, assembly), and
+        # opening and parsing are most of that; the media's sums take the sha256.
+        self._parsed: dict[StorePath, tuple[tuple[int, int, int], NarInfo, str]] = {}
 
     def __repr__(self) -> str:
         return f"BinaryCache({str(self.root)!r})"
@@ -137,20 +143,29 @@ class BinaryCache:
         (another inode, size or modification time: a narinfo is replaced by a rename)."""
         file = self.narinfo_path(path)
         try:
+            known = self._parsed.get(path)
+            if known is not None and known[0] == _identity(os.stat(file)):
+                return known[1]
             with open(file, "rb") as f:
-                st = os.fstat(f.fileno())
-                identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-                known = self._parsed.get(path)
-                if known is not None and known[0] == identity:
-                    return known[1]
-                text = f.read().decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
+                identity = _identity(os.fstat(f.fileno()))
+                raw = f.read()
+            text = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
         except FileNotFoundError:
             raise InvalidMedia(f"{file}: missing") from None
         except UnicodeDecodeError:
             raise FormatError(f"{file}: not text") from None
         info = NarInfo.parse(text, source=str(file))
-        self._parsed[path] = (identity, info)
+        self._parsed[path] = (identity, info, hashlib.sha256(raw).hexdigest())
         return info
+
+    def narinfo_digest(self, path: StorePath, file: Path) -> tuple[int, str] | None:
+        """The size and sha256 of `path`'s narinfo as it was parsed, when `file` is that same
+        file (a hard link to it, unchanged), else None."""
+        known = self._parsed.get(path)
+        try:
+            return (known[0][1], known[2]) if known is not None and known[0] == _identity(os.stat(file)) else None
+        except OSError:
+            return None
 
     def narinfo_files(self) -> Iterator[Path]:
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):

@@ -82,26 +82,36 @@ class Facts:
     file_systems: dict[str, dict[str, Any]] | None
 
 
-def evaluate(flake: str, names: list[str]) -> dict[str, Facts]:
-    """Each host's disko scripts and `fileSystems` (None where the configuration has no such
-    option), in one evaluation; a fileSystems entry gives only device, label and fsType."""
+def facts_expr() -> str:
+    """The Nix expression of a host's config `c` that gives its Facts (evaluate)."""
     wanted = " ".join(json.dumps(n) for n in DISKO_SCRIPTS)
-    apply = (
-        "cs: builtins.listToAttrs (map (n: let c = cs.${n}.config; b = (c.system or { }).build or { }; in "
-        "{ name = n; value = { disko = builtins.listToAttrs (map (a: { name = a; value = "
+    return (
+        "(let b = (c.system or { }).build or { }; in "
+        "{ disko = builtins.listToAttrs (map (a: { name = a; value = "
         "{ drv = b.${a}.drvPath; out = b.${a}.outPath; }; }) "
         f"(builtins.filter (a: b ? ${{a}}) [ {wanted} ])); "
         "fileSystems = if c ? fileSystems then builtins.mapAttrs (m: v: { device = v.device or null; "
-        "label = v.label or null; fsType = v.fsType or null; }) c.fileSystems else null; }; }) "
-        f"[ {' '.join(json.dumps(n) for n in names)} ])"
+        "label = v.label or null; fsType = v.fsType or null; }) c.fileSystems else null; })"
     )
+
+
+def facts_of(data: dict[str, Any]) -> Facts:
+    return Facts(data["disko"], data["fileSystems"])
+
+
+def evaluate(flake: str, names: list[str]) -> dict[str, Facts]:
+    """Each host's disko scripts and `fileSystems` (None where the configuration has no such
+    option), in one evaluation; a fileSystems entry gives only device, label and fsType. (A build
+    asks this in the evaluation of the toplevels: nixcli.build_toplevels' `also`.)"""
+    apply = (f"cs: builtins.listToAttrs (map (n: let c = cs.${{n}}.config; in {{ name = n; value = {facts_expr()}; }}) "
+             f"[ {' '.join(json.dumps(n) for n in names)} ])")
     proc = runner.run([*nixcli.NIX, "eval", *nixcli.LOCKED, "--json", f"{flake}#nixosConfigurations",
                        "--apply", apply], check=False)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.decode(errors="replace").strip().splitlines()[-3:])
         raise InvalidInput(f"{flake}: cannot evaluate the hosts' disko scripts and fileSystems: {tail}")
     data: dict[str, dict[str, Any]] = json.loads(proc.stdout)
-    return {n: Facts(data[n]["disko"], data[n]["fileSystems"]) for n in names}
+    return {n: facts_of(data[n]) for n in names}
 
 
 def _label_of(entry: Mapping[str, Any]) -> str | None:

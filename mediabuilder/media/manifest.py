@@ -125,11 +125,12 @@ class Manifest:
         lines.extend(f"path {p}" for p in self.relied)
         return "\n".join(lines) + "\n"
 
-    def write_trust_dir(self, directory: Path) -> None:
-        """The tree that becomes the signed `-mediabuilder-manifest` store path."""
+    def write_trust_dir(self, directory: Path, rendered: str | None = None) -> None:
+        """The tree that becomes the signed `-mediabuilder-manifest` store path (`rendered`: this
+        manifest's render(), when the caller has it)."""
         directory.mkdir(parents=True)
         contents = {
-            "manifest.json": self.render(),
+            "manifest.json": rendered if rendered is not None else self.render(),
             "sha256sums": self.sha256sums(),
             "hosts": self.hosts_table(),
             "store-paths": self.store_paths_table(),
@@ -166,12 +167,13 @@ def collect_files(root: Path, skip: Iterable[str] = SELF_CHECKED, known: dict[st
     known = known or {}
     files: dict[str, FileEntry] = {}
     for directory, _, names in os.walk(root):
+        rel_dir = os.path.relpath(directory, root)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
         for name in names:
-            path = Path(directory) / name
-            rel = path.relative_to(root).as_posix()
+            rel = prefix + name
             if rel in skipped:
                 continue
-            files[rel] = known.get(rel) or hash_file(path)
+            files[rel] = known.get(rel) or hash_file(Path(directory, name))
     return files
 
 
