@@ -24,9 +24,11 @@ from fakecache_server import FakeCache
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.verify import verify_cache
 from mediabuilder.errors import InvalidInput, InvalidMedia
+from mediabuilder.media.split import slice_file
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.storepath import StorePath
+from mediabuilder.substituter import client
 from mediabuilder.substituter.client import Substituter
 from mediabuilder.substituter.closure import walk_closure
 from mediabuilder.substituter.prefetch import PrefetchResult, prefetch
@@ -171,6 +173,52 @@ def test_dropped_connection_resumes_with_range(server: FakeCache, upstream: Path
     assert verify_cache(dest, [media_key.public()], jobs=2).ok
 
 
+def assert_parts_recorded(dest: Path, limit: int) -> int:
+    """Every NAR file of `dest` over `limit` has its parts recorded as slice_file cuts and hashes
+    them (one read of the file, after the fact); the others none. Returns how many have them."""
+    cache, recorded = BinaryCache(dest), 0
+    for nar_file in sorted((dest / "nar").iterdir()):
+        url = f"nar/{nar_file.name}"
+        if nar_file.stat().st_size > limit:
+            parts, _ = slice_file(nar_file, limit)
+            assert cache.read_parts(url, limit) == [(p.size, p.sha256) for p in parts], url
+            recorded += 1
+        else:
+            assert not cache.parts_path(url).exists(), url
+    return recorded
+
+
+def test_downloaded_nars_have_their_parts_hashed_as_they_arrive(
+    server: FakeCache, upstream: Path, upstream_key: SecretKey, media_key: SecretKey, toplevel: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image writers take a big NAR's parts from the cache's record (one read of it): a
+    download records them too, across a dropped connection, from a partial file left by an earlier
+    run, and for a complete NAR file that lost its record."""
+    big, second = sorted(upstream_infos(upstream).values(), key=lambda i: i.file_size or 0, reverse=True)[:2]
+    # Parts of the same kind as PART_SIZE's, small enough that the two biggest NARs have several.
+    limit = (second.file_size or 0) // 3
+    assert limit > 1024 and (big.file_size or 0) > 3 * limit
+    monkeypatch.setattr(client, "PART_SIZE", limit)
+    dest = tmp_path / "cache"
+    BinaryCache(dest).create()
+    half = (upstream / second.url).read_bytes()[: (second.file_size or 0) // 2]
+    (dest / "nar" / f".partial-{second.url.removeprefix('nar/')}").write_bytes(half)
+    server.faults.drop_once[big.url] = (big.file_size or 0) // 2
+    result = run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert result.resumed == 1 and server.requests[big.url] == 2
+    recorded = assert_parts_recorded(dest, limit)
+    assert recorded >= 2
+    # A NAR file complete without its narinfo and record: checked, reused, and recorded again.
+    BinaryCache(dest).parts_path(big.url).unlink()
+    BinaryCache(dest).narinfo_path(big.store_path).unlink()
+    server.reset_counts()
+    again = run_prefetch(server.url, upstream_key, media_key, dest, toplevel)
+    assert again.downloaded == 1 and server.nar_requests() == {}
+    assert assert_parts_recorded(dest, limit) == recorded
+    assert verify_cache(dest, [media_key.public()], jobs=2).ok
+
+
 @pytest.mark.parametrize("ignore_range", [False, True])
 def test_partial_file_from_an_earlier_run(ignore_range: bool, server: FakeCache, upstream: Path,
                                           upstream_key: SecretKey, media_key: SecretKey, toplevel: str,
@@ -285,6 +333,7 @@ sys.path.insert(0, {repo!r})
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.store.keys import PublicKey, SecretKey
 from mediabuilder.store.storepath import StorePath
+from mediabuilder.substituter import client
 from mediabuilder.substituter.client import Substituter
 from mediabuilder.substituter.prefetch import PrefetchResult, prefetch
 substituter = Substituter({url!r}, [PublicKey.parse({pub!r})], jobs=2)

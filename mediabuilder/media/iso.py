@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import io
 import os
 import re
@@ -168,6 +169,18 @@ def _add_entry(plan: _Plan, path: Path, rel: str, piece: Slice | None = None) ->
 
 
 def _plan(tree: Path, label: str, slices: Mapping[Path, Sequence[Slice]]) -> _Plan:
+    # pycdlib makes several long-lived objects per entry: without collections while they are made
+    # (none of them is garbage) the plan took 0.18 s instead of 0.23 s for 2,300 files.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _plan_entries(tree, label, slices)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _plan_entries(tree: Path, label: str, slices: Mapping[Path, Sequence[Slice]]) -> _Plan:
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, vol_ident=label, rock_ridge="1.09", joliet=3)
     plan = _Plan(iso)

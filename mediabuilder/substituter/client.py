@@ -42,7 +42,9 @@ import zstandard
 
 from mediabuilder import __version__
 from mediabuilder.cache.compression import EXTENSIONS, decompressing_reader
+from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia
+from mediabuilder.media.split import PART_SIZE, PartHashes
 from mediabuilder.store import contentaddress
 from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import PublicKey
@@ -282,25 +284,25 @@ class Substituter:
         `on_bytes(n)` reports progress (bytes already on disk count too)."""
         partial = dest / "nar" / partial_name(info)
         final = dest / local_url(info)
-        reused = self._reused(info, final, on_bytes)
+        reused = self._reused(info, dest, on_bytes)
         if reused is not None:
             return reused
         with _claimed(partial, cancel):
-            reused = self._reused(info, final, on_bytes)  # another process may have completed it
+            reused = self._reused(info, dest, on_bytes)  # another process may have completed it
             if reused is not None:
                 partial.unlink()
                 return reused
             resumed = partial.stat().st_size > 0
             try:
                 try:
-                    file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                    file_hash, hashes = self._fetch_checked(info, partial, on_bytes, cancel)
                 except InvalidMedia:
                     if not resumed:
                         raise
                     # The old partial file may be what is wrong: once more, from scratch.
                     os.truncate(partial, 0)
                     on_bytes(-(info.file_size or 0))
-                    file_hash, size = self._fetch_checked(info, partial, on_bytes, cancel)
+                    file_hash, hashes = self._fetch_checked(info, partial, on_bytes, cancel)
                 # FileHash, FileSize, URL and Compression are not signed: only NarHash is.
                 self._check_nar_hash(info, partial)
                 if info.file_hash is None:
@@ -316,32 +318,39 @@ class Substituter:
                                    f"({info.file_size or info.nar_size} bytes)",
                                    hint="free space there, or build into another directory") from None
             os.replace(partial, final)
-        return Downloaded(final.relative_to(dest).as_posix(), file_hash, size, resumed=resumed)
+            url = final.relative_to(dest).as_posix()
+            _record_parts(dest, url, hashes)
+        return Downloaded(url, file_hash, hashes.size, resumed=resumed)
 
-    def _reused(self, info: NarInfo, final: Path, on_bytes: Callable[[int], None]) -> Downloaded | None:
-        """The NAR file already complete in the cache, if it is, and the NAR inside is the signed one
-        (an unsigned FileHash may name another path's file)."""
-        if info.file_hash is None or not final.is_file() or not self._complete(final, info) or \
-                nar_problem(info, final) is not None:
+    def _reused(self, info: NarInfo, dest: Path, on_bytes: Callable[[int], None]) -> Downloaded | None:
+        """The NAR file already complete in the cache `dest`, if it is, and the NAR inside is the
+        signed one (an unsigned FileHash may name another path's file)."""
+        url = local_url(info)
+        final = dest / url
+        hashes = self._complete(final, info) if info.file_hash is not None and final.is_file() else None
+        if hashes is None or info.file_hash is None or nar_problem(info, final) is not None:
             return None
-        size = final.stat().st_size
-        on_bytes(size)
-        return Downloaded(local_url(info), info.file_hash, size, reused=True)
+        on_bytes(hashes.size)
+        if BinaryCache(dest).read_parts(url, PART_SIZE) is None:
+            _record_parts(dest, url, hashes)
+        return Downloaded(url, info.file_hash, hashes.size, reused=True)
 
     def _fetch_checked(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
-                       cancel: Cancel | None) -> tuple[str, int]:
-        sha, size = self._fetch_into(info, partial, on_bytes, cancel)
-        file_hash = Hash("sha256", sha).nix32()
+                       cancel: Cancel | None) -> tuple[str, PartHashes]:
+        hashes = self._fetch_into(info, partial, on_bytes, cancel)
+        file_hash, size = Hash("sha256", hashes.whole.digest()).nix32(), hashes.size
         if (info.file_size is not None and size != info.file_size) or \
                 (info.file_hash is not None and file_hash != info.file_hash):
             raise self._mismatch(info, f"got {size} bytes hashing to {file_hash}; the narinfo says "
                                        f"FileSize {info.file_size}, FileHash {info.file_hash}")
-        return file_hash, size
+        return file_hash, hashes
 
-    def _complete(self, file: Path, info: NarInfo) -> bool:
+    def _complete(self, file: Path, info: NarInfo) -> PartHashes | None:
+        """`file` hashed, when it is what the narinfo's FileSize and FileHash say."""
         if info.file_size is not None and file.stat().st_size != info.file_size:
-            return False
-        return Hash("sha256", _sha256_file(file)[0].digest()).nix32() == info.file_hash
+            return None
+        hashes = _hashed_file(file)
+        return hashes if Hash("sha256", hashes.whole.digest()).nix32() == info.file_hash else None
 
     def _mismatch(self, info: NarInfo, detail: str) -> InvalidMedia:
         return InvalidMedia(f"{info.store_path}: the NAR from {self.url} ({info.url}) is damaged: {detail}",
@@ -354,20 +363,20 @@ class Substituter:
             raise self._mismatch(info, problem)
 
     def _fetch_into(self, info: NarInfo, partial: Path, on_bytes: Callable[[int], None],
-                    cancel: Cancel | None) -> tuple[bytes, int]:
-        """Append the rest of the file to `partial` (retrying, resuming); its sha256 and size."""
+                    cancel: Cancel | None) -> PartHashes:
+        """Append the rest of the file to `partial` (retrying, resuming); its hashes and size."""
         expected = info.file_size
         self._file_limit(info)  # refuses a FileSize out of proportion before a byte is downloaded
         if expected is not None and partial.stat().st_size > expected:
             os.truncate(partial, 0)
         failures = 0
         while True:
-            sha, size = _sha256_file(partial)
-            on_bytes(size)
+            hashes = _hashed_file(partial)
+            on_bytes(hashes.size)
             try:
-                if expected is None or size < expected:
-                    sha, size = self._append(info, partial, sha, size, on_bytes, cancel)
-                return sha.digest(), size
+                if expected is None or hashes.size < expected:
+                    hashes = self._append(info, partial, hashes, on_bytes, cancel)
+                return hashes
             except (*_TRANSIENT, _ServerError) as e:
                 failures += 1
                 on_bytes(-partial.stat().st_size if partial.exists() else 0)  # counted again next try
@@ -375,25 +384,23 @@ class Substituter:
                     raise self._unreachable(info.url, e) from None
                 time.sleep(self.backoff * 2 ** (failures - 1))
 
-    def _append(self, info: NarInfo, partial: Path, sha: hashlib._Hash, size: int,
-                on_bytes: Callable[[int], None], cancel: Cancel | None) -> tuple[hashlib._Hash, int]:
+    def _append(self, info: NarInfo, partial: Path, hashes: PartHashes,
+                on_bytes: Callable[[int], None], cancel: Cancel | None) -> PartHashes:
         limit = self._file_limit(info)
-        with open(partial, "ab") as out, self._open_nar(info, size, limit) as (start, chunks):
-            if start != size:  # the server sent the whole file: start over with it
-                on_bytes(-size)
+        with open(partial, "ab") as out, self._open_nar(info, hashes.size, limit) as (start, chunks):
+            if start != hashes.size:  # the server sent the whole file: start over with it
+                on_bytes(-hashes.size)
                 out.truncate(0)
-                sha = hashlib.sha256()
-                size = 0
+                hashes = PartHashes(PART_SIZE)
             for chunk in chunks:
                 if cancel is not None and cancel.is_set():
                     raise Cancelled()
-                size += len(chunk)
-                if size > limit:
+                if hashes.size + len(chunk) > limit:
                     raise self._too_big(info, limit)
-                sha.update(chunk)
+                hashes.update(chunk)
                 out.write(chunk)
                 on_bytes(len(chunk))
-        return sha, size
+        return hashes
 
     @contextlib.contextmanager
     def _open_nar(self, info: NarInfo, offset: int, limit: int) -> Iterator[tuple[int, Iterator[bytes]]]:
@@ -575,14 +582,20 @@ def _ca_problem(info: NarInfo, file: Path) -> str | None:
         return f"its content address {info.ca} cannot be checked: {e}"
 
 
-def _sha256_file(path: Path) -> tuple[hashlib._Hash, int]:
-    sha = hashlib.sha256()
-    size = 0
+def _hashed_file(path: Path) -> PartHashes:
+    """The file's sha256 and size, and those of the parts an image cuts it into."""
+    hashes = PartHashes(PART_SIZE)
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha, size
+            hashes.update(chunk)
+    return hashes
+
+
+def _record_parts(cache_root: Path, url: str, hashes: PartHashes) -> None:
+    """The parts of a NAR file over one part, hashed as it was written (or read) here, recorded
+    beside it for the images (BinaryCache.read_parts), so that they need not read it again."""
+    if hashes.size > PART_SIZE:
+        BinaryCache(cache_root).write_parts(url, PART_SIZE, hashes.parts())
 
 
 
