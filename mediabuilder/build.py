@@ -512,7 +512,13 @@ def choose_layouts(req: BuildRequest, flake: str, hosts: list[str], have_nix: bo
     for host, (layout, attr) in chosen.items():
         if attr:
             script = StorePath.parse(facts[host].disko[attr]["out"])
-            found[host] = layouts.HostLayout(layout, script, layouts.disko_program(script))
+            devices = layouts.disko_devices(host, facts[host])
+            if host == req.install.unattended:
+                layouts.check_disko_disk(host, req.install.disk, devices)
+                if not devices:
+                    ui.warn(f"host {host}: its disko script names no config.disko.devices: install.sh's disk guard "
+                            f"checks {req.install.disk}, not what the script erases")
+            found[host] = layouts.HostLayout(layout, script, layouts.disko_program(script), devices)
         else:
             found[host] = layouts.HostLayout(layout)
     return found

@@ -5,6 +5,7 @@ from its own script onto a loop device."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -144,16 +145,19 @@ def test_cli_refuses_before_any_work(tmp_path: Path, args: tuple[str, ...], mess
 # A flake of the test's own: hosts with fileSystems and with disko-style scripts
 
 
-def add_host(flake: Path, name: str, module: str, build: str = "") -> None:
+def add_host(flake: Path, name: str, module: str, build: str = "", disko_disks: dict[str, str] | None = None) -> None:
     """Host `name` of `module` in the flake, committed. `build` (a file taking the host's pkgs):
     a script added to its config.system.build as `destroyFormatMount`, as disko adds its own (the
-    example's small module system builds config.system.build itself, so the flake adds it)."""
+    example's small module system builds config.system.build itself, so the flake adds it);
+    `disko_disks`: config.disko.devices.disk, as disko's module declares the disks it erases."""
     (flake / "hosts" / f"{name}.nix").write_text(module)
     host = f'mkHost "{name}" ./hosts/{name}.nix'
     if build:
         (flake / "hosts" / f"{name}-disko.nix").write_text(build)
         script = f"destroyFormatMount = import ./hosts/{name}-disko.nix s.pkgs;"
-        host = (f"let s = {host}; in s // {{ config = s.config // {{ system = s.config.system // {{ build = "
+        disks = " ".join(f"{json.dumps(d)}.device = {json.dumps(dev)};" for d, dev in (disko_disks or {}).items())
+        devices = f"disko.devices.disk = {{ {disks} }}; " if disko_disks is not None else ""
+        host = (f"let s = {host}; in s // {{ config = s.config // {{ {devices}system = s.config.system // {{ build = "
                 f"s.config.system.build // {{ {script} }}; }}; }}; }}")
     text = (flake / "flake.nix").read_text()
     anchor = '        beta = mkHost "beta" ./hosts/beta.nix;\n'
@@ -211,6 +215,8 @@ def test_disko_host_installs_with_its_own_script(tmp_path: Path) -> None:
                        "--unattended", "delta", "--install-disk", disk)
         assert proc.returncode == 0, proc.stderr
         assert "Choosing disk layouts … delta disko" in proc.stderr
+        assert (f"warning: host delta: its disko script names no config.disko.devices: install.sh's disk guard "
+                f"checks {disk}, not what the script erases") in proc.stderr
         toplevel = proc.stdout.split("\t")[1].strip()
         manifest = json.loads((tmp_path / "media" / "manifest.json").read_text())
         script = manifest["install"]["hosts"]["delta"]["disko"]
@@ -226,3 +232,67 @@ def test_disko_host_installs_with_its_own_script(tmp_path: Path) -> None:
         assert sorted(closure.stdout.split()) == closure_of(toplevel), closure.stderr
     finally:
         loops.close()
+
+
+@pytest.mark.integration
+def test_disko_disks_are_the_ones_guarded(tmp_path: Path) -> None:
+    """A disko host whose configuration names its disk (config.disko.devices): the build refuses
+    another --install-disk; the record carries the disk; install.sh's guard checks that disk
+    (auto means it, even with a second candidate, which stays untouched) and refuses it when it
+    is not a candidate, writing nothing."""
+    loops = Loops(tmp_path)
+    try:
+        disk, image = loops.new("disk", 1024**3)
+        other, other_image = loops.new("other", 512 * 1024**2)
+        prepare_example(tmp_path / "example")
+        flake = tmp_path / "example" / "flake"
+        add_host(flake, "delta", DISKO_HOST, DISKO_SCRIPT.format(disk=disk), {"main": disk})
+        proc = run_cli("build", f"--flake={flake}#delta", "--cache", tmp_path / "cache", "-o", tmp_path / "media",
+                       "--unattended", "delta", "--install-disk", other)
+        assert_one_line_error(proc, f"--install-disk {other}: host delta's disko configuration partitions {disk}, "
+                                    f"not {other}")
+        assert not (tmp_path / "media").exists()
+        proc = run_cli("build", f"--flake={flake}#delta", "--cache", tmp_path / "cache", "-o", tmp_path / "media",
+                       "--unattended", "delta", "--install-disk", "auto")
+        assert proc.returncode == 0, proc.stderr
+        assert "warning" not in proc.stderr
+        manifest = json.loads((tmp_path / "media" / "manifest.json").read_text())
+        script = manifest["install"]["hosts"]["delta"]["disko"]
+        assert manifest["install"] == {"unattended": "delta", "disk": "auto", "layout": "disko",
+                                       "hosts": {"delta": {"layout": "disko", "disko": script,
+                                                           "disko_devices": [disk]}}}
+        hosts = {"delta": layout.HostLayout(Layout.DISKO, None, script, (disk,))}
+        assert layout.InstallRecord("delta", "auto", hosts).table() == (
+            f"unattended\tdelta\ndisk\tauto\nhost\tdelta\tdisko\t{script}\ndisko-device\tdelta\t{disk}\n")
+
+        # Not a candidate (read-only): refused, naming it; nothing written to either disk.
+        before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (image, other_image)}
+        subprocess.run(["blockdev", "--setro", disk], check=True)
+        run = run_medium(tmp_path / "media", [disk, other], "unattended.sh")
+        subprocess.run(["blockdev", "--setrw", disk], check=True)
+        assert run.returncode != 0
+        assert (f"mediabuilder: install failed: install.sh: error: {disk}: host delta's disko configuration erases "
+                f"{disk}, which is read-only ({disk}: unknown model, 1024 MiB (1073741824 bytes), serial none: "
+                "not a candidate, read-only); nothing was written") in run.stdout.splitlines(), run.stdout
+        assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (image, other_image)} == before
+
+        # auto is the disk the configuration names, though two disks are candidates.
+        run = run_medium(tmp_path / "media", [disk, other], "unattended.sh")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert run.stdout.splitlines()[-2:] == [f"mediabuilder: installed delta onto {disk}", "mounts left: 0"]
+        assert partitions(image) == [(2048, 2 * 1024**3 // 1024 - 4096, LINUX, "disko-root")]
+        assert hashlib.sha256(other_image.read_bytes()).hexdigest() == before[other_image]
+    finally:
+        loops.close()
+
+
+@pytest.mark.integration
+def test_disko_device_not_under_dev_refused(tmp_path: Path) -> None:
+    prepare_example(tmp_path / "example")
+    flake = tmp_path / "example" / "flake"
+    add_host(flake, "delta", DISKO_HOST, DISKO_SCRIPT.format(disk="/dev/vda"), {"main": "$(touch /tmp/x)"})
+    proc = run_cli("build", f"--flake={flake}#delta", "--cache", tmp_path / "cache", "-o", tmp_path / "media",
+                   "--unattended", "delta", "--install-disk", "auto")
+    assert_one_line_error(proc, 'host delta: config.disko.devices.disk.main.device is "$(touch /tmp/x)", not a '
+                                "device path under /dev that install.sh's disk guard can check")
+    assert not (tmp_path / "media").exists()

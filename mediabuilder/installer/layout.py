@@ -72,14 +72,17 @@ class HostLayout:
     layout: Layout
     disko: StorePath | None = None  # the disko script's store path (its closure ships with the host)
     disko_exe: str = ""  # the program install.sh runs: the path itself, or its single bin/ entry
+    disko_devices: tuple[str, ...] = ()  # the disks it partitions (config.disko.devices.disk), when known
 
 
 @dataclass(frozen=True)
 class Facts:
-    """What one evaluation says of a host: its disko scripts (attr -> drv, out), its fileSystems."""
+    """What one evaluation says of a host: its disko scripts (attr -> drv, out), its fileSystems,
+    and the disks its disko configuration partitions (name -> device; None: no such option)."""
 
     disko: dict[str, dict[str, str]]
     file_systems: dict[str, dict[str, Any]] | None
+    disko_devices: dict[str, Any] | None = None
 
 
 def facts_expr() -> str:
@@ -91,12 +94,39 @@ def facts_expr() -> str:
         "{ drv = b.${a}.drvPath; out = b.${a}.outPath; }; }) "
         f"(builtins.filter (a: b ? ${{a}}) [ {wanted} ])); "
         "fileSystems = if c ? fileSystems then builtins.mapAttrs (m: v: { device = v.device or null; "
-        "label = v.label or null; fsType = v.fsType or null; }) c.fileSystems else null; })"
+        "label = v.label or null; fsType = v.fsType or null; }) c.fileSystems else null; "
+        "diskoDevices = if c ? disko && c.disko ? devices && c.disko.devices ? disk then "
+        "builtins.mapAttrs (n: d: d.device or null) c.disko.devices.disk else null; })"
     )
 
 
 def facts_of(data: dict[str, Any]) -> Facts:
-    return Facts(data["disko"], data["fileSystems"])
+    return Facts(data["disko"], data["fileSystems"], data.get("diskoDevices"))
+
+
+def disko_devices(host: str, facts: Facts | None) -> tuple[str, ...]:
+    """The disks host's disko configuration partitions (config.disko.devices.disk.*.device),
+    sorted; () when it declares none (a script without disko's module). A device install.sh's
+    guard could not check (not a path under /dev) is refused."""
+    if facts is None or not facts.disko_devices:
+        return ()
+    found = []
+    for name, device in sorted(facts.disko_devices.items()):
+        if not isinstance(device, str) or device == "auto" or not _DISK.fullmatch(device) or "/../" in f"{device}/":
+            raise InvalidInput(f"host {host}: config.disko.devices.disk.{name}.device is {json.dumps(device)}, "
+                               "not a device path under /dev that install.sh's disk guard can check",
+                               hint="name the disk by a path such as /dev/vda or /dev/disk/by-id/...")
+        found.append(device)
+    return tuple(sorted(set(found)))
+
+
+def check_disko_disk(host: str, disk: str, devices: tuple[str, ...]) -> None:
+    """An unattended disko host's --install-disk must be a disk its configuration partitions:
+    the script erases those, whatever the guard was told."""
+    if devices and disk != "auto" and disk not in devices:
+        raise InvalidInput(f"--install-disk {disk}: host {host}'s disko configuration partitions "
+                           f"{', '.join(devices)}, not {disk}",
+                           hint=f"pass --install-disk {devices[0]} (or auto), or change config.disko.devices")
 
 
 def evaluate(flake: str, names: list[str]) -> dict[str, Facts]:
@@ -200,7 +230,8 @@ class InstallRecord:
             "unattended": self.unattended or None,
             "disk": self.disk or None,
             "layout": self.hosts[self.unattended].layout.value if self.unattended else None,
-            "hosts": {h: {"layout": v.layout.value, "disko": v.disko_exe or None}
+            "hosts": {h: {"layout": v.layout.value, "disko": v.disko_exe or None,
+                          **({"disko_devices": list(v.disko_devices)} if v.disko_devices else {})}
                       for h, v in sorted(self.hosts.items())},
         }
 
@@ -211,4 +242,5 @@ class InstallRecord:
             lines += [f"unattended\t{self.unattended}", f"disk\t{self.disk}"]
         for host, v in sorted(self.hosts.items()):
             lines.append(f"host\t{host}\t{v.layout.value}" + (f"\t{v.disko_exe}" if v.disko_exe else ""))
+            lines.extend(f"disko-device\t{host}\t{device}" for device in v.disko_devices)
         return "\n".join(lines) + "\n"

@@ -911,7 +911,7 @@ PART_LOOPS=()       # loop devices attached to partitions (no partition nodes fr
 
 # The signed install record ($TRUSTED/install): the unattended host and disk, each host's
 # layout (and disko program). With --unattended, HOST and DISK_REQ come from it.
-declare -A REC_LAYOUT=() REC_DISKO=()
+declare -A REC_LAYOUT=() REC_DISKO=() REC_DISKO_DEVICES=()
 read_install_record() {
     local rec=$TRUSTED/install key a b c rec_host="" rec_disk=""
     if [[ ! -f $rec ]]; then
@@ -923,6 +923,11 @@ read_install_record() {
             unattended) rec_host=$a ;;
             disk) rec_disk=$a ;;
             host) REC_LAYOUT[$a]=$b REC_DISKO[$a]=$c ;;
+            disko-device)
+                [[ $b =~ ^/dev/[A-Za-z0-9_][A-Za-z0-9_.:/-]*$ && /$b/ != */../* ]] ||
+                    die "$MANIFEST_PATH/install" "disko device '$b' of host $a is not a device path"
+                REC_DISKO_DEVICES[$a]+="$b "
+                ;;
             '') ;;
             *) die "$MANIFEST_PATH/install" "unknown line '$key' (media made by an incompatible mediabuilder)" ;;
         esac
@@ -1073,6 +1078,10 @@ human_size() {
 plan_disk() {
     step "choosing the target disk (${DISK_REQ}, layout $LAYOUT)"
     find_candidates
+    if [[ $LAYOUT == disko && -n ${REC_DISKO_DEVICES[$HOST]:-} ]]; then
+        plan_disko_disks
+        return
+    fi
     local i listed=""
     for i in "${!CANDIDATE_DESC[@]}"; do
         listed+="${listed:+; }${CANDIDATE_DESC[i]}"
@@ -1102,6 +1111,36 @@ plan_disk() {
     fi
     info "target: $DISK_DESC"
     check_disk_space
+}
+
+# A disko host whose configuration names its disks: the script erases those, so every one must
+# be a candidate, and the disk asked for (auto: the first of them) one of them. Reads only.
+DISKO_DEVICES=()
+plan_disko_disks() {
+    local dev want i e ok named=""
+    read -r -a DISKO_DEVICES <<<"${REC_DISKO_DEVICES[$HOST]}"
+    for dev in "${DISKO_DEVICES[@]}"; do
+        want=$(readlink -f -- "$dev") || want=""
+        [[ -n $want && -b $want ]] ||
+            die "$dev" "host $HOST's disko configuration erases $dev, which is no block device here; nothing was written"
+        ok=0
+        for i in "${!CANDIDATES[@]}"; do
+            [[ $(readlink -f -- "${CANDIDATES[i]}") == "$want" ]] && ok=1 && info "disko erases: ${CANDIDATE_DESC[i]}"
+        done
+        if ((!ok)); then
+            for e in "${EXCLUDED[@]}"; do
+                [[ $e == "$want: "* ]] &&
+                    die "$dev" "host $HOST's disko configuration erases $dev, which is ${e#*: not a candidate, } ($e); nothing was written"
+            done
+            die "$dev" "host $HOST's disko configuration erases $dev, which is not a whole disk here; nothing was written"
+        fi
+        [[ $DISK_REQ == auto || $(readlink -f -- "$DISK_REQ") != "$want" ]] || named=$dev
+    done
+    [[ $DISK_REQ == auto || -n $named ]] ||
+        die "$DISK_REQ" "host $HOST's disko configuration erases ${DISKO_DEVICES[*]}, not $DISK_REQ; nothing was written"
+    DISK=${named:-${DISKO_DEVICES[0]}}
+    DISK_DESC="${DISKO_DEVICES[*]} (host $HOST's disko configuration)"
+    info "target: $DISK_DESC"
 }
 
 # The root partition must hold the host's store plus 10% (ext4 keeps about 5% for itself).
@@ -1271,8 +1310,11 @@ abandon_disk() {
     detach_partition_loops
     if ((DISK_WRITTEN && !DISK_DONE)) && [[ -n $DISK ]]; then
         if [[ $LAYOUT == disko ]]; then
-            wipefs --all --quiet -- "$DISK" 2>/dev/null || true
-            printf '%s: %s: the install failed: its partition table was wiped (not installed)\n' "$PROG" "$DISK" >&2
+            local dev
+            for dev in "${DISKO_DEVICES[@]:-$DISK}"; do
+                wipefs --all --quiet -- "$dev" 2>/dev/null || true
+                printf '%s: %s: the install failed: its partition table was wiped (not installed)\n' "$PROG" "$dev" >&2
+            done
         else
             printf '%s: %s: the install failed: its root file system stays labelled %s (not installed)\n' \
                 "$PROG" "$DISK" "$ROOT_LABEL_UNFINISHED" >&2
