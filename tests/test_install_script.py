@@ -22,7 +22,7 @@ import pytest
 
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.writer import export_nar, narinfo_for
-from mediabuilder.media.scripts import INSTALL_PARTS, parts_of
+from mediabuilder.media.scripts import INSTALL_PARTS, parts_of, pins_of
 from mediabuilder.store import nar
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.pathinfo import PathInfo
@@ -34,6 +34,8 @@ NIX_CONFIG = (
     "experimental-features = nix-command flakes\nbuild-users-group =\nsandbox = false\n"
     "substituters =\nflake-registry ="
 )
+# What a forged part adds: a mark in the target the moment it is sourced.
+PWN = '\nprintf "%s\\n" sourced >"$ROOT/pwned"\n'
 REMOTES = {"origin": "https://example.org/flake.git", "backup": "ssh://git@example.org/flake \"x\""}
 
 
@@ -105,6 +107,18 @@ def test_install_sh_sources_its_parts_only_from_the_checked_copies() -> None:
     assert len(text.splitlines()) < 800
 
 
+def test_install_sh_carries_the_sha256_of_each_part() -> None:
+    """install.sh vouches for its parts by the sha256 it carries for each (after editing a part:
+    scripts/pin_install_parts.py)."""
+    text = SCRIPT.read_text()
+    start = text.index("\nreadonly PARTS_SHA256='\n") + 1
+    block = text[start:text.index("\n'\n", start) + 2]
+    sums = "".join(f"{hashlib.sha256(SCRIPT.with_name(n).read_bytes()).hexdigest()}  {n}\n" for n in INSTALL_PARTS)
+    assert block == f"readonly PARTS_SHA256='\n{sums}'", "stale: run scripts/pin_install_parts.py"
+    assert pins_of(text.encode()) == {n: hashlib.sha256(SCRIPT.with_name(n).read_bytes()).hexdigest()
+                                      for n in INSTALL_PARTS}
+
+
 @pytest.mark.parametrize("n", range(5))
 def test_fingerprint_matches_python(n: int) -> None:
     public = SecretKey.generate(f"test-{n}").public()
@@ -151,9 +165,10 @@ def _git(cwd: Path, *args: str) -> str:
 
 def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca: bool = False,
                 flake: dict[str, object] | None = None, bundle: tuple[str, ...] = ("--all",),
-                unlisted: tuple[str, ...] = ()) -> Medium:
+                unlisted: tuple[str, ...] = (), forged_parts: tuple[str, ...] = ()) -> Medium:
     """A signed medium; `flake` overrides manifest.json's flake fields, `bundle` what the
-    bundle holds (git bundle create's revisions), `unlisted` files its sha256sums leaves out."""
+    bundle holds (git bundle create's revisions), `unlisted` files its sha256sums leaves out,
+    `forged_parts` install.sh's parts changed before signing (as a forger's medium has them)."""
     key = SecretKey.generate("test-media-1")
     store = tmp / "fakestore"
     store.mkdir()
@@ -189,6 +204,9 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
     (media / "README.txt").write_text("test medium\n")
     for name in ("install.sh", *INSTALL_PARTS):
         shutil.copy(SCRIPT.with_name(name), media / name)
+    for name in forged_parts:
+        with open(media / name, "a") as f:
+            f.write(PWN)
     repo = tmp / "repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
@@ -470,14 +488,17 @@ def _resum(tmp: Path, medium: Medium, name: str) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("part", INSTALL_PARTS)
-@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "resummed"])
+@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "resummed", "forged"])
 def test_a_part_not_as_signed_is_refused_before_writing(tmp_path: Path, damage: str, part: str) -> None:
-    """install.sh sources a part only once its copy matched the signed sha256sums: a part changed
-    after signing, missing, not in the sums, or changed with its sum changed outside the signature
-    stops the install in one line naming it (the manifest's narinfo for the last), status 2, the
-    target untouched; the checks before it need no function of a part."""
+    """install.sh sources a part only once its copy matched the signed sha256sums and the sha256
+    install.sh carries: a part changed after signing, missing, not in the sums, changed with its
+    sum changed outside the signature, or signed as it is on a forger's medium (a dry run without
+    --expect-key, which never asks for the fingerprint) stops the install in one line naming it
+    (the manifest's narinfo for the fourth), status 2, the target untouched; the checks before
+    it need no function of a part."""
     _needs_real_tools()
-    medium = make_medium(tmp_path, split=False, unlisted=(part,) if damage == "unlisted" else ())
+    medium = make_medium(tmp_path, split=False, unlisted=(part,) if damage == "unlisted" else (),
+                         forged_parts=(part,) if damage == "forged" else ())
     narinfo = f"cache/{medium.manifest_path[len('/nix/store/'):][:32]}.narinfo"
     expected = {
         "changed": f"{part}: sha256 mismatch (damaged media)",
@@ -485,15 +506,18 @@ def test_a_part_not_as_signed_is_refused_before_writing(tmp_path: Path, damage: 
         "unlisted": f"{part}: not listed in the signed sha256sums, so nothing vouches for it (forged media, or made "
                     "by an incompatible mediabuilder)",
         "resummed": f"{narinfo}: the manifest is not signed by media-key.pub (forged or damaged media)",
+        "forged": f"{part}: is not the part this install.sh was made with (forged media, or made by another "
+                  "mediabuilder version): run the medium's own install.sh, checked by its sha256",
     }[damage]
     if damage in ("changed", "resummed"):
         with open(medium.root / part, "a") as f:
-            f.write('\nprintf "%s\\n" sourced >"$ROOT/pwned"\n')
+            f.write(PWN)
     if damage == "resummed":
         _resum(tmp_path, medium, part)
     if damage == "missing":
         (medium.root / part).unlink()
-    result, root = run_installer(tmp_path, medium, "--yes", "--expect-key", medium.key.public().fingerprint())
+    args = ("--dry-run",) if damage == "forged" else ("--yes", "--expect-key", medium.key.public().fingerprint())
+    result, root = run_installer(tmp_path, medium, *args)
     assert result.returncode == 2, result.stderr
     assert error_lines(result) == [f"install.sh: error: {expected}"], result.stderr
     assert "command not found" not in result.stderr and "unbound variable" not in result.stderr

@@ -16,9 +16,10 @@
 #
 # The script is this file and its PARTS beside it on the medium. This file is what a person checks
 # out of band (its sha256, printed by the build): it holds everything up to and including
-# check_media, and vouches for the parts through the key: each is read once into $VERIFIED,
-# matched against the signed sha256sums, and only then sourced from there (load_parts), never from
-# the medium itself. No function of a part runs before that.
+# check_media, and vouches for the parts: each is read once into $VERIFIED, matched against the
+# signed sha256sums like every file, and against the sha256 this file carries for it
+# (PARTS_SHA256), and only then sourced from there (load_parts), never from the medium itself. No
+# function of a part runs before that.
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
@@ -32,6 +33,15 @@ readonly SHORT_FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
 # The parts of this script: the host installed, the disk, upgrades, offline rebuilds.
 readonly PARTS=(install-host.sh install-disk.sh install-upgrade.sh install-rebuild.sh)
+# Their sha256 (scripts/pin_install_parts.py writes them; the tests check them). The key alone
+# cannot vouch for the parts: they run before its fingerprint is confirmed (a dry run never asks,
+# an install asks in confirm), and a forged medium's parts would skip the question.
+readonly PARTS_SHA256='
+3a321c6bc83b88e075c455af3d121cc60f2ef26299e9834aeb2b2a1141c65bb6  install-host.sh
+b324862fdb0def34baace548919174253ac519f5fbd680c8fcaa67ccd503e3d0  install-disk.sh
+4042f99bc3e1252aa86e345223b132734c7e9504bde2c7237f71a4b976c50a4d  install-upgrade.sh
+4e386fe9e89d7e56a562159574c7737349654f22b6c085a878424f974956fa88  install-rebuild.sh
+'
 # Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
 # may answer differently the second time it is read.
 readonly COPIED=(media-key.pub manifest.json registry.json flake/repo.bundle "${PARTS[@]}")
@@ -460,9 +470,19 @@ hash_files() {
 }
 
 # The parts, sourced from their copies in $VERIFIED, which check_sums just matched against the
-# signed sha256sums (it refuses a medium whose sums do not list one): never from the medium, which
-# may answer differently the second time it is read.
+# signed sha256sums (it refuses a medium whose sums do not list one), once each has the sha256 this
+# file carries for it: never from the medium, which may answer differently the second time it is read.
 load_parts() {
+    local -A pinned=()
+    local sum name got
+    while read -r sum name; do
+        [[ -z $name ]] || pinned[$name]=$sum
+    done <<<"$PARTS_SHA256"
+    for name in "${PARTS[@]}"; do
+        got=$(sha256sum <"$VERIFIED/$name") || die "$name" "cannot be read from its checked copy in $VERIFIED"
+        [[ ${got%% *} == "${pinned[$name]:-}" ]] ||
+            die "$name" "is not the part this install.sh was made with (forged media, or made by another mediabuilder version): run the medium's own install.sh, checked by its sha256"
+    done
     # shellcheck source=install-host.sh
     source "$VERIFIED/install-host.sh"
     # shellcheck source=install-disk.sh

@@ -27,7 +27,7 @@ from mediabuilder.cache.verify import Fault, Report, check_signature, nar_file_n
 from mediabuilder.errors import MediabuilderError
 from mediabuilder.media.manifest import SELF_CHECKED
 from mediabuilder.media.registry import Registry
-from mediabuilder.media.scripts import parts_of
+from mediabuilder.media.scripts import parts_of, pins_of
 from mediabuilder.media.source import MediaSource
 from mediabuilder.media.trust import signed_manifest_files
 from mediabuilder.store.keys import PublicKey
@@ -176,19 +176,18 @@ class _Check:
         for name in ("registry.json", "flake/repo.bundle"):
             if name not in listed and self.source.is_file(name):
                 self.fault(where, f"does not list {name} (media made by an incompatible mediabuilder)")
-        # The parts the medium's install.sh sources: present (layout) and vouched for by the sums.
-        for name in self.install_parts(listed):
+        # The parts the medium's install.sh sources: present (layout), vouched for by the sums,
+        # and, by their signed sums, the parts that install.sh carries the sha256 of.
+        script = self.read("install.sh") if "install.sh" in listed else None
+        pins = pins_of(script) if script is not None else {}
+        for name in parts_of(script) if script is not None else ():
             if name not in listed and self.source.is_file(name):
                 self.fault(name, "not listed in the signed sha256sums, so nothing vouches for it (forged media, or "
                                  "made by an incompatible mediabuilder)")
+            elif name in listed and listed[name] != pins.get(name):
+                self.fault(name, "is not the part this install.sh was made with (forged media, or made by another "
+                                 "mediabuilder version)")
         return listed, wholes
-
-    def install_parts(self, listed: dict[str, str]) -> tuple[str, ...]:
-        """The parts the medium's install.sh sources (none for one without parts, or none there)."""
-        if "install.sh" not in listed:
-            return ()
-        data = self.read("install.sh")
-        return parts_of(data) if data is not None else ()
 
     def hosts(self, files: dict[str, bytes], wholes: dict[str, str]) -> None:
         """Every host's line, its store paths and their narinfos, as choose_host reads them."""
