@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # install-rebuild.sh - a part of install.sh (mediabuilder): offline rebuilds.
-# Not a script to run: install.sh sources it from its checked copy once check_media matched that
-# copy against the signed sha256sums (load_parts), and its main calls these functions.
+# Not a script to run: install.sh sources it from its checked copy once that copy matched the
+# signed sha256sums and the sha256 install.sh carries for it (load_parts), and calls these
+# functions from its main.
 
 # ---------------------------------------------------------------------------------------------
 # Offline rebuilds (docs/rebuild.md): a medium built with --rebuild config|full lists, among each

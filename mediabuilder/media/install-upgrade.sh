@@ -1,7 +1,8 @@
 # shellcheck shell=bash
-# install-upgrade.sh - a part of install.sh (mediabuilder): delta media and upgrades (install.sh --upgrade).
-# Not a script to run: install.sh sources it from its checked copy once check_media matched that
-# copy against the signed sha256sums (load_parts), and its main calls these functions.
+# install-upgrade.sh - a part of install.sh (mediabuilder): delta media and upgrades (--upgrade).
+# Not a script to run: install.sh sources it from its checked copy once that copy matched the
+# signed sha256sums and the sha256 install.sh carries for it (load_parts), and calls these
+# functions from its main.
 
 # ---------------------------------------------------------------------------------------------
 # Delta media and upgrades (install.sh --upgrade): an installed machine brought to a newer medium.
@@ -9,6 +10,7 @@
 # medium's manifest.json and key, and `installed` (host, toplevel, flake revision, manifest).
 # A medium is newer when its flake revision descends from the installed one in the bundle's
 # history (creation times are not compared: reproducible media carry fixed ones).
+# (read_installed, which runs before check_media, is in install.sh.)
 
 BASE_NEEDED=()      # a delta medium's paths for this host that the target must already hold
 

@@ -37,10 +37,10 @@ readonly PARTS=(install-host.sh install-disk.sh install-upgrade.sh install-rebui
 # cannot vouch for the parts: they run before its fingerprint is confirmed (a dry run never asks,
 # an install asks in confirm), and a forged medium's parts would skip the question.
 readonly PARTS_SHA256='
-3a321c6bc83b88e075c455af3d121cc60f2ef26299e9834aeb2b2a1141c65bb6  install-host.sh
-b324862fdb0def34baace548919174253ac519f5fbd680c8fcaa67ccd503e3d0  install-disk.sh
-4042f99bc3e1252aa86e345223b132734c7e9504bde2c7237f71a4b976c50a4d  install-upgrade.sh
-4e386fe9e89d7e56a562159574c7737349654f22b6c085a878424f974956fa88  install-rebuild.sh
+2a3d41f92dc4e5f67c9527031759289c05bf4175cd13a1d71ffee457136878d7  install-host.sh
+9223870311d2990972d53e4d5fd68f7fefc871fc7d6c6274e64770c930ec8295  install-disk.sh
+3476d9c163b840454b1d60f3e895fe1fda85c4593b27f464c7c47e3c18a58a4e  install-upgrade.sh
+7bac195c73dd2d9af72fd7555db1b7de74545ae9de84cdd2ed345da8c8e79acf  install-rebuild.sh
 '
 # Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
 # may answer differently the second time it is read.
