@@ -13,7 +13,6 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,7 @@ from mediabuilder.cache.layout import CACHE_INFO, SECRET_KEY, SUBDIRS, BinaryCac
 from mediabuilder.cache.writer import export_tree, fill
 from mediabuilder.errors import ExternalError, InvalidInput
 from mediabuilder.installer import layout as layouts
-from mediabuilder.media import flakerepo, fsinfo, output, registry, reproducible, split
+from mediabuilder.media import flakerepo, fsinfo, output, registry, reproducible, scripts, split
 from mediabuilder.media.label import DEFAULT_LABEL, validate_label
 from mediabuilder.media.manifest import FileEntry, HostEntry, Manifest, collect_files, trust_path
 from mediabuilder.profile import (
@@ -388,13 +387,8 @@ def write_media(req: BuildRequest, target: Target, cache: BinaryCache, key: Secr
             shipped = flakerepo.write_bundle(source.repo, tree / "flake" / "repo.bundle", req.allow_dirty)
             (tree / "registry.json").write_text(source.pins.render())
             (tree / "media-key.pub").write_text(key.public().render() + "\n")
-            install_sh = tree / "install.sh"
-            install_sh.write_bytes(resources.files("mediabuilder.media").joinpath("install.sh").read_bytes())
-            install_sh.chmod(0o755)
-            if req.install.unattended:  # what the unattended boot entry runs (docs/installer.md)
-                unattended_sh = tree / "unattended.sh"
-                unattended_sh.write_bytes(resources.files("mediabuilder.media").joinpath("unattended.sh").read_bytes())
-                unattended_sh.chmod(0o755)
+            # install.sh, its parts, and what the unattended boot entry runs (docs/installer.md).
+            scripts.write_scripts(tree, unattended=bool(req.install.unattended))
             (tree / "README.txt").write_text(README)
             step.detail = f"{len(known)} NAR files"
         with ui.step("Signing the manifest") as step:

@@ -120,9 +120,10 @@ def media_skeleton(root: Path) -> None:
     for sub in ("log", "realisations"):
         (root / "cache" / sub).mkdir(exist_ok=True)
     (root / "flake").mkdir(exist_ok=True)
-    script = root / "install.sh"
-    script.write_bytes((REPO / "mediabuilder" / "media" / "install.sh").read_bytes())
-    script.chmod(0o755)
+    for name in ("install.sh", "install-host.sh", "install-disk.sh", "install-upgrade.sh", "install-rebuild.sh"):
+        script = root / name
+        script.write_bytes((REPO / "mediabuilder" / "media" / name).read_bytes())
+        script.chmod(0o755 if name == "install.sh" else 0o644)
     for name, text in (("README.txt", "bench\n"), ("manifest.json", "{}\n"), ("registry.json", "{}\n"),
                        ("media-key.pub", "bench-1:AAAA\n"), ("manifest.storepath", "/nix/store/x\n"),
                        ("flake/repo.bundle", "# v2 git bundle\n")):

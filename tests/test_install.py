@@ -88,8 +88,9 @@ def tree_state(root: Path) -> list[tuple[str, int, int]]:
 
 def test_media_tree(built: Built) -> None:
     media = built.media
-    for name in ("install.sh", "media-key.pub", "manifest.json", "manifest.storepath", "registry.json",
-                 "flake/repo.bundle", "cache/nix-cache-info", "README.txt"):
+    for name in ("install.sh", "install-host.sh", "install-disk.sh", "install-upgrade.sh", "install-rebuild.sh",
+                 "media-key.pub", "manifest.json", "manifest.storepath", "registry.json", "flake/repo.bundle",
+                 "cache/nix-cache-info", "README.txt"):
         assert (media / name).is_file(), name
     for name in ("cache/nar", "cache/log", "cache/realisations"):
         assert (media / name).is_dir(), name

@@ -22,6 +22,7 @@ import pytest
 
 from mediabuilder.cache.layout import BinaryCache
 from mediabuilder.cache.writer import export_nar, narinfo_for
+from mediabuilder.media.scripts import INSTALL_PARTS, parts_of, pins_of
 from mediabuilder.store import nar
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.pathinfo import PathInfo
@@ -33,6 +34,8 @@ NIX_CONFIG = (
     "experimental-features = nix-command flakes\nbuild-users-group =\nsandbox = false\n"
     "substituters =\nflake-registry ="
 )
+# What a forged part adds: a mark in the target the moment it is sourced.
+PWN = '\nprintf "%s\\n" sourced >"$ROOT/pwned"\n'
 REMOTES = {"origin": "https://example.org/flake.git", "backup": "ssh://git@example.org/flake \"x\""}
 
 
@@ -86,6 +89,36 @@ def test_missing_media_is_one_line(tmp_path: Path) -> None:
     ]
 
 
+def test_install_sh_sources_its_parts_only_from_the_checked_copies() -> None:
+    """install.sh's PARTS are the ones the build ships, and it sources each from $VERIFIED, in
+    load_parts, and nothing else from anywhere; no part sources anything. Every file stays under
+    the ~800 lines STYLE.md asks for."""
+    text = SCRIPT.read_text()
+    assert parts_of(text.encode()) == INSTALL_PARTS
+    sources = [line.strip() for line in text.splitlines() if line.strip().startswith(("source ", ". "))]
+    assert sources == [f'source "$VERIFIED/{name}"' for name in INSTALL_PARTS]
+    body = text[text.index("\nload_parts() {\n"):]
+    assert body[:body.index("\n}\n")].count("source ") == len(INSTALL_PARTS)
+    for name in INSTALL_PARTS:
+        part = SCRIPT.with_name(name).read_text()
+        assert part.startswith(f"# shellcheck shell=bash\n# {name} - a part of install.sh (mediabuilder): ")
+        assert not [ln for ln in part.splitlines() if ln.strip().startswith(("source ", ". "))], name
+        assert len(part.splitlines()) < 800, name
+    assert len(text.splitlines()) < 800
+
+
+def test_install_sh_carries_the_sha256_of_each_part() -> None:
+    """install.sh vouches for its parts by the sha256 it carries for each (after editing a part:
+    scripts/pin_install_parts.py)."""
+    text = SCRIPT.read_text()
+    start = text.index("\nreadonly PARTS_SHA256='\n") + 1
+    block = text[start:text.index("\n'\n", start) + 2]
+    sums = "".join(f"{hashlib.sha256(SCRIPT.with_name(n).read_bytes()).hexdigest()}  {n}\n" for n in INSTALL_PARTS)
+    assert block == f"readonly PARTS_SHA256='\n{sums}'", "stale: run scripts/pin_install_parts.py"
+    assert pins_of(text.encode()) == {n: hashlib.sha256(SCRIPT.with_name(n).read_bytes()).hexdigest()
+                                      for n in INSTALL_PARTS}
+
+
 @pytest.mark.parametrize("n", range(5))
 def test_fingerprint_matches_python(n: int) -> None:
     public = SecretKey.generate(f"test-{n}").public()
@@ -131,9 +164,11 @@ def _git(cwd: Path, *args: str) -> str:
 
 
 def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca: bool = False,
-                flake: dict[str, object] | None = None, bundle: tuple[str, ...] = ("--all",)) -> Medium:
+                flake: dict[str, object] | None = None, bundle: tuple[str, ...] = ("--all",),
+                unlisted: tuple[str, ...] = (), forged_parts: tuple[str, ...] = ()) -> Medium:
     """A signed medium; `flake` overrides manifest.json's flake fields, `bundle` what the
-    bundle holds (git bundle create's revisions)."""
+    bundle holds (git bundle create's revisions), `unlisted` files its sha256sums leaves out,
+    `forged_parts` install.sh's parts changed before signing (as a forger's medium has them)."""
     key = SecretKey.generate("test-media-1")
     store = tmp / "fakestore"
     store.mkdir()
@@ -167,7 +202,11 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
 
     (media / "registry.json").write_text(json.dumps({"version": 2, "flakes": []}))
     (media / "README.txt").write_text("test medium\n")
-    shutil.copy(SCRIPT, media / "install.sh")
+    for name in ("install.sh", *INSTALL_PARTS):
+        shutil.copy(SCRIPT.with_name(name), media / name)
+    for name in forged_parts:
+        with open(media / name, "a") as f:
+            f.write(PWN)
     repo = tmp / "repo"
     repo.mkdir()
     _git(repo, "init", "-q", "-b", "main")
@@ -196,6 +235,8 @@ def make_medium(tmp: Path, split: bool = True, bad_whole: bool = False, forge_ca
     sums = []
     for path in sorted(p for p in media.rglob("*") if p.is_file()):
         rel = path.relative_to(media).as_posix()
+        if rel in unlisted:
+            continue
         sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}")
     manifest = {
         "version": 1, "mediabuilder": "0.1.0", "nix": "2.8.0", "created": "2026-01-01T00:00:00Z",
@@ -425,6 +466,61 @@ def test_content_addressed_manifest_is_refused(tmp_path: Path) -> None:
     # unsigned and the script's own `ca` check refuses it.
     assert len(errors) == 1, result.stderr
     assert "content-addressed" in errors[0] or "Nix cannot copy the signed manifest" in errors[0]
+    assert list(root.iterdir()) == []
+
+
+def _resum(tmp: Path, medium: Medium, name: str) -> None:
+    """sha256sums given `name`'s new sum, outside the signature: the manifest path's NAR and
+    narinfo rewritten to match, the narinfo keeping the media key's signature over the old one."""
+    mdir = tmp / "manifest-dir"
+    sums = (mdir / "sha256sums").read_text().splitlines()
+    digest = hashlib.sha256((medium.root / name).read_bytes()).hexdigest()
+    (mdir / "sha256sums").write_text("\n".join(f"{digest}  {name}" if ln.endswith(f"  {name}") else ln
+                                               for ln in sums) + "\n")
+    cache = BinaryCache(medium.root / "cache")
+    narinfo = cache.root / f"{medium.manifest_path[len('/nix/store/'):][:32]}.narinfo"
+    signed = [ln for ln in narinfo.read_text().splitlines() if ln.startswith("Sig: ")]
+    assert len(signed) == 1
+    _export(cache, mdir, medium.manifest_path, [], SecretKey.generate("forger"))
+    lines = [ln for ln in narinfo.read_text().splitlines() if not ln.startswith("Sig: ")]
+    narinfo.write_text("\n".join([*lines, *signed]) + "\n")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("part", INSTALL_PARTS)
+@pytest.mark.parametrize("damage", ["changed", "missing", "unlisted", "resummed", "forged"])
+def test_a_part_not_as_signed_is_refused_before_writing(tmp_path: Path, damage: str, part: str) -> None:
+    """install.sh sources a part only once its copy matched the signed sha256sums and the sha256
+    install.sh carries: a part changed after signing, missing, not in the sums, changed with its
+    sum changed outside the signature, or signed as it is on a forger's medium (a dry run without
+    --expect-key, which never asks for the fingerprint) stops the install in one line naming it
+    (the manifest's narinfo for the fourth), status 2, the target untouched; the checks before
+    it need no function of a part."""
+    _needs_real_tools()
+    medium = make_medium(tmp_path, split=False, unlisted=(part,) if damage == "unlisted" else (),
+                         forged_parts=(part,) if damage == "forged" else ())
+    narinfo = f"cache/{medium.manifest_path[len('/nix/store/'):][:32]}.narinfo"
+    expected = {
+        "changed": f"{part}: sha256 mismatch (damaged media)",
+        "missing": f"{part}: missing from the media (damaged or incomplete media; rebuild it)",
+        "unlisted": f"{part}: not listed in the signed sha256sums, so nothing vouches for it (forged media, or made "
+                    "by an incompatible mediabuilder)",
+        "resummed": f"{narinfo}: the manifest is not signed by media-key.pub (forged or damaged media)",
+        "forged": f"{part}: is not the part this install.sh was made with (forged media, or made by another "
+                  "mediabuilder version): run the medium's own install.sh, checked by its sha256",
+    }[damage]
+    if damage in ("changed", "resummed"):
+        with open(medium.root / part, "a") as f:
+            f.write(PWN)
+    if damage == "resummed":
+        _resum(tmp_path, medium, part)
+    if damage == "missing":
+        (medium.root / part).unlink()
+    args = ("--dry-run",) if damage == "forged" else ("--yes", "--expect-key", medium.key.public().fingerprint())
+    result, root = run_installer(tmp_path, medium, *args)
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result) == [f"install.sh: error: {expected}"], result.stderr
+    assert "command not found" not in result.stderr and "unbound variable" not in result.stderr
     assert list(root.iterdir()) == []
 
 

@@ -415,8 +415,9 @@ def test_boots_into_the_install_entry(remastered: Remastered, tmp_path: Path, fi
         f"STANDIN: mounted {device} (label nixos-minimal-25.05-x86_64) at /iso",
         "STANDIN: live system: PID 1 systemd, systemd 257, nix (Nix) 2.26.3",
         f"STANDIN: /iso is {device} iso9660 (ro), / is overlay",
-        "STANDIN: medium at /iso/mediabuilder for host beta: README.txt cache flake install.sh manifest.json "
-        "manifest.storepath media-key.pub registry.json",
+        "STANDIN: medium at /iso/mediabuilder for host beta: README.txt cache flake install-disk.sh "
+        "install-host.sh install-rebuild.sh install-upgrade.sh install.sh manifest.json manifest.storepath "
+        "media-key.pub registry.json",
         f"STANDIN: manifest.json sha256 {hashlib.sha256(manifest).hexdigest()}",
         "STANDIN: done",
     ]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mediabuilder.media.scripts import INSTALL_PARTS
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -25,7 +27,9 @@ def test_mypy() -> None:
 
 
 def test_shellcheck() -> None:
-    scripts = ["mediabuilder/media/install.sh", "mediabuilder/media/unattended.sh", "examples/prepare.sh",
+    # install.sh's parts on their own, and with -x as install.sh sources them (its globals known).
+    parts = [f"mediabuilder/media/{name}" for name in INSTALL_PARTS]
+    scripts = ["mediabuilder/media/install.sh", *parts, "mediabuilder/media/unattended.sh", "examples/prepare.sh",
                "scripts/demo.sh", ".ci/run", "setup", "scripts/trixie-root.sh", "scripts/in-trixie"]
-    proc = _run("shellcheck", *scripts)
+    proc = _run("shellcheck", "-x", *scripts)
     assert proc.returncode == 0, proc.stdout + proc.stderr

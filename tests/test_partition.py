@@ -99,7 +99,8 @@ def probe(image: Path, sector: int) -> dict[str, str]:
 
 def source_install_sh(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """`script` run with install.sh's functions sourced (INSTALL_SH_SOURCE_ONLY), in a private mount namespace."""
-    prelude = f'INSTALL_SH_SOURCE_ONLY=1; source {INSTALL_SH}; SCRATCH=$(mktemp -d); trap cleanup EXIT\n'
+    prelude = (f'INSTALL_SH_SOURCE_ONLY=1; source {INSTALL_SH}; source {INSTALL_SH.with_name("install-disk.sh")}; '
+               'SCRATCH=$(mktemp -d); trap cleanup EXIT\n')
     return subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", prelude + script],
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300, check=False)
 

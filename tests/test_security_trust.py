@@ -168,6 +168,9 @@ def _evil_files(tmp: Path, medium: Medium) -> Path:
     lines = [ln for ln in top.read_text().splitlines() if not ln.startswith(("CA:", "Deriver:"))]
     nar_hash = next(ln.split(": ", 1)[1] for ln in lines if ln.startswith("NarHash:"))
     (evil / top.name).write_text("\n".join([*lines, f"CA: fixed:r:{nar_hash}", f"Deriver: {EVIL_DERIVER}"]) + "\n")
+    # A part of install.sh whose phases would leave a mark if it were sourced from the medium.
+    part = (medium.root / "install-host.sh").read_text()
+    (evil / "install-host.sh").write_text(part + 'configure_nix() { : >"$ROOT/pwned"; }\n')
     return evil
 
 
@@ -176,11 +179,11 @@ EVIL_DERIVER = f"{'0' * 32}-evil.drv"
 
 @pytest.mark.integration
 @pytest.mark.parametrize("swapped", [("registry.json", "manifest.json", "media-key.pub"), ("flake/repo.bundle",),
-                                     ("toplevel narinfo",)])
+                                     ("toplevel narinfo",), ("install-host.sh",)])
 def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, ...]) -> None:
     """install.sh's phases with the medium's files swapped (bind mounts over the read-only
     medium) right after check_media: the target gets the files as they were checked (narinfos
-    too: Nix would register their unsigned CA and Deriver)."""
+    too: Nix would register their unsigned CA and Deriver), and install.sh's parts run as checked."""
     _needs_real_tools()
     medium = make_medium(tmp_path, split=False)
     narinfo = f"cache/{medium.toplevel[len('/nix/store/'):][:32]}.narinfo"
@@ -194,8 +197,12 @@ def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, .
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     swaps = " ".join(f'mount --bind "$EVIL_DIR/{Path(name).name}" "$MEDIA_DIR/{name}";' for name in swapped)
+    late = ""
+    if swapped == ("install-host.sh",):  # swapped the moment check_sums matched it, before load_parts
+        late, swaps = ('eval "checked_sums() $(declare -f check_sums | tail -n +2)"; '
+                       f'check_sums() {{ checked_sums; {swaps} }}; '), ""
     phases = (
-        'INSTALL_SH_SOURCE_ONLY=1 source "$MEDIA_DIR/install.sh"; trap cleanup EXIT; '
+        f'INSTALL_SH_SOURCE_ONLY=1 source "$MEDIA_DIR/install.sh"; trap cleanup EXIT; {late}'
         'parse_args --media "$MEDIA_DIR" --root "$TARGET_ROOT" --yes; locate_media; check_media; '
         f'{swaps} for phase in {PHASES_AFTER_CHECK}; do "$phase"; done'
     )
@@ -215,6 +222,7 @@ def test_install_uses_only_what_it_checked(tmp_path: Path, swapped: tuple[str, .
     registered = subprocess.run(["nix", "path-info", "--store", f"local?root={root}", "--json", medium.toplevel],
                                 capture_output=True, text=True, env=env, check=True).stdout
     assert "fixed:r:" not in registered and "evil.drv" not in registered, registered
+    assert not (root / "pwned").exists()
 
 
 # Item 6: the fingerprint shown, asked for and checked

@@ -11,6 +11,7 @@ medium at all or bad arguments (one `error:` line)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -156,6 +157,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
     "nix-cache-info missing": lambda m: (m / "cache/nix-cache-info").unlink(),
     "README.txt missing": lambda m: (m / "README.txt").unlink(),
     "registry.json flipped": lambda m: _flip(m / "registry.json"),
+    "install.sh part flipped": lambda m: _flip(m / "install-disk.sh"),
+    "install.sh part missing": lambda m: (m / "install-host.sh").unlink(),
     "NAR flipped": lambda m: _flip(_nar_of(_narinfos(m)[0])),
     "NAR missing": lambda m: _nar_of(_narinfos(m)[0]).unlink(),
     "narinfo missing": lambda m: _narinfos(m)[0].unlink(),
@@ -199,6 +202,7 @@ SIGNED_DAMAGES: dict[str, Callable[[dict[str, bytes]], None]] = {
     "sums absolute name": lambda f: _add_sum(f, f"{'0' * 64}  /etc/shadow"),
     "sums malformed line": lambda f: _add_sum(f, "not a line of sha256sum"),
     "sums without registry.json": lambda f: _drop_sum(f, "registry.json"),
+    "sums without an install.sh part": lambda f: _drop_sum(f, "install-upgrade.sh"),
     "key file differs from the signed key": lambda f: f.update(key=SecretKey.generate("x").public().render().encode()),
     "hosts malformed": lambda f: f.update(hosts=b"alpha\tnot-a-path\t12\n"),
     "no host": lambda f: f.update(hosts=b""),
@@ -215,6 +219,24 @@ def test_verify_refuses_signed_manifests_install_refuses(media: Media, tmp_path:
     verified = mb("verify", medium, "--trusted-key", media.key)
     assert verified.returncode == 1, verified.stdout + verified.stderr
     assert subject in fault_paths(verified), (subject, verified.stdout)
+
+
+def test_a_part_signed_but_not_install_sh_s_is_refused_by_both(media: Media, tmp_path: Path) -> None:
+    """A part other than the one install.sh carries the sha256 of, signed with the rest (a
+    forger's medium, or another mediabuilder's part beside this install.sh): both refuse it."""
+    medium = tmp_path / "medium"
+    shutil.copytree(media.dir, medium, symlinks=True)
+    part = medium / "install-disk.sh"
+    part.write_text(part.read_text() + "# another install-disk.sh\n")
+    digest = hashlib.sha256(part.read_bytes()).hexdigest()
+    _resign(medium, media.base / "cache" / "signing-key.sec",
+            lambda f: f.update(sha256sums=re.sub(rb"(?m)^[0-9a-f]{64}(  install-disk\.sh)$",
+                                                  digest.encode() + rb"\1", f["sha256sums"])))
+    assert install_error(run_install(tmp_path, medium)) == "install-disk.sh"
+    verified = mb("verify", medium, "--trusted-key", media.key)
+    assert verified.returncode == 1, verified.stdout + verified.stderr
+    assert verified.stdout.splitlines() == ["install-disk.sh: is not the part this install.sh was made with (forged "
+                                            "media, or made by another mediabuilder version)"]
 
 
 def _set_url(narinfo: Path, url: str) -> None:

@@ -145,8 +145,9 @@ def test_output_onto_a_mounted_stick(example: Example, tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr
     steps = json.loads(report.read_text())
-    medium = ["README.txt", "cache", "flake", "install.sh", "manifest.json", "manifest.storepath",
-              "media-key.pub", "registry.json"]
+    medium = ["README.txt", "cache", "flake", "install-disk.sh", "install-host.sh", "install-rebuild.sh",
+              "install-upgrade.sh", "install.sh", "manifest.json", "manifest.storepath", "media-key.pub",
+              "registry.json"]
     assert steps["first"]["rc"] == 0, steps["first"]["stderr"]
     assert steps["first"]["listing"] == medium
     assert steps["verify"]["rc"] == 0, steps["verify"]["stderr"]

@@ -13,6 +13,14 @@
 #   # whole <sha256 hex> <name>
 # for a file that is stored split as <name>.part000, <name>.part001, ... (the parts are listed
 # as ordinary lines). <name> is relative to the media root, like every name in sha256sums.
+#
+# The script is this file and its PARTS beside it on the medium. This file is what a person checks
+# out of band (its sha256, printed by the build): it holds everything up to and including
+# check_media, and vouches for the parts: each is read once into $VERIFIED, matched against the
+# signed sha256sums like every file, and against the sha256 this file carries for it
+# (PARTS_SHA256), and only then sourced from there (load_parts), never from the medium itself. No
+# function of a part runs before that.
+# shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
 readonly PROG=install.sh
@@ -23,9 +31,20 @@ readonly FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){7}$'
 # The 64-bit fingerprint of earlier mediabuilder versions: too short to trust (a colliding key can be ground).
 readonly SHORT_FINGERPRINT_RE='^[0-9a-fA-F]{4}(:[0-9a-fA-F]{4}){3}$'
 readonly TARGET_CACHE_NAME=.mediabuilder-cache
+# The parts of this script: the host installed, the disk, upgrades, offline rebuilds.
+readonly PARTS=(install-host.sh install-disk.sh install-upgrade.sh install-rebuild.sh)
+# Their sha256 (scripts/pin_install_parts.py writes them; the tests check them). The key alone
+# cannot vouch for the parts: they run before its fingerprint is confirmed (a dry run never asks,
+# an install asks in confirm), and a forged medium's parts would skip the question.
+readonly PARTS_SHA256='
+2a3d41f92dc4e5f67c9527031759289c05bf4175cd13a1d71ffee457136878d7  install-host.sh
+6157095b1e1a19db01abc8f8541f2465ddc71ce28f1979f4852f388e633907d1  install-disk.sh
+3476d9c163b840454b1d60f3e895fe1fda85c4593b27f464c7c47e3c18a58a4e  install-upgrade.sh
+7bac195c73dd2d9af72fd7555db1b7de74545ae9de84cdd2ed345da8c8e79acf  install-rebuild.sh
+'
 # Files read from the media once, into $VERIFIED, checked there and used only from there: a medium
 # may answer differently the second time it is read.
-readonly COPIED=(media-key.pub manifest.json registry.json flake/repo.bundle)
+readonly COPIED=(media-key.pub manifest.json registry.json flake/repo.bundle "${PARTS[@]}")
 
 # Options.
 HOST=""
@@ -39,6 +58,9 @@ UPGRADE=0
 BOOT=0
 ROOT_GIVEN=0
 FLAKE_DIR_GIVEN=0
+DISK_REQ=""         # --disk or the install record: a device path or "auto"
+LAYOUT=""           # uefi, bios or disko
+UNATTENDED=0
 
 # State, filled by the phases.
 SCRATCH=""
@@ -58,6 +80,9 @@ TARGET_CACHE=""     # set once created on the target, so that cleanup removes it
 GIT=()
 CHROOT_MOUNTS=()
 NIX_TRUST=()        # the --option flags every Nix call gets
+STATE=""            # $ROOT/var/lib/mediabuilder: what the machine was installed from (upgrades)
+INSTALLED_HOST=""
+INSTALLED_REV=""
 
 usage() {
     cat >&2 <<EOF
@@ -121,7 +146,9 @@ cleanup() {
     if [[ -n $TARGET_CACHE && -d $TARGET_CACHE ]]; then
         rm -rf -- "$TARGET_CACHE"
     fi
-    abandon_disk # unmounts the target disk (install.sh --disk) last
+    if declare -F abandon_disk >/dev/null; then # (install-disk.sh, once the parts are loaded)
+        abandon_disk # unmounts the target disk (install.sh --disk) last
+    fi
     if [[ -n $SCRATCH && -d $SCRATCH ]]; then
         chmod -R u+w -- "$SCRATCH" 2>/dev/null || true
         rm -rf -- "$SCRATCH"
@@ -157,7 +184,8 @@ first_line() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Phases
+# Phases: the options, the medium and its parts checked. The phases after check_media are in the
+# parts.
 
 parse_args() {
     local opt
@@ -230,7 +258,8 @@ locate_media() {
     MEDIA=$(cd -- "$MEDIA" && pwd -P)
     step "media at $MEDIA"
     local f
-    for f in media-key.pub manifest.json manifest.storepath registry.json flake/repo.bundle cache/nix-cache-info; do
+    for f in media-key.pub manifest.json manifest.storepath registry.json flake/repo.bundle cache/nix-cache-info \
+        "${PARTS[@]}"; do
         [[ -f $MEDIA/$f ]] || die "$f" "missing from the media (damaged or incomplete media; rebuild it)"
     done
     for f in cache/nar cache/log cache/realisations; do
@@ -248,7 +277,7 @@ set_cap() {
     local blocks block_size
     case $1 in
         media-key.pub | manifest.storepath) CAP=$((4 * 1024)) ;;
-        cache/*.narinfo | cache/nix-cache-info) CAP=$((1024 * 1024)) ;;
+        cache/*.narinfo | cache/nix-cache-info | install-*.sh) CAP=$((1024 * 1024)) ;;
         manifest.json | registry.json) CAP=$((64 * 1024 * 1024)) ;;
         *)
             read -r blocks block_size < <(stat -f -c '%a %S' -- "$SCRATCH") ||
@@ -287,7 +316,7 @@ copy_one() {
         die "$1" "grew past $CAP bytes while it was read (damaged or forged media)"
 }
 
-# The key, the signed manifest path and every file's hash.
+# The key, the signed manifest path and every file's hash; then the parts of this script, checked.
 check_media() {
     step "checking the media (key, signed manifest, sha256 of every file)"
     copy_from_media
@@ -334,6 +363,7 @@ check_media() {
     info "medium created $CREATED (signed manifest)"
 
     check_sums
+    load_parts
 }
 
 # The key (media-key.pub's copy): a Nix public key, the expected one if --expect-key was given.
@@ -395,9 +425,14 @@ check_sums() {
         fi
         count=$((count + 1))
     done <"$TRUSTED/sha256sums"
+    sed -E 's/^[0-9a-f]{64} [ *]//' "$copied" >"$SCRATCH/copied.names"
     for name in registry.json flake/repo.bundle; do
-        grep -Fqx -- "$name" < <(sed -E 's/^[0-9a-f]{64} [ *]//' "$copied") ||
+        grep -Fqx -- "$name" "$SCRATCH/copied.names" ||
             die "$MANIFEST_PATH/sha256sums" "does not list $name (media made by an incompatible mediabuilder)"
+    done
+    for name in "${PARTS[@]}"; do
+        grep -Fqx -- "$name" "$SCRATCH/copied.names" ||
+            die "$name" "not listed in the signed sha256sums, so nothing vouches for it (forged media, or made by an incompatible mediabuilder)"
     done
     info "hashing $count files"
     hash_files "$VERIFIED" "$copied"
@@ -434,943 +469,32 @@ hash_files() {
     fi
 }
 
-choose_host() {
-    local -a names=() toplevels=() bytes=()
-    local name toplevel nar rest
-    while IFS=$'\t' read -r name toplevel nar rest || [[ -n $name ]]; do
-        [[ -z $name ]] && continue
-        [[ -z $rest && $toplevel =~ $STORE_PATH_RE && $nar =~ ^[0-9]+$ ]] ||
-            die "$MANIFEST_PATH/hosts" "malformed line for '$name' (media made by an incompatible mediabuilder)"
-        names+=("$name")
-        toplevels+=("$toplevel")
-        bytes+=("$nar")
-    done <"$TRUSTED/hosts"
-    ((${#names[@]} > 0)) || die "$MANIFEST_PATH/hosts" "lists no host (nothing to install)"
-
-    local i pick=-1
-    if [[ -n $HOST ]]; then
-        for i in "${!names[@]}"; do
-            [[ ${names[i]} == "$HOST" ]] && pick=$i
-        done
-        ((pick >= 0)) || die "$HOST" "no such host on this medium (it has: ${names[*]})"
-    elif ((${#names[@]} == 1)); then
-        pick=0
-    elif ((YES)); then
-        die --host "several hosts on this medium, pass one of: ${names[*]}"
-    else
-        [[ -r /dev/tty ]] || die --host "several hosts and no terminal to ask on; pass one of: ${names[*]}"
-        printf 'Hosts on this medium:\n' >&2
-        for i in "${!names[@]}"; do
-            printf '  %d) %s\n' "$((i + 1))" "${names[i]}" >&2
-        done
-        local answer=""
-        printf 'Install which host? [1-%d] ' "${#names[@]}" >&2
-        IFS= read -r answer </dev/tty || true
-        if ! [[ $answer =~ ^[0-9]+$ ]] || ((answer < 1 || answer > ${#names[@]})); then
-            die /dev/tty "'$answer' is not a host number"
-        fi
-        pick=$((answer - 1))
-    fi
-    HOST=${names[pick]}
-    TOPLEVEL=${toplevels[pick]}
-    NAR_BYTES=${bytes[pick]}
-    step "host $HOST: $TOPLEVEL"
-
-    # Its store paths (closure, flake inputs, tools).
-    local line="" found=0 paths
-    while IFS= read -r line || [[ -n $line ]]; do
-        if [[ ${line%%$'\t'*} == "$HOST" && $line == *$'\t'* ]]; then
-            found=1
-            paths=${line#*$'\t'}
-            read -r -a HOST_PATHS <<<"$paths"
-            break
-        fi
-    done <"$TRUSTED/store-paths"
-    ((found)) || die "$MANIFEST_PATH/store-paths" "has no line for host $HOST (damaged media)"
-    local p has_toplevel=0
-    for p in "${HOST_PATHS[@]}"; do
-        [[ $p =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "'$p' is not a store path"
-        [[ $p == "$TOPLEVEL" ]] && has_toplevel=1
-    done
-    ((has_toplevel)) || die "$MANIFEST_PATH/store-paths" "the paths of $HOST do not include its toplevel"
-    split_base_paths
-    info "${#HOST_PATHS[@]} store paths, $NAR_BYTES bytes unpacked"
-
-    # Every path's narinfo, and its NAR: on the media whole, or split (reassembled later).
-    local hash url listed=$SCRATCH/urls
-    : >"$listed"
-    for p in "${HOST_PATHS[@]}"; do
-        hash=${p#/nix/store/}
-        hash=${hash:0:32}
-        [[ -f $MEDIA/cache/$hash.narinfo ]] || die "cache/$hash.narinfo" "missing: $p is not on the media (damaged media)"
-        [[ -f $VERIFIED/cache/$hash.narinfo ]] ||
-            die "cache/$hash.narinfo" "not listed in the signed sha256sums (forged media)"
-        printf '%s\n' "$VERIFIED/cache/$hash.narinfo" >>"$listed"
-    done
-    local -A whole=() seen=()
-    local sum
+# The parts, sourced from their copies in $VERIFIED, which check_sums just matched against the
+# signed sha256sums (it refuses a medium whose sums do not list one), once each has the sha256 this
+# file carries for it: never from the medium, which may answer differently the second time it is read.
+load_parts() {
+    local -A pinned=()
+    local sum name got
     while read -r sum name; do
-        whole[$name]=$sum
-    done <"$SCRATCH/whole"
-    while IFS= read -r url; do
-        [[ -n ${seen[$url]:-} ]] && continue
-        seen[$url]=1
-        [[ $url != /* && /$url/ != */../* ]] || die "cache/$url" "narinfo URL points outside the cache (forged media)"
-        if [[ -f $MEDIA/cache/$url ]]; then
-            continue
-        elif [[ -n ${whole[cache/$url]:-} ]]; then
-            SPLIT_NEEDED+=("cache/$url")
-            for p in "$MEDIA/cache/$url".part[0-9][0-9][0-9]; do
-                [[ -f $p ]] || die "cache/$url.part000" "missing from the media (damaged media)"
-                SPLIT_BYTES=$((SPLIT_BYTES + $(stat -c %s -- "$p")))
-            done
-        else
-            die "cache/$url" "missing from the media (damaged media)"
-        fi
-    done < <(tr '\n' '\0' <"$listed" | xargs -0 sed -n 's/^URL: //p')
-    if ((${#SPLIT_NEEDED[@]} > 0)); then
-        info "${#SPLIT_NEEDED[@]} split NAR(s) to reassemble on the target ($SPLIT_BYTES bytes)"
-    fi
-}
-
-check_target() {
-    step "checking the target $ROOT"
-    [[ -d $ROOT ]] || die "$ROOT" "does not exist (mount the target file system there)"
-    mountpoint -q -- "$ROOT" || die "$ROOT" "is not a mount point (mount the target file system there)"
-    local owner mode
-    read -r owner mode < <(stat -c '%u %a' -- "$ROOT")
-    [[ $owner == 0 && $mode == 755 ]] ||
-        die "$ROOT" "owned by uid $owner with mode $mode; it must be root's with mode 755 (chown root:root $ROOT; chmod 755 $ROOT)"
-    local avail need
-    avail=$(df -B1 --output=avail -- "$ROOT" | tail -n1 | tr -d '[:space:]')
-    [[ $avail =~ ^[0-9]+$ ]] || die "$ROOT" "cannot read the free space (df printed '$avail')"
-    need=$((NAR_BYTES + NAR_BYTES / 10 + SPLIT_BYTES))
-    ((avail >= need)) ||
-        die "$ROOT" "only $avail bytes free, $HOST needs $need (its store plus 10%); use a bigger partition"
-    info "$avail bytes free, $need needed"
-    local dir=$ROOT$FLAKE_DIR
-    if [[ -e $dir || -L $dir ]]; then
-        [[ -d $dir && ! -L $dir ]] || die "$dir" "exists and is not a directory; remove it or pass another --flake-dir"
-        [[ -z $(ls -A -- "$dir") ]] || die "$dir" "is not empty; empty it or pass another --flake-dir"
-    fi
-    if ((!DRY_RUN)) && ((EUID != 0)); then
-        die "$ROOT" "installing needs root; run this script as root (sudo)"
-    fi
-    read_flake_info
-}
-
-# The flake repository, cloned from the bundle into scratch before anything is written to the
-# target: HEAD at the recorded commit, the flake's directory with its flake.nix, the remotes.
-# clone_flake later copies this checked clone into the target.
-check_bundle() {
-    step "checking the flake repository (clone of flake/repo.bundle)"
-    find_git
-    local dir=$SCRATCH/flake bundle=$VERIFIED/flake/repo.bundle
-    "${GIT[@]}" clone --quiet --no-hardlinks -- "$bundle" "$dir" 2>"$SCRATCH/git.log" ||
-        die flake/repo.bundle "git cannot clone the bundle (damaged media, or made from a shallow clone): $(tail -n1 "$SCRATCH/git.log")"
-    local -a g=("${GIT[@]}" -C "$dir")
-    # Every branch of the bundle as a local branch (origin goes away below).
-    "${g[@]}" fetch --quiet --update-head-ok -- "$bundle" '+refs/heads/*:refs/heads/*' 2>"$SCRATCH/git.log" ||
-        die flake/repo.bundle "git cannot fetch the bundle's branches: $(tail -n1 "$SCRATCH/git.log")"
-    if [[ -n $BRANCH ]]; then
-        "${g[@]}" checkout --quiet "$BRANCH" -- 2>"$SCRATCH/git.log" ||
-            die flake/repo.bundle "has no branch $BRANCH to check out: $(tail -n1 "$SCRATCH/git.log")"
-    else
-        "${g[@]}" checkout --quiet --detach "$REV" -- 2>"$SCRATCH/git.log" ||
-            die flake/repo.bundle "does not hold the recorded commit $REV: $(tail -n1 "$SCRATCH/git.log")"
-    fi
-    local head
-    head=$("${g[@]}" rev-parse HEAD) || die flake/repo.bundle "git rev-parse HEAD failed in its clone"
-    [[ $head == "$REV" ]] ||
-        die flake/repo.bundle "branch ${BRANCH:-<detached>} is at $head, not the recorded commit $REV (media made from a changed repository)"
-    [[ -f $dir/${SUBDIR:+$SUBDIR/}flake.nix ]] ||
-        die flake/repo.bundle "has no ${SUBDIR:+$SUBDIR/}flake.nix at $REV (media made by an incompatible mediabuilder)"
-    run "${g[@]}" remote remove origin
-    local i
-    for i in "${!REMOTE_NAMES[@]}"; do
-        run "${g[@]}" remote add -- "${REMOTE_NAMES[i]}" "${REMOTE_URLS[i]}"
+        [[ -z $name ]] || pinned[$name]=$sum
+    done <<<"$PARTS_SHA256"
+    for name in "${PARTS[@]}"; do
+        got=$(sha256sum <"$VERIFIED/$name") || die "$name" "cannot be read from its checked copy in $VERIFIED"
+        [[ ${got%% *} == "${pinned[$name]:-}" ]] ||
+            die "$name" "is not the part this install.sh was made with (forged media, or made by another mediabuilder version): run the medium's own install.sh, checked by its sha256"
     done
-    info "branch ${BRANCH:-<detached>} at ${REV:0:12}, flake in ${FLAKE_DIR}${SUBDIR:+/$SUBDIR}, ${#REMOTE_NAMES[@]} remote(s)"
-}
-
-BRANCH=""
-REV=""
-SUBDIR=""           # the flake's directory inside the repository ("" at its top)
-REMOTE_NAMES=()
-REMOTE_URLS=()
-
-# Undo JSON string escapes of the simple kind; fails on \uXXXX.
-json_unescape() {
-    local s=$1 out=""
-    while [[ $s == *\\* ]]; do
-        out+=${s%%\\*}
-        s=${s#*\\}
-        case ${s:0:1} in
-            '"' | \\ | /) out+=${s:0:1} ;;
-            *) return 1 ;;
-        esac
-        s=${s:1}
-    done
-    printf '%s' "$out$s"
-}
-
-# branch, rev and remotes of the flake from the trusted manifest.json. No jq on the installer:
-# this relies on mediabuilder writing manifest.json with json.dumps(indent=2, sort_keys=True), so
-# the "flake" object starts at a line '  "flake": {', its own keys sit on lines indented by four
-# spaces, and each remote is alone on a line of the "remotes" object.
-read_flake_info() {
-    local block line in_remotes=0 name url
-    BRANCH="" REV="" SUBDIR="" REMOTE_NAMES=() REMOTE_URLS=() # (read again by check_target after --disk)
-    block=$(sed -n '/^  "flake": {$/,/^  }/p' "$TRUSTED/manifest.json")
-    [[ -n $block ]] || die "$MANIFEST_PATH/manifest.json" "has no \"flake\" object (media made by an incompatible mediabuilder)"
-    while IFS= read -r line; do
-        if ((in_remotes)); then
-            if [[ $line =~ ^\ {4}\},?$ ]]; then
-                in_remotes=0
-            elif [[ $line =~ ^\ {6}\"(([^\"\\]|\\.)*)\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
-                if name=$(json_unescape "${BASH_REMATCH[1]}") && url=$(json_unescape "${BASH_REMATCH[3]}"); then
-                    REMOTE_NAMES+=("$name")
-                    REMOTE_URLS+=("$url")
-                else
-                    warn "remote line '$line' has escapes this script does not read; restore it by hand"
-                fi
-            else
-                die "$MANIFEST_PATH/manifest.json" "cannot read the remotes line '$line'"
-            fi
-        elif [[ $line =~ ^\ {4}\"remotes\":\ \{\},?$ ]]; then
-            :
-        elif [[ $line =~ ^\ {4}\"remotes\":\ \{$ ]]; then
-            in_remotes=1
-        elif [[ $line =~ ^\ {4}\"rev\":\ \"([0-9a-f]{40}|[0-9a-f]{64})\",?$ ]]; then
-            REV=${BASH_REMATCH[1]}
-        elif [[ $line =~ ^\ {4}\"branch\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
-            BRANCH=$(json_unescape "${BASH_REMATCH[1]}") ||
-                die "$MANIFEST_PATH/manifest.json" "cannot read the branch name"
-        elif [[ $line =~ ^\ {4}\"subdir\":\ \"(([^\"\\]|\\.)*)\",?$ ]]; then
-            SUBDIR=$(json_unescape "${BASH_REMATCH[1]}") ||
-                die "$MANIFEST_PATH/manifest.json" "cannot read the flake's subdir"
-        fi
-    done <<<"$block"
-    SUBDIR=${SUBDIR%/}
-    [[ $SUBDIR != /* && /$SUBDIR/ != */../* ]] ||
-        die "$MANIFEST_PATH/manifest.json" "flake subdir '$SUBDIR' points outside the repository (forged media)"
-    [[ -n $REV ]] || die "$MANIFEST_PATH/manifest.json" "has no flake \"rev\" (media made by an incompatible mediabuilder)"
-}
-
-confirm() {
-    local plan_cache="file://$MEDIA/cache"
-    ((${#SPLIT_NEEDED[@]} > 0)) && plan_cache="file://$ROOT/$TARGET_CACHE_NAME (media cache plus ${#SPLIT_NEEDED[@]} reassembled NAR(s))"
-    if ((DRY_RUN)); then
-        step "dry run: every check passed; the plan"
-        {
-            printf '    host:        %s\n' "$HOST"
-            printf '    toplevel:    %s\n' "$TOPLEVEL"
-            printf '    store paths: %s (%s bytes unpacked)\n' "${#HOST_PATHS[@]}" "$NAR_BYTES"
-            printf '    would run:   nix copy --from %s --to local?root=%s <%s paths>\n' "$plan_cache" "$ROOT" "${#HOST_PATHS[@]}"
-            printf '                 nix-env --store %s -p %s/nix/var/nix/profiles/system --set %s\n' "$ROOT" "$ROOT" "$TOPLEVEL"
-            printf '                 NIXOS_INSTALL_BOOTLOADER=1 %s/bin/switch-to-configuration boot (inside %s)\n' "$TOPLEVEL" "$ROOT"
-            printf '                 git clone flake/repo.bundle %s%s (branch %s, rev %s, flake in %s)\n' "$ROOT" "$FLAKE_DIR" \
-                "${BRANCH:-<detached>}" "$REV" "$FLAKE_DIR${SUBDIR:+/$SUBDIR}"
-            printf '                 write %s/var/lib/mediabuilder/registry.json and %s/root/.config/nix/nix.conf\n' "$ROOT" "$ROOT"
-            if [[ -n $DISK_REQ ]]; then
-                printf '    first:       erase %s, layout %s, mount it at %s (%s)\n' "$DISK" "$LAYOUT" "$ROOT" "$DISK_DESC"
-            fi
-        } >&2
-        exit 0
-    fi
-    if [[ -n $DISK_REQ ]]; then # confirm_disk asks (or, unattended, not)
-        ((YES)) || { [[ -r /dev/tty ]] && confirm_key; }
-        return 0
-    fi
-    if ((YES)); then
-        local checked="media key as expected"
-        [[ -n $EXPECT_KEY ]] || checked="MEDIA KEY NOT CHECKED"
-        step "installing $HOST into $ROOT (--yes, $checked)"
-        return
-    fi
-    [[ -r /dev/tty ]] || die /dev/tty "no terminal to ask on; pass --yes to install without asking"
-    confirm_key
-    step "confirm"
-    local answer=""
-    printf 'Install %s into %s? [y/N] ' "$HOST" "$ROOT" >&2
-    IFS= read -r answer </dev/tty || true
-    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] || die "$ROOT" "not confirmed; nothing was written"
-}
-
-# Without --expect-key, the operator compares the fingerprint with the one the medium's maker gave.
-confirm_key() {
-    [[ -z $EXPECT_KEY ]] || return 0
-    step "confirm the media key (no --expect-key given)"
-    {
-        printf '    media key:   %s\n' "${KEY%%:*}"
-        printf '    fingerprint: %s\n' "$FINGERPRINT"
-        printf '    created:     %s\n' "$CREATED"
-        printf "install.sh comes from the medium: a forged medium installs the forger's system.\n"
-    } >&2
-    local answer=""
-    printf "Is this, group by group, the fingerprint the medium's maker gave you? [y/N] " >&2
-    IFS= read -r answer </dev/tty || true
-    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] ||
-        die media-key.pub "fingerprint not confirmed; nothing was written (get the fingerprint from the medium's maker, pass --expect-key)"
-}
-
-# Reassemble split NARs into a cache on the target disk that links to everything else.
-prepare_source_cache() {
-    SOURCE_CACHE=$VERIFIED/cache
-    ((${#SPLIT_NEEDED[@]} > 0)) || return 0
-    local dir=$ROOT/$TARGET_CACHE_NAME
-    rm -rf -- "$dir"
-    TARGET_CACHE=$dir
-    mkdir -m 0700 -- "$dir"
-    # The checked narinfos, and symlinks to every NAR of the media cache.
-    cp -rs -- "$MEDIA/cache/nar" "$dir/nar"
-    cp -P -- "$VERIFIED/cache/log" "$VERIFIED/cache/realisations" "$dir/"
-    cp -- "$VERIFIED/cache/"*.narinfo "$VERIFIED/cache/nix-cache-info" "$dir/"
-    local rel sum got p
-    local -A whole=()
-    while read -r sum rel; do
-        whole[$rel]=$sum
-    done <"$SCRATCH/whole"
-    for rel in "${SPLIT_NEEDED[@]}"; do
-        info "reassembling $rel"
-        local -a parts=()
-        for p in "$MEDIA/$rel".part[0-9][0-9][0-9]; do
-            parts+=("$p")
-        done
-        # The parts must be part000, part001, ... with no gap.
-        local i
-        for i in "${!parts[@]}"; do
-            [[ ${parts[i]} == "$MEDIA/$rel.part$(printf '%03d' "$i")" ]] ||
-                die "$rel.part$(printf '%03d' "$i")" "missing from the media (damaged media)"
-        done
-        rm -f -- "$dir/${rel#cache/}"
-        got=$(cat -- "${parts[@]}" | tee -- "$dir/${rel#cache/}" | sha256sum) ||
-            die "$dir/${rel#cache/}" "cannot write the reassembled file (target disk full?)"
-        got=${got%% *}
-        [[ $got == "${whole[$rel]}" ]] || die "$rel" "sha256 mismatch of the reassembled parts (damaged media)"
-    done
-    SOURCE_CACHE=$dir
-}
-
-copy_closure() {
-    step "copying ${#HOST_PATHS[@]} store paths into $ROOT/nix/store"
-    prepare_source_cache
-    copy_paths --to "local?root=$ROOT"
-}
-
-# copy_paths [NIX COPY FLAGS...]: HOST_PATHS from the source cache, with only the media key
-# trusted. The .drv files of offline rebuilds go in a second call with --derivation (without it
-# Nix 2.8 takes a .drv for its outputs and builds them; with it Nix 2.26 takes an output for its
-# .drv).
-copy_paths() {
-    local -a outs=() drvs=()
-    local p
-    for p in "${HOST_PATHS[@]}"; do
-        if [[ $p == *.drv ]]; then drvs+=("$p"); else outs+=("$p"); fi
-    done
-    local -a copy=(nix copy "${NIX_TRUST[@]}" --option substitute true --option substituters "file://$SOURCE_CACHE"
-        --from "file://$SOURCE_CACHE" "$@")
-    ((${#outs[@]} == 0)) || run "${copy[@]}" "${outs[@]}"
-    ((${#drvs[@]} == 0)) || run "${copy[@]}" --derivation "${drvs[@]}"
-}
-
-set_profile() {
-    step "setting the system profile to $TOPLEVEL"
-    mkdir -p -- "$ROOT/nix/var/nix/profiles"
-    # As nixos-install does: nix-env --store ROOT -p ROOT/nix/var/nix/profiles/system --set PATH
-    run nix-env --store "$ROOT" \
-        --option trusted-public-keys "$KEY" --option require-sigs true \
-        --option substitute true --option substituters "file://$SOURCE_CACHE" \
-        -p "$ROOT/nix/var/nix/profiles/system" --set "$TOPLEVEL"
-}
-
-install_bootloader() {
-    step "installing the boot loader (switch-to-configuration boot)"
-    mkdir -p -- "$ROOT/etc"
-    touch -- "$ROOT/etc/NIXOS"
-    in_target NIXOS_INSTALL_BOOTLOADER=1 "$TOPLEVEL/bin/switch-to-configuration" boot
-}
-
-# in_target [VAR=VALUE...] COMMAND ARGS...: COMMAND inside ROOT, with nixos-enter, else in a chroot
-# with /dev, /proc and /sys bound in (what nixos-enter would provide).
-in_target() {
-    local -a vars=()
-    while [[ $1 =~ ^[A-Z_][A-Z0-9_]*= ]]; do
-        vars+=("$1")
-        shift
-    done
-    if command -v nixos-enter >/dev/null; then
-        run env "${vars[@]}" nixos-enter --root "$ROOT" -- "$@"
-        return
-    fi
-    local d
-    for d in dev proc sys; do
-        mkdir -p -- "$ROOT/$d"
-        if ! mountpoint -q -- "$ROOT/$d"; then
-            mount --rbind "/$d" "$ROOT/$d" || die "$ROOT/$d" "cannot bind-mount /$d for the chroot"
-            CHROOT_MOUNTS+=("$ROOT/$d")
-            # Else unmounting inside would reach the live system's own mounts, and `umount -R` leaves
-            # $ROOT/sys/fs/cgroup busy on a systemd live system (it then never powers off).
-            mount --make-rslave "$ROOT/$d" || die "$ROOT/$d" "cannot make the chroot's bind mount a slave"
-        fi
-    done
-    run env "${vars[@]}" chroot "$ROOT" "$@"
-    local i
-    for ((i = ${#CHROOT_MOUNTS[@]} - 1; i >= 0; i--)); do
-        umount -R "${CHROOT_MOUNTS[i]}" || umount -lR "${CHROOT_MOUNTS[i]}" || warn "cannot unmount ${CHROOT_MOUNTS[i]}"
-    done
-    CHROOT_MOUNTS=()
-}
-
-# Whether git on PATH runs (bash's `command -v` also names a non-executable match).
-have_git() {
-    local path
-    path=$(command -v git) && [[ -f $path && -x $path ]]
-}
-
-find_git() {
-    if have_git; then
-        GIT=(git)
-        return
-    fi
-    local line tool="" path=""
-    while IFS=$'\t' read -r line tool path; do
-        [[ $line == @tools && $tool == git ]] && break
-        path=""
-    done <"$TRUSTED/store-paths"
-    [[ $path =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/store-paths" "no git on this system and no '@tools<TAB>git' path on the media"
-    info "no git here: copying $path from the media into the live store"
-    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://${SOURCE_CACHE:-$VERIFIED/cache}" "$path"
-    [[ -x $path/bin/git ]] || die "$path/bin/git" "not found after copying git from the media"
-    GIT=("$path/bin/git")
-}
-
-clone_flake() {
-    local dir=$ROOT$FLAKE_DIR
-    step "putting the flake repository into $dir"
-    mkdir -p -- "$dir"
-    run cp -a -- "$SCRATCH/flake/." "$dir/"
-    local i
-    for i in "${!REMOTE_NAMES[@]}"; do
-        info "remote ${REMOTE_NAMES[i]}: ${REMOTE_URLS[i]}"
-    done
-}
-
-configure_nix() {
-    step "configuring Nix in the target for offline flake evaluation"
-    local lib=$ROOT/var/lib/mediabuilder
-    mkdir -p -- "$lib"
-    local f
-    for f in registry.json manifest.json media-key.pub; do
-        install -m 0644 -- "$VERIFIED/$f" "$lib/$f"
-    done
-    [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
-    mkdir -p -- "$ROOT/root/.config/nix"
-    printf '%s\n' \
-        '# Written by mediabuilder install.sh: evaluate the flake offline with the pinned registry.' \
-        'experimental-features = nix-command flakes' \
-        'flake-registry = /var/lib/mediabuilder/registry.json' >"$ROOT/root/.config/nix/nix.conf"
-}
-
-done_summary() {
-    if [[ -n $TARGET_CACHE ]]; then
-        rm -rf -- "$TARGET_CACHE"
-        TARGET_CACHE=""
-    fi
-    step "done: $HOST installed into $ROOT ($TOPLEVEL, ${#HOST_PATHS[@]} store paths, flake in $FLAKE_DIR${SUBDIR:+/$SUBDIR} at ${REV:0:12})"
-    info "rebuild it with: nixos-rebuild switch --flake $FLAKE_DIR${SUBDIR:+/$SUBDIR}#$HOST"
+    # shellcheck source=install-host.sh
+    source "$VERIFIED/install-host.sh"
+    # shellcheck source=install-disk.sh
+    source "$VERIFIED/install-disk.sh"
+    # shellcheck source=install-upgrade.sh
+    source "$VERIFIED/install-upgrade.sh"
+    # shellcheck source=install-rebuild.sh
+    source "$VERIFIED/install-rebuild.sh"
 }
 
 # ---------------------------------------------------------------------------------------------
-# Disks: the guard, partitioning, formatting and mounting (install.sh --disk, --unattended).
-# Nothing here writes before every check passed: plan_disk only reads (lsblk, findmnt, sizes);
-# prepare_disk, the first write, runs after the medium, the host, the bundle and the confirmation.
-# Until the very end the root file system is labelled nixos-unfinished and the ESP has no label,
-# so a disk whose install failed is never mounted as /dev/disk/by-label/nixos (not presented as
-# installed); finish_disk labels them once everything is written and unmounted. A disko layout
-# cannot be labelled so: a failed disko install has its partition table wiped instead.
-
-readonly ESP_TYPE=C12A7328-F81F-11D2-BA4B-00A0C93EC93B
-readonly BIOS_BOOT_TYPE=21686148-6449-6E6F-744E-656564454649
-readonly LINUX_TYPE=0FC63DAF-8483-4772-8E79-3D69D8477DE4
-readonly ROOT_LABEL_UNFINISHED=nixos-unfinished
-readonly MIB=$((1024 * 1024))
-
-DISK_REQ=""         # --disk or the install record: a device path or "auto"
-LAYOUT=""           # uefi, bios or disko
-UNATTENDED=0
-DISK=""             # the chosen whole disk, canonical (/dev/vda)
-DISK_DESC=""        # "/dev/vda: QEMU HARDDISK, 8589934592 bytes, serial ..."
-DISKO_EXE=""        # the host's disko program (layout disko)
-ESP_PART=""         # the partitions' block devices once made
-ROOT_PART=""
-DISK_WRITTEN=0      # set once prepare_disk wrote the disk: cleanup then marks it not installed
-DISK_DONE=0
-DISK_MOUNTS=()      # what prepare_disk mounted, in order
-PART_LOOPS=()       # loop devices attached to partitions (no partition nodes from the kernel)
-
-# The signed install record ($TRUSTED/install): the unattended host and disk, each host's
-# layout (and disko program). With --unattended, HOST and DISK_REQ come from it.
-declare -A REC_LAYOUT=() REC_DISKO=() REC_DISKO_DEVICES=()
-read_install_record() {
-    local rec=$TRUSTED/install key a b c rec_host="" rec_disk=""
-    if [[ ! -f $rec ]]; then
-        ((!UNATTENDED)) || die "$MANIFEST_PATH" "has no install record: this medium was built without --unattended HOST --install-disk DISK"
-        return 0
-    fi
-    while IFS=$'\t' read -r key a b c || [[ -n $key ]]; do
-        case $key in
-            unattended) rec_host=$a ;;
-            disk) rec_disk=$a ;;
-            host) REC_LAYOUT[$a]=$b REC_DISKO[$a]=$c ;;
-            disko-device)
-                [[ $b =~ ^/dev/[A-Za-z0-9_][A-Za-z0-9_.:/-]*$ && /$b/ != */../* ]] ||
-                    die "$MANIFEST_PATH/install" "disko device '$b' of host $a is not a device path"
-                REC_DISKO_DEVICES[$a]+="$b "
-                ;;
-            '') ;;
-            *) die "$MANIFEST_PATH/install" "unknown line '$key' (media made by an incompatible mediabuilder)" ;;
-        esac
-    done <"$rec"
-    ((UNATTENDED)) || return 0
-    [[ -n $rec_host && -n $rec_disk ]] ||
-        die "$MANIFEST_PATH/install" "records no unattended host and disk: this medium was built without --unattended HOST --install-disk DISK"
-    check_cmdline_host "$rec_host"
-    HOST=$rec_host DISK_REQ=$rec_disk
-    info "unattended install record: $HOST onto $DISK_REQ"
-}
-
-# The layout: --layout, else the host's in the record, else uefi; disko needs the host's program.
-choose_layout() {
-    local recorded=${REC_LAYOUT[$HOST]:-}
-    [[ -n $LAYOUT ]] || LAYOUT=${recorded:-uefi}
-    case $LAYOUT in
-        uefi | bios) ;;
-        disko)
-            DISKO_EXE=${REC_DISKO[$HOST]:-}
-            [[ $recorded == disko && $DISKO_EXE =~ ^/nix/store/[0-9a-df-np-sv-z]{32}-[^/]+(/bin/[A-Za-z0-9+._-]+)?$ ]] ||
-                die --layout "disko: the medium has no disko script for host $HOST (its layout is ${recorded:-not recorded})"
-            local p found=0
-            for p in "${HOST_PATHS[@]}"; do
-                [[ $p == "${DISKO_EXE%/bin/*}" ]] && found=1
-            done
-            ((found)) || die "$MANIFEST_PATH/install" "the disko script $DISKO_EXE is not in the paths of $HOST (forged media)"
-            ;;
-        *) die "$MANIFEST_PATH/install" "layout '$LAYOUT' is not uefi, bios or disko" ;;
-    esac
-}
-
-# The kernel line's mediabuilder.host= (the menu entry that booted) must be the record's host.
-check_cmdline_host() {
-    local cmdline=${INSTALL_SH_CMDLINE:-/proc/cmdline} word line=""
-    local -a words=()
-    [[ -r $cmdline ]] || return 0
-    IFS= read -r line <"$cmdline" || true
-    read -r -a words <<<"$line"
-    for word in "${words[@]}"; do
-        if [[ $word == mediabuilder.host=* && ${word#*=} != "$1" ]]; then
-            die "$cmdline" "the boot entry installs ${word#*=}, but this medium's unattended install is $1 (remastered menus edited?); nothing was written"
-        fi
-    done
-}
-
-# lsblk -P: one device a line, KEY="value" pairs (quotes and controls escaped as \xHH, so a value
-# never holds a quote: a hostile model or serial cannot break out). Parsed, never eval'd.
-declare -A LSBLK_ROW=()
-parse_lsblk_row() {
-    local rest=$1
-    LSBLK_ROW=()
-    while [[ $rest =~ ^[[:space:]]*([A-Z:-]+)=\"([^\"]*)\"(.*)$ ]]; do
-        LSBLK_ROW[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
-        rest=${BASH_REMATCH[3]}
-    done
-}
-
-# The devices the guard looks at: all of them, or with MEDIABUILDER_DISKS only those listed
-# (the tests' loop devices, which then count as whole disks; docs/installer.md).
-list_devices() {
-    local -a only=()
-    [[ -z ${MEDIABUILDER_DISKS:-} ]] || read -r -a only <<<"$MEDIABUILDER_DISKS"
-    lsblk -P -b -o NAME,PATH,PKNAME,TYPE,RM,RO,SIZE,MODEL,SERIAL,MOUNTPOINT -- "${only[@]}" 2>"$SCRATCH/lsblk.err" ||
-        die lsblk "cannot list the disks: $(head -n1 "$SCRATCH/lsblk.err")"
-}
-
-# The whole disk under a block device (itself when it is one).
-whole_disk_of() {
-    local dev=$1 parent
-    while parent=$(lsblk -n -d -o PKNAME -- "$dev" 2>/dev/null) && [[ -n ${parent// /} ]]; do
-        dev=/dev/${parent// /}
-    done
-    printf '%s\n' "$dev"
-}
-
-# The candidates (whole, internal, writable, unused disks) into CANDIDATES and their
-# descriptions into CANDIDATE_DESC; every other disk with why not into EXCLUDED.
-CANDIDATES=()
-CANDIDATE_DESC=()
-EXCLUDED=()
-find_candidates() {
-    local -A type=() rm=() ro=() size=() model=() serial=() path=() busy=() parent=()
-    local line name medium="" src n
-    while IFS= read -r line; do
-        parse_lsblk_row "$line"
-        name=${LSBLK_ROW[NAME]:-}
-        [[ -n $name ]] || continue
-        type[$name]=${LSBLK_ROW[TYPE]:-} rm[$name]=${LSBLK_ROW[RM]:-0} ro[$name]=${LSBLK_ROW[RO]:-0}
-        size[$name]=${LSBLK_ROW[SIZE]:-0}
-        [[ ${size[$name]} =~ ^[0-9]+$ ]] || size[$name]=0 # used in arithmetic: digits only
-        model[$name]=${LSBLK_ROW[MODEL]:-} serial[$name]=${LSBLK_ROW[SERIAL]:-}
-        path[$name]=${LSBLK_ROW[PATH]:-/dev/$name} parent[$name]=${LSBLK_ROW[PKNAME]:-}
-        [[ -z ${LSBLK_ROW[MOUNTPOINT]:-} ]] || busy[$name]=${LSBLK_ROW[MOUNTPOINT]}
-    done < <(list_devices)
-    # A mounted partition (or holder) makes its whole disk busy.
-    for name in "${!busy[@]}"; do
-        n=$name
-        while [[ -n ${parent[$n]:-} && -n ${type[${parent[$n]}]:-} ]]; do
-            n=${parent[$n]}
-        done
-        [[ $n == "$name" || -n ${busy[$n]:-} ]] || busy[$n]="${busy[$name]} (on ${path[$name]})"
-    done
-    # The device that holds the medium (/iso), whether or not lsblk shows it mounted.
-    if src=$(findmnt -n -o SOURCE -T "$MEDIA" 2>/dev/null) && [[ $src == /dev/* ]]; then
-        medium=$(whole_disk_of "${src%%\[*}")
-        medium=${medium#/dev/}
-    fi
-    local why desc kinds=disk
-    [[ -z ${MEDIABUILDER_DISKS:-} ]] || kinds="disk loop"
-    for name in $(printf '%s\n' "${!type[@]}" | sort); do
-        why=""
-        if [[ " $kinds " != *" ${type[$name]} "* ]]; then
-            continue # partitions, cdroms, loop devices, device-mapper: never whole disks
-        elif [[ $name == "$medium" ]]; then
-            why="holds the boot medium ($MEDIA)"
-        elif [[ ${rm[$name]} == 1 ]]; then
-            why="removable"
-        elif [[ ${ro[$name]} == 1 ]]; then
-            why="read-only"
-        elif [[ -n ${busy[$name]:-} ]]; then
-            why="in use: mounted at ${busy[$name]}"
-        elif [[ -z ${MEDIABUILDER_DISKS:-} && $name =~ ^(loop|sr|zram|ram|fd|nbd) ]]; then
-            why="not a disk ($name)"
-        elif ((${size[$name]} == 0)); then
-            why="empty (0 bytes)"
-        fi
-        desc="${path[$name]}: ${model[$name]:-unknown model}, $(human_size "${size[$name]}") (${size[$name]} bytes), serial ${serial[$name]:-none}"
-        if [[ -n $why ]]; then
-            EXCLUDED+=("$desc: not a candidate, $why")
-        else
-            CANDIDATES+=("${path[$name]}")
-            CANDIDATE_DESC+=("$desc")
-        fi
-    done
-}
-
-human_size() {
-    local b=$1 unit=B v
-    for v in KiB MiB GiB TiB; do
-        ((b >= 1024 * 10)) || break
-        b=$((b / 1024)) unit=$v
-    done
-    printf '%s %s' "$b" "$unit"
-}
-
-# The disk: the single candidate for auto, else the one named, which must be a candidate. Reads only.
-plan_disk() {
-    step "choosing the target disk (${DISK_REQ}, layout $LAYOUT)"
-    find_candidates
-    if [[ $LAYOUT == disko && -n ${REC_DISKO_DEVICES[$HOST]:-} ]]; then
-        plan_disko_disks
-        return
-    fi
-    local i listed=""
-    for i in "${!CANDIDATE_DESC[@]}"; do
-        listed+="${listed:+; }${CANDIDATE_DESC[i]}"
-    done
-    if [[ $DISK_REQ == auto ]]; then
-        if ((${#CANDIDATES[@]} == 0)); then
-            local others="" e
-            for e in "${EXCLUDED[@]}"; do others+="${others:+; }$e"; done
-            die "--disk auto" "no internal disk to install onto (${others:-no disks at all}); nothing was written"
-        fi
-        ((${#CANDIDATES[@]} == 1)) ||
-            die "--disk auto" "${#CANDIDATES[@]} disks could be the target, name one with --disk: $listed; nothing was written"
-        DISK=${CANDIDATES[0]} DISK_DESC=${CANDIDATE_DESC[0]}
-    else
-        local want e
-        want=$(readlink -f -- "$DISK_REQ") || want=""
-        [[ -n $want && -b $want ]] || die "$DISK_REQ" "no such block device; nothing was written"
-        for i in "${!CANDIDATES[@]}"; do
-            [[ $(readlink -f -- "${CANDIDATES[i]}") == "$want" ]] && DISK=${CANDIDATES[i]} DISK_DESC=${CANDIDATE_DESC[i]}
-        done
-        if [[ -z $DISK ]]; then
-            for e in "${EXCLUDED[@]}"; do
-                [[ $e == "$want: "* ]] && die "$DISK_REQ" "${e#*: not a candidate, } ($e); nothing was written"
-            done
-            die "$DISK_REQ" "not a whole disk (a partition or another device?); the candidates: ${listed:-none}; nothing was written"
-        fi
-    fi
-    info "target: $DISK_DESC"
-    check_disk_space
-}
-
-# A disko host whose configuration names its disks: the script erases those, so every one must
-# be a candidate, and the disk asked for (auto: the first of them) one of them. Reads only.
-DISKO_DEVICES=()
-plan_disko_disks() {
-    local dev want i e ok named=""
-    read -r -a DISKO_DEVICES <<<"${REC_DISKO_DEVICES[$HOST]}"
-    for dev in "${DISKO_DEVICES[@]}"; do
-        want=$(readlink -f -- "$dev") || want=""
-        [[ -n $want && -b $want ]] ||
-            die "$dev" "host $HOST's disko configuration erases $dev, which is no block device here; nothing was written"
-        ok=0
-        for i in "${!CANDIDATES[@]}"; do
-            [[ $(readlink -f -- "${CANDIDATES[i]}") == "$want" ]] && ok=1 && info "disko erases: ${CANDIDATE_DESC[i]}"
-        done
-        if ((!ok)); then
-            for e in "${EXCLUDED[@]}"; do
-                [[ $e == "$want: "* ]] &&
-                    die "$dev" "host $HOST's disko configuration erases $dev, which is ${e#*: not a candidate, } ($e); nothing was written"
-            done
-            die "$dev" "host $HOST's disko configuration erases $dev, which is not a whole disk here; nothing was written"
-        fi
-        [[ $DISK_REQ == auto || $(readlink -f -- "$DISK_REQ") != "$want" ]] || named=$dev
-    done
-    [[ $DISK_REQ == auto || -n $named ]] ||
-        die "$DISK_REQ" "host $HOST's disko configuration erases ${DISKO_DEVICES[*]}, not $DISK_REQ; nothing was written"
-    DISK=${named:-${DISKO_DEVICES[0]}}
-    DISK_DESC="${DISKO_DEVICES[*]} (host $HOST's disko configuration)"
-    info "target: $DISK_DESC"
-}
-
-# The root partition must hold the host's store plus 10% (ext4 keeps about 5% for itself).
-check_disk_space() {
-    [[ $LAYOUT != disko ]] || return 0
-    local bytes reserve=$((2 * MIB)) need root
-    bytes=$(blockdev --getsize64 "$DISK") || die "$DISK" "cannot read its size"
-    [[ $LAYOUT == uefi ]] && reserve=$((reserve + 512 * MIB))
-    [[ $LAYOUT == bios ]] && reserve=$((reserve + MIB))
-    need=$((NAR_BYTES + NAR_BYTES / 10 + SPLIT_BYTES))
-    root=$(((bytes - reserve) * 95 / 100))
-    ((bytes > reserve && root >= need)) ||
-        die "$DISK" "is $bytes bytes: its root partition would hold about $root, $HOST needs $need (its store plus 10%); nothing was written"
-}
-
-# Interactive: the operator types the disk's name; --yes skips that only for a disk named by path.
-confirm_disk() {
-    if ((UNATTENDED)); then
-        step "unattended install of $HOST onto $DISK ($LAYOUT): the disk will be erased"
-        return
-    fi
-    if ((YES)); then
-        [[ $DISK_REQ != auto ]] || die "--disk auto" "not with --yes: name the disk (--disk $DISK) or confirm it on the terminal"
-        step "erasing $DISK for $HOST (--yes): $DISK_DESC"
-        return
-    fi
-    [[ -r /dev/tty ]] || die /dev/tty "no terminal to confirm the disk on; pass --yes --disk $DISK"
-    {
-        printf 'EVERYTHING ON THIS DISK WILL BE ERASED:\n'
-        printf '    %s\n' "$DISK_DESC"
-        printf '    layout %s, then %s installed onto it\n' "$LAYOUT" "$HOST"
-        printf 'Type the disk'"'"'s name (%s) to erase it, anything else to stop: ' "$DISK"
-    } >&2
-    local answer=""
-    IFS= read -r answer </dev/tty || true
-    [[ $answer == "$DISK" ]] || die "$DISK" "not confirmed ('$answer' is not $DISK); nothing was written"
-}
-
-# PART_DEV: the block device of partition N of DISK: the kernel's node, or, when it makes none
-# (a loop device without partition scanning, as in containers), a loop device over its sectors.
-PART_DEV=""
-partition_device() {
-    local n=$1 node tries line start size ss dev
-    if [[ $DISK =~ [0-9]$ ]]; then node=${DISK}p$n; else node=$DISK$n; fi
-    for ((tries = 0; tries < 50; tries++)); do
-        if [[ -b $node ]]; then
-            PART_DEV=$node
-            return
-        fi
-        ((tries == 0)) && { partx -u -- "$DISK" 2>/dev/null || true; }
-        ((tries == 0)) && command -v udevadm >/dev/null && { udevadm settle 2>/dev/null || true; }
-        sleep 0.1
-    done
-    line=$(sfdisk --dump -- "$DISK" | grep -E "^[^ ]*[^0-9]$n : ") || die "$DISK" "has no partition $n after partitioning"
-    [[ $line =~ start=\ *([0-9]+),\ size=\ *([0-9]+) ]] || die "$DISK" "cannot read partition $n: '$line'"
-    start=${BASH_REMATCH[1]} size=${BASH_REMATCH[2]}
-    ss=$(blockdev --getss "$DISK") || die "$DISK" "cannot read its sector size"
-    dev=$(losetup --find --show --offset $((start * ss)) --sizelimit $((size * ss)) -- "$DISK") ||
-        die "$DISK" "no partition device $node from the kernel, and cannot attach a loop device to partition $n"
-    PART_LOOPS+=("$dev")
-    info "no $node from the kernel: partition $n attached as $dev"
-    PART_DEV=$dev
-}
-
-# The first write: partition, format, mount at ROOT.
-prepare_disk() {
-    DISK_WRITTEN=1
-    if [[ $LAYOUT == disko ]]; then
-        prepare_disko
-        return
-    fi
-    partition_disk
-    format_disk
-    mount_disk
-}
-
-partition_disk() {
-    step "partitioning $DISK ($LAYOUT: GPT, $([[ $LAYOUT == uefi ]] && echo 'ESP 512 MiB' || echo 'BIOS boot 1 MiB') + root)"
-    run wipefs --all --quiet -- "$DISK"
-    local first
-    if [[ $LAYOUT == uefi ]]; then
-        first="size=512MiB, type=$ESP_TYPE, name=boot"
-    else
-        first="size=1MiB, type=$BIOS_BOOT_TYPE, name=bios-boot"
-    fi
-    printf 'label: gpt\n%s\ntype=%s, name=nixos\n' "$first" "$LINUX_TYPE" |
-        sfdisk --quiet --wipe always --wipe-partitions always -- "$DISK" >"$SCRATCH/sfdisk.log" 2>&1 ||
-        die "$DISK" "sfdisk failed: $(tail -n1 "$SCRATCH/sfdisk.log")"
-    if [[ $LAYOUT == uefi ]]; then
-        partition_device 1
-        ESP_PART=$PART_DEV
-    fi
-    partition_device 2
-    ROOT_PART=$PART_DEV
-}
-
-format_disk() {
-    step "formatting: ext4 on $ROOT_PART${ESP_PART:+, vfat on $ESP_PART}"
-    run mkfs.ext4 -q -F -L "$ROOT_LABEL_UNFINISHED" "$ROOT_PART"
-    if [[ -n $ESP_PART ]]; then
-        # Clusters small enough for FAT32's minimum of 65525 (mkfs.fat's own choice leaves 32224
-        # on 512 MiB, which it warns some firmware may not read): a power of two, at least one.
-        local ss per=1 bytes
-        ss=$(blockdev --getss "$ESP_PART") || die "$ESP_PART" "cannot read its sector size"
-        bytes=$(blockdev --getsize64 "$ESP_PART") || die "$ESP_PART" "cannot read its size"
-        while ((per * 2 * 70000 <= bytes / ss)); do per=$((per * 2)); done
-        run mkfs.fat -F 32 -s "$per" "$ESP_PART" >/dev/null
-    fi
-}
-
-mount_disk() {
-    step "mounting $ROOT_PART at $ROOT${ESP_PART:+ and $ESP_PART at $ROOT/boot}"
-    mkdir -p -- "$ROOT"
-    run mount -- "$ROOT_PART" "$ROOT"
-    DISK_MOUNTS+=("$ROOT")
-    chmod 0755 -- "$ROOT"
-    if [[ -n $ESP_PART ]]; then
-        mkdir -p -- "$ROOT/boot"
-        run mount -o umask=077 -- "$ESP_PART" "$ROOT/boot"
-        DISK_MOUNTS+=("$ROOT/boot")
-    fi
-}
-
-# The host's disko script, from the media cache (signed, in the host's closure): it erases,
-# partitions, formats and mounts at /mnt what the host's configuration names.
-prepare_disko() {
-    local script=${DISKO_EXE%/bin/*}
-    step "running the host's disko script $DISKO_EXE"
-    [[ $ROOT == /mnt ]] || die --root "disko mounts at /mnt: leave --root out"
-    run nix copy "${NIX_TRUST[@]}" --option substituters '' --from "file://$VERIFIED/cache" "$script"
-    run "$DISKO_EXE"
-    DISK_MOUNTS+=("$ROOT")
-}
-
-# Everything unmounted, then the labels that make the disk bootable: the last write.
-finish_disk() {
-    step "unmounting $ROOT and labelling the file systems"
-    sync
-    run umount -R -- "$ROOT"
-    DISK_MOUNTS=()
-    [[ $LAYOUT == disko ]] || label_disk
-    detach_partition_loops
-    DISK_DONE=1
-}
-
-# The labels the installed system mounts by (/dev/disk/by-label/nixos, .../boot).
-label_disk() {
-    run e2label "$ROOT_PART" nixos
-    [[ -z $ESP_PART ]] || run fatlabel "$ESP_PART" boot
-}
-
-detach_partition_loops() {
-    local i
-    for ((i = ${#PART_LOOPS[@]} - 1; i >= 0; i--)); do
-        losetup -d "${PART_LOOPS[i]}" 2>/dev/null || true
-    done
-    PART_LOOPS=()
-}
-
-# On failure (from cleanup): unmount what was mounted; a disko disk gets its partition table wiped.
-abandon_disk() {
-    local i
-    for ((i = ${#DISK_MOUNTS[@]} - 1; i >= 0; i--)); do
-        umount -R -- "${DISK_MOUNTS[i]}" 2>/dev/null || umount -lR -- "${DISK_MOUNTS[i]}" 2>/dev/null || true
-    done
-    DISK_MOUNTS=()
-    detach_partition_loops
-    if ((DISK_WRITTEN && !DISK_DONE)) && [[ -n $DISK ]]; then
-        if [[ $LAYOUT == disko ]]; then
-            local dev
-            for dev in "${DISKO_DEVICES[@]:-$DISK}"; do
-                wipefs --all --quiet -- "$dev" 2>/dev/null || true
-                printf '%s: %s: the install failed: its partition table was wiped (not installed)\n' "$PROG" "$dev" >&2
-            done
-        else
-            printf '%s: %s: the install failed: its root file system stays labelled %s (not installed)\n' \
-                "$PROG" "$DISK" "$ROOT_LABEL_UNFINISHED" >&2
-        fi
-    fi
-}
-
-# ---------------------------------------------------------------------------------------------
-# Delta media and upgrades (install.sh --upgrade): an installed machine brought to a newer medium.
-# What the machine was installed from is kept in $ROOT/var/lib/mediabuilder (the STATE): the
-# medium's manifest.json and key, and `installed` (host, toplevel, flake revision, manifest).
-# A medium is newer when its flake revision descends from the installed one in the bundle's
-# history (creation times are not compared: reproducible media carry fixed ones).
-
-STATE=""
-INSTALLED_HOST=""
-INSTALLED_REV=""
-BASE_NEEDED=()      # a delta medium's paths for this host that the target must already hold
-
-# The store of ROOT for Nix: the running system's own with ROOT "/" (upgrades only).
-target_store() {
-    if [[ -z $ROOT ]]; then
-        printf 'local\n'
-    else
-        printf 'local?root=%s\n' "$ROOT"
-    fi
-}
-
-# A delta medium carries only what its base lacked: it upgrades, it cannot install.
-refuse_delta_install() {
-    [[ -f $TRUSTED/base ]] || return 0
-    die manifest.json "this is a delta medium (only what changed since an older medium): it upgrades machines installed from that one (install.sh --upgrade) and cannot install a new one; use a full medium"
-}
-
-# On a delta medium, the host's paths that its signed `base` lists are not on the medium: they
-# move from HOST_PATHS to BASE_NEEDED (check_base then demands them valid in the target's store).
-split_base_paths() {
-    [[ -f $TRUSTED/base ]] || return 0
-    local key value p
-    local -A relied=()
-    while read -r key value; do
-        [[ $key == path ]] || continue
-        [[ $value =~ $STORE_PATH_RE ]] || die "$MANIFEST_PATH/base" "'$value' is not a store path"
-        relied[$value]=1
-    done <"$TRUSTED/base"
-    local -a shipped=()
-    for p in "${HOST_PATHS[@]}"; do
-        if [[ -n ${relied[$p]:-} ]]; then
-            BASE_NEEDED+=("$p")
-        else
-            shipped+=("$p")
-        fi
-    done
-    HOST_PATHS=("${shipped[@]}")
-    info "delta medium: ${#HOST_PATHS[@]} of these on it, ${#BASE_NEEDED[@]} to be in the target's store already"
-}
+# Upgrades: read before check_media (the rest is in install-upgrade.sh).
 
 # What the machine was installed from; without --expect-key, the key it was installed with is expected.
 read_installed() {
@@ -1401,230 +525,8 @@ read_installed() {
     fi
 }
 
-# The installed host, and a medium that has it (media for another host are refused).
-choose_upgrade_host() {
-    if [[ -z $HOST ]]; then
-        [[ -n $INSTALLED_HOST ]] || die --host "$STATE/installed does not name this machine's host; pass --host NAME"
-        HOST=$INSTALLED_HOST
-    elif [[ -n $INSTALLED_HOST && $HOST != "$INSTALLED_HOST" ]]; then
-        die --host "this machine is $INSTALLED_HOST, not $HOST (an upgrade keeps the host; reinstall to change it)"
-    fi
-    local name rest found=0 listed=""
-    while IFS=$'\t' read -r name rest; do
-        [[ $name == "$HOST" ]] && found=1
-        listed+=${listed:+ }$name
-    done <"$TRUSTED/hosts"
-    ((found)) || die "$MEDIA" "is media for another host: it has no $HOST (it has: $listed); nothing was written"
-}
-
-check_upgrade_target() {
-    step "checking the installed system in ${ROOT:-/}"
-    ((DRY_RUN || EUID == 0)) || die "${ROOT:-/}" "upgrading needs root; run this script as root (sudo)"
-    local need=0 size avail
-    while IFS= read -r size; do
-        need=$((need + size))
-    done < <(tr '\n' '\0' <"$SCRATCH/urls" | xargs -0 -r sed -n 's/^NarSize: //p')
-    avail=$(df -B1 --output=avail -- "${ROOT:-/}/nix/store" | tail -n1 | tr -d '[:space:]')
-    [[ $avail =~ ^[0-9]+$ ]] || die "${ROOT:-/}" "cannot read the free space (df printed '$avail')"
-    ((avail >= need + need / 10)) ||
-        die "${ROOT:-/}/nix/store" "only $avail bytes free, the upgrade needs $((need + need / 10)) (new paths plus 10%); collect garbage first"
-    local dir=$ROOT$FLAKE_DIR
-    if [[ -e $dir || -L $dir ]]; then
-        [[ -d $dir/.git && ! -L $dir ]] ||
-            die "$dir" "is not a git repository; move it away or pass another --flake-dir"
-    fi
-}
-
-# The medium's revision must descend from the installed one; the same one is already installed.
-check_newer() {
-    local -a g=("${GIT[@]}" -C "$SCRATCH/flake")
-    if [[ $REV == "$INSTALLED_REV" ]]; then
-        step "already up to date: $HOST was installed from ${REV:0:12}, this medium's revision; nothing to do"
-        exit 0
-    fi
-    if ! "${g[@]}" cat-file -e "$INSTALLED_REV^{commit}" 2>/dev/null ||
-        ! "${g[@]}" merge-base --is-ancestor "$INSTALLED_REV" "$REV" 2>/dev/null; then
-        die "$MEDIA" "its revision ${REV:0:12} does not descend from ${INSTALLED_REV:0:12}, the installed one (older or unrelated media: refused; nothing was written)"
-    fi
-    info "${REV:0:12} descends from the installed ${INSTALLED_REV:0:12}"
-}
-
-# A delta medium: every path it relies on must be valid in the target's store.
-check_base() {
-    ((${#BASE_NEEDED[@]} > 0)) || return 0
-    step "checking the base: ${#BASE_NEEDED[@]} paths the delta medium relies on"
-    local invalid
-    invalid=$(nix-store --store "$(target_store)" --check-validity --print-invalid "${BASE_NEEDED[@]}" 2>"$SCRATCH/validity.err") ||
-        die "${ROOT:-/}/nix/store" "nix-store --check-validity failed: $(tail -n1 "$SCRATCH/validity.err")"
-    if [[ -n $invalid ]]; then
-        die "$(head -n1 <<<"$invalid")" "not in ${ROOT:-/}/nix/store, nor $(($(wc -l <<<"$invalid") - 1)) more: this machine lacks the base of the delta medium (use a full medium, or one built with --since this machine's /var/lib/mediabuilder)"
-    fi
-    info "all present"
-}
-
-confirm_upgrade() {
-    local action=switch
-    ((BOOT)) && action=boot
-    if ((DRY_RUN)); then
-        step "dry run: every check passed; the plan"
-        {
-            printf '    host:        %s (%s -> %s)\n' "$HOST" "${INSTALLED_REV:0:12}" "${REV:0:12}"
-            printf '    toplevel:    %s\n' "$TOPLEVEL"
-            printf '    would run:   nix copy --no-recursive --from file://%s --to %s <%s paths>\n' "$MEDIA/cache" "$(target_store)" "${#HOST_PATHS[@]}"
-            printf '                 git fetch the bundle into %s%s refs/remotes/media/*, fast-forward %s\n' "$ROOT" "$FLAKE_DIR" "${BRANCH:-HEAD}"
-            printf '                 nix-env -p %s/nix/var/nix/profiles/system --set %s\n' "$ROOT" "$TOPLEVEL"
-            printf '                 %s/bin/switch-to-configuration %s\n' "$TOPLEVEL" "$action"
-        } >&2
-        exit 0
-    fi
-    if ((YES)); then
-        step "upgrading $HOST in ${ROOT:-/} to ${REV:0:12} (--yes)"
-        return
-    fi
-    [[ -r /dev/tty ]] || die /dev/tty "no terminal to ask on; pass --yes to upgrade without asking"
-    confirm_key
-    local answer=""
-    printf 'Upgrade %s in %s to %s? [y/N] ' "$HOST" "${ROOT:-/}" "${REV:0:12}" >&2
-    IFS= read -r answer </dev/tty || true
-    [[ $answer == [yY] || $answer == [yY][eE][sS] ]] || die "${ROOT:-/}" "not confirmed; nothing was written"
-}
-
-# Only the paths the target lacks are copied (--no-recursive: the list is the closure, less, on a
-# delta medium, what check_base found in the target).
-upgrade_copy() {
-    step "copying ${#HOST_PATHS[@]} store paths into ${ROOT:-}/nix/store (those it lacks)"
-    prepare_source_cache
-    copy_paths --no-recursive --to "$(target_store)"
-}
-
-# The bundle's branches into refs/remotes/media/*; the local branch fast-forwarded when it has
-# nothing the medium lacks, else left alone with a hint how to merge.
-upgrade_flake() {
-    local dir=$ROOT$FLAKE_DIR
-    if [[ ! -e $dir ]]; then
-        clone_flake
-        return
-    fi
-    step "bringing $dir forward to ${REV:0:12} (the medium's branches in refs/remotes/media/)"
-    local -a g=("${GIT[@]}" -C "$dir")
-    run "${g[@]}" fetch --quiet --no-tags -- "$SCRATCH/flake" '+refs/heads/*:refs/remotes/media/*' '+HEAD:refs/remotes/media/HEAD'
-    local ref=HEAD cur head
-    [[ -n $BRANCH ]] && ref=refs/heads/$BRANCH
-    if ! cur=$("${g[@]}" rev-parse -q --verify "$ref^{commit}"); then
-        run "${g[@]}" branch --quiet -- "$BRANCH" "$REV"
-        info "created branch $BRANCH at ${REV:0:12}"
-        return
-    fi
-    head=$("${g[@]}" symbolic-ref -q HEAD || printf 'HEAD')
-    if [[ $cur == "$REV" ]]; then
-        info "${BRANCH:-HEAD} is already at ${REV:0:12}"
-    elif ! "${g[@]}" merge-base --is-ancestor "$cur" "$REV"; then
-        info "${BRANCH:-HEAD} has commits the medium does not (${cur:0:12}): left as it is; to merge:"
-        info "  git -C $dir merge media/${BRANCH:-HEAD}"
-    elif [[ -n $BRANCH && $head != "$ref" ]]; then
-        run "${g[@]}" update-ref "$ref" "$REV" "$cur"
-        info "fast-forwarded $BRANCH to ${REV:0:12} (not checked out)"
-    elif "${g[@]}" merge --ff-only --quiet "$REV" 2>"$SCRATCH/git.log"; then
-        info "fast-forwarded ${BRANCH:-HEAD} to ${REV:0:12}"
-    else
-        warn "cannot fast-forward the checkout of $dir ($(tail -n1 "$SCRATCH/git.log")); left as it is: git -C $dir merge --ff-only media/${BRANCH:-HEAD}"
-    fi
-}
-
-upgrade_registry() {
-    step "refreshing the pinned registry (the input sources came with the closure)"
-    mkdir -p -- "$STATE"
-    install -m 0644 -- "$VERIFIED/registry.json" "$STATE/.registry.json.new"
-    mv -f -- "$STATE/.registry.json.new" "$STATE/registry.json"
-}
-
-# The new generation: nix-env renames the profile link atomically, the last step that decides
-# what boots. A profile already at TOPLEVEL (an upgrade killed after it) gets no second one.
-upgrade_profile() {
-    local profile=$ROOT/nix/var/nix/profiles/system generation current
-    # system -> system-N-link -> /nix/store/...-nixos-system-...: read link by link, inside ROOT.
-    generation=$(readlink -- "$profile") || die "$profile" "not a symbolic link"
-    current=$(readlink -- "$ROOT/nix/var/nix/profiles/${generation##*/}" || true)
-    if [[ $current == "$TOPLEVEL" ]]; then
-        info "the system profile already points at $TOPLEVEL"
-        return
-    fi
-    step "new system generation $TOPLEVEL (the old one stays for rollback)"
-    run nix-env --store "$(target_store)" \
-        --option trusted-public-keys "$KEY" --option require-sigs true --option substituters '' \
-        -p "$profile" --set "$TOPLEVEL"
-}
-
-upgrade_switch() {
-    local action=switch
-    ((BOOT)) && action=boot
-    step "activating it (switch-to-configuration $action)"
-    if [[ -z $ROOT ]]; then
-        run "$TOPLEVEL/bin/switch-to-configuration" "$action"
-    else
-        in_target "$TOPLEVEL/bin/switch-to-configuration" "$action"
-    fi
-}
-
-# What the machine now runs from: written at install and after an upgrade, each file renamed
-# into place, `installed` last.
-record_install() {
-    local f sum
-    STATE=$ROOT/var/lib/mediabuilder
-    mkdir -p -- "$STATE"
-    for f in manifest.json media-key.pub; do
-        install -m 0644 -- "$VERIFIED/$f" "$STATE/.$f.new"
-        mv -f -- "$STATE/.$f.new" "$STATE/$f"
-    done
-    sum=$(sha256sum <"$VERIFIED/manifest.json")
-    printf 'host\t%s\ntoplevel\t%s\nrev\t%s\nflake-dir\t%s\nmanifest-sha256\t%s\nmanifest-storepath\t%s\n' \
-        "$HOST" "$TOPLEVEL" "$REV" "$FLAKE_DIR" "${sum%% *}" "$MANIFEST_PATH" >"$STATE/.installed.new"
-    mv -f -- "$STATE/.installed.new" "$STATE/installed"
-}
-
 # ---------------------------------------------------------------------------------------------
-# Offline rebuilds (docs/rebuild.md): a medium built with --rebuild config|full lists, among each
-# host's store paths, what the machine needs to build a changed configuration (.drv files,
-# builders, build inputs). They were copied and checked with the rest (only the media key
-# trusted); here they get a GC root, so that collecting garbage keeps them (an upgrade replaces
-# the root: the earlier medium's build inputs may then go), and root's Nix is told to build with
-# no substituters. The system itself must not want one: mediabuilder refuses a nix.conf that does.
-
-REBUILD=none
-
-read_rebuild_level() {
-    local level
-    level=$(sed -n -E 's/^  "rebuild": "([a-z]+)",?$/\1/p' "$TRUSTED/manifest.json")
-    case ${level:-none} in
-        none | config | full) REBUILD=${level:-none} ;;
-        *) die "$MANIFEST_PATH/manifest.json" "unknown rebuild level '$level' (media made by an incompatible mediabuilder)" ;;
-    esac
-}
-
-configure_rebuild() {
-    local roots=$ROOT/nix/var/nix/gcroots/mediabuilder-rebuild p
-    read_rebuild_level
-    if [[ $REBUILD == none ]]; then
-        rm -rf -- "$roots" # an earlier medium's build inputs: collectable from now on
-        return 0
-    fi
-    step "keeping the build inputs for offline rebuilds ($REBUILD) and building with no substituters"
-    rm -rf -- "$roots.new"
-    mkdir -p -- "$roots.new"
-    for p in "${HOST_PATHS[@]}" "${BASE_NEEDED[@]}"; do
-        ln -sfn -- "$p" "$roots.new/${p#/nix/store/}"
-    done
-    rm -rf -- "$roots"
-    mv -- "$roots.new" "$roots"
-    local conf=$ROOT/root/.config/nix/nix.conf
-    [[ -d $ROOT/root ]] || mkdir -m 0700 -- "$ROOT/root"
-    mkdir -p -- "${conf%/*}"
-    if ! grep -qsx 'substituters =' -- "$conf"; then
-        printf '%s\n' '# Written by mediabuilder install.sh: offline rebuilds build here, from the store.' \
-            'substituters =' >>"$conf"
-    fi
-    info "$((${#HOST_PATHS[@]} + ${#BASE_NEEDED[@]})) store paths rooted in $roots; rebuild with: nixos-rebuild switch --flake $FLAKE_DIR${SUBDIR:+/$SUBDIR}#$HOST"
-}
+# Main
 
 main_upgrade() {
     locate_media
@@ -1699,3 +601,4 @@ main() {
 if [[ -z ${INSTALL_SH_SOURCE_ONLY:-} ]]; then
     main "$@"
 fi
+

@@ -32,6 +32,7 @@ from typing import Any
 
 from mediabuilder.errors import InvalidInput
 from mediabuilder.interrupts import uninterrupted
+from mediabuilder.media.scripts import INSTALL_PARTS
 
 # Every temporary of a build, wherever it is (beside the output, inside it, in the cache), is named
 # TMP_PREFIX + tempfile's 8 random characters: a later run can find a killed run's whatever the
@@ -43,7 +44,7 @@ INCOMPLETE = ".mediabuilder-incomplete"
 INSTALL_SH_HEADER = b"#!/usr/bin/env bash\n# install.sh - install a NixOS host from mediabuilder media"
 # What a medium holds at its root (docs/media-layout.md). Markers come last when moving in, go
 # first when removing: a reader takes a directory with install.sh and a manifest for a medium.
-MEDIA_ENTRIES = ("cache", "flake", "registry.json", "media-key.pub", "README.txt", "unattended.sh")
+MEDIA_ENTRIES = ("cache", "flake", "registry.json", "media-key.pub", "README.txt", *INSTALL_PARTS, "unattended.sh")
 MARKERS = ("manifest.storepath", "manifest.json", "install.sh")
 # Made by filesystems and desktops, not by a user: they may sit beside a medium and are left alone.
 SYSTEM_ENTRIES = ("lost+found", "System Volume Information", ".Trashes", ".fseventsd", ".Spotlight-V100")

@@ -3,11 +3,12 @@ binary cache on top.
 
 install.sh trusts nothing but the key in `media-key.pub` and what Nix copies, signed by it, out
 of the cache: the manifest store path. So this checks, in install.sh's order (locate_media,
-check_media, check_sums, choose_host): the files and directories it needs; the key file's form,
-that it is a trusted key, and that the signed manifest records the same key; that
-`manifest.storepath` names a signed, input-addressed manifest path whose manifest.json equals
-the one on the medium; every name in the signed sha256sums (inside the medium, present, and
-its sha256), registry.json and the bundle among them, split parts with their whole; every
+check_media, check_sums, choose_host): the files and directories it needs (the parts its
+install.sh sources among them); the key file's form, that it is a trusted key, and that the
+signed manifest records the same key; that `manifest.storepath` names a signed, input-addressed
+manifest path whose manifest.json equals the one on the medium; every name in the signed
+sha256sums (inside the medium, present, and its sha256), registry.json, the bundle and
+install.sh's parts among them, split parts with their whole; every
 host's line and store paths, each with its narinfo. Then what install.sh leaves to Nix or does
 not check: every narinfo, signature, NAR hash and reference of the cache, the registry's pins,
 the bundle's header, and no file on the medium that the manifest does not cover. A medium
@@ -26,6 +27,7 @@ from mediabuilder.cache.verify import Fault, Report, check_signature, nar_file_n
 from mediabuilder.errors import MediabuilderError
 from mediabuilder.media.manifest import SELF_CHECKED
 from mediabuilder.media.registry import Registry
+from mediabuilder.media.scripts import parts_of, pins_of
 from mediabuilder.media.source import MediaSource
 from mediabuilder.media.trust import signed_manifest_files
 from mediabuilder.store.keys import PublicKey
@@ -80,7 +82,8 @@ class _Check:
             return None
 
     def layout(self) -> None:
-        for name in REQUIRED_FILES:
+        data = self.read("install.sh") if self.source.is_file("install.sh") else None
+        for name in (*REQUIRED_FILES, *(parts_of(data) if data is not None else ())):
             if not self.source.is_file(name):
                 self.fault(name, "missing from the media (damaged or incomplete media)")
 
@@ -173,6 +176,17 @@ class _Check:
         for name in ("registry.json", "flake/repo.bundle"):
             if name not in listed and self.source.is_file(name):
                 self.fault(where, f"does not list {name} (media made by an incompatible mediabuilder)")
+        # The parts the medium's install.sh sources: present (layout), vouched for by the sums,
+        # and, by their signed sums, the parts that install.sh carries the sha256 of.
+        script = self.read("install.sh") if "install.sh" in listed else None
+        pins = pins_of(script) if script is not None else {}
+        for name in parts_of(script) if script is not None else ():
+            if name not in listed and self.source.is_file(name):
+                self.fault(name, "not listed in the signed sha256sums, so nothing vouches for it (forged media, or "
+                                 "made by an incompatible mediabuilder)")
+            elif name in listed and listed[name] != pins.get(name):
+                self.fault(name, "is not the part this install.sh was made with (forged media, or made by another "
+                                 "mediabuilder version)")
         return listed, wholes
 
     def hosts(self, files: dict[str, bytes], wholes: dict[str, str]) -> None:
