@@ -234,6 +234,12 @@ _REBUILD_SAYS = {
     "config": "what configuration-only changes need",
     "full": "the whole build closure",
 }
+_REBUILD_LINE = re.compile(r'^  "rebuild": "([a-z]+)",?$', re.MULTILINE)  # how install.sh reads it
+_SHOWN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.:/'-]*")  # a host or a device path, printable as it is
+_LAYOUTS = frozenset(x.value for x in Layout)
+_DISKO_EXE = re.compile(r"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+(/bin/[A-Za-z0-9+._-]+)?")
+
+
 def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[str, Any] | None]:
     """The rebuild level and the install record as install.sh reads them from the signed manifest
     (`"rebuild"` of its manifest.json, its `install` file): media made before either existed have
@@ -246,8 +252,10 @@ def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[
     except (ValueError, AttributeError):
         raise InvalidMedia(f"{where}: manifest.json is not a JSON object") from None
     said = set(_REBUILD_LINE.findall(signed["manifest.json"].decode("utf-8", "replace")))
-    if rebuild not in _REBUILD_SAYS or said - {rebuild}:
+    if rebuild not in _REBUILD_SAYS:
         raise InvalidMedia(f"{where}: manifest.json: rebuild {str(rebuild)[:40]!r} is not one of none, config, full")
+    if said - {rebuild}:
+        raise InvalidMedia(f"{where}: manifest.json: rebuild given more than once ({', '.join(sorted(said))})")
     if "install" not in signed:
         return rebuild, None
     record: dict[str, Any] = {"unattended": None, "disk": None, "layout": None, "hosts": {}}
@@ -266,12 +274,6 @@ def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[
                            "one of its hosts and a disk (damaged media; run `mediabuilder verify`)")
     record["layout"] = record["hosts"][host]["layout"] if host is not None else None
     return rebuild, record
-
-
-_REBUILD_LINE = re.compile(r'^  "rebuild": "([a-z]+)",?$', re.MULTILINE)  # how install.sh reads it
-_SHOWN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.:/'-]*")  # a host or a device path, printable as it is
-_LAYOUTS = frozenset(x.value for x in Layout)
-_DISKO_EXE = re.compile(r"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+(/bin/[A-Za-z0-9+._-]+)?")
 
 
 def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:

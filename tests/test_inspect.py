@@ -120,3 +120,30 @@ def test_no_signed_manifest_refused(media: Media, tmp_path: Path) -> None:
     (medium / "manifest.storepath").unlink()
     assert_one_line_error(run_cli("inspect", medium), f"error: {medium}: manifest.storepath: missing from the "
                           "media (damaged or incomplete media)")
+
+
+# The signed record itself is input like any other (a medium signed by its own, unknown key)
+
+MANIFEST = b'{\n  "hosts": {},\n  "rebuild": "config",\n  "version": 1\n}\n'
+
+
+@pytest.mark.parametrize(("files", "message"), [
+    ({"manifest.json": b'{\n  "rebuild": "fast"\n}\n'},
+     "manifest.json: rebuild 'fast' is not one of none, config, full"),
+    ({"manifest.json": MANIFEST.replace(b'"version"', b'"rebuild": "full",\n  "version"')},
+     "manifest.json: rebuild given more than once (config, full)"),  # JSON takes the last, install.sh both
+    ({"manifest.json": MANIFEST, "install": b"unattended\talpha\ndisk\t/dev/vda$(reboot)\nhost\talpha\tuefi\n"},
+     "install: line 'disk\\t/dev/vda$(reboot)' is not an install record's"),
+    ({"manifest.json": MANIFEST, "install": b"host\talpha\tzfs\n"}, "install: line 'host\\talpha\\tzfs' is not"),
+    ({"manifest.json": MANIFEST, "install": b"unattended\tbeta\ndisk\t/dev/vda\nhost\talpha\tuefi\n"},
+     "install: the unattended host 'beta' and disk '/dev/vda' are not one of its hosts and a disk"),
+    ({"manifest.json": MANIFEST, "install": b"unattended\talpha\nhost\talpha\tuefi\n"},
+     "install: the unattended host 'alpha' and disk None are not"),
+])
+def test_signed_settings_refused(files: dict[str, bytes], message: str) -> None:
+    from mediabuilder.cli import _signed_settings
+    from mediabuilder.errors import InvalidMedia
+
+    with pytest.raises(InvalidMedia) as e:
+        _signed_settings(Path("/m"), files)
+    assert str(e.value).startswith(f"/m: the signed manifest: {message}"), str(e.value)
