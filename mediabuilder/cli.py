@@ -229,7 +229,56 @@ def _summary_hosts(target: Path, hosts: object) -> dict[str, dict[str, Any]]:
     return hosts
 
 
+_REBUILD_SAYS = {
+    "none": "the systems only",
+    "config": "what configuration-only changes need",
+    "full": "the whole build closure",
+}
+_REBUILD_LINE = re.compile(r'^  "rebuild": "([a-z]+)",?$', re.MULTILINE)  # how install.sh reads it
+_SHOWN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.:/'-]*")  # a host or a device path, printable as it is
+_LAYOUTS = frozenset(x.value for x in Layout)
+_DISKO_EXE = re.compile(r"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+(/bin/[A-Za-z0-9+._-]+)?")
+
+
+def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[str, Any] | None]:
+    """The rebuild level and the install record as install.sh reads them from the signed manifest
+    (`"rebuild"` of its manifest.json, its `install` file): media made before either existed have
+    level none and no record. InvalidMedia for what install.sh would refuse or what could not be
+    shown as it is."""
+    where = f"{target}: the signed manifest"
+    try:
+        data = json.loads(signed["manifest.json"])
+        rebuild = data.get("rebuild", "none")
+    except (ValueError, AttributeError):
+        raise InvalidMedia(f"{where}: manifest.json is not a JSON object") from None
+    said = set(_REBUILD_LINE.findall(signed["manifest.json"].decode("utf-8", "replace")))
+    if rebuild not in _REBUILD_SAYS:
+        raise InvalidMedia(f"{where}: manifest.json: rebuild {str(rebuild)[:40]!r} is not one of none, config, full")
+    if said - {rebuild}:
+        raise InvalidMedia(f"{where}: manifest.json: rebuild given more than once ({', '.join(sorted(said))})")
+    if "install" not in signed:
+        return rebuild, None
+    record: dict[str, Any] = {"unattended": None, "disk": None, "layout": None, "hosts": {}}
+    for line in signed["install"].decode("utf-8", "replace").splitlines():
+        key, a, b, c = (line.split("\t", 3) + ["", "", ""])[:4]
+        if key in ("unattended", "disk") and _SHOWN.fullmatch(a):
+            record[key] = a
+        elif key == "host" and _HOST_NAME.fullmatch(a) and b in _LAYOUTS and (not c or _DISKO_EXE.fullmatch(c)):
+            record["hosts"][a] = {"layout": b, "disko": c or None}
+        elif key:
+            raise InvalidMedia(f"{where}: install: line {line[:60]!r} is not an install record's "
+                               "(damaged media; run `mediabuilder verify`)")
+    host = record["unattended"]
+    if (host is None) != (record["disk"] is None) or (host is not None and host not in record["hosts"]):
+        raise InvalidMedia(f"{where}: install: the unattended host {host!r} and disk {record['disk']!r} are not "
+                           "one of its hosts and a disk (damaged media; run `mediabuilder verify`)")
+    record["layout"] = record["hosts"][host]["layout"] if host is not None else None
+    return rebuild, record
+
+
 def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
+    from mediabuilder.media.verify import signed_manifest
+
     target = Path(args.target)
     with open_target(target) as source:
         names = dict(source.files())
@@ -242,6 +291,9 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
         except ValueError:
             raise InvalidMedia(f"{target}/manifest.json: not a JSON object") from None
         key, flake = manifest.get("key"), manifest.get("flake")
+        hosts = _summary_hosts(target, manifest.get("hosts", {}))
+        # What install.sh acts on (the disk it erases, what it keeps for rebuilds) only as signed.
+        rebuild, install = _signed_settings(target, signed_manifest(source))
         summary: dict[str, Any] = {
             "target": str(target),
             "kind": source.kind,
@@ -249,9 +301,11 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
             "mediabuilder": manifest.get("mediabuilder"),
             "nix": manifest.get("nix"),
             "key": key if isinstance(key, dict) else {},
-            "hosts": _summary_hosts(target, manifest.get("hosts", {})),
+            "hosts": hosts,
             "flake": {k: flake.get(k) if isinstance(flake, dict) else None
                       for k in ("rev", "branch", "dirty", "remotes")},
+            "rebuild": rebuild,
+            "install": install,
             "files": len(names),
             "bytes": sum(names.values()),
             "free_bytes": source.free_bytes,
@@ -269,9 +323,26 @@ def cmd_inspect(args: argparse.Namespace, profile: Profile) -> int:
     flake = summary["flake"]
     dirty = " (dirty)" if flake["dirty"] else ""
     print(f"flake: {flake['branch'] or 'detached'} at {str(flake['rev'])[:12]}{dirty}")
+    print(f"rebuild: {rebuild} ({_REBUILD_SAYS[rebuild]})")
+    _print_install(install)
     size, free = ui.human_bytes(summary["bytes"]), ui.human_bytes(summary["free_bytes"])
     print(f"files: {summary['files']}, {size}; free: {free}")
     return 0
+
+
+def _print_install(install: dict[str, Any] | None) -> None:
+    if install is None:  # install.sh then lays out uefi unless told otherwise
+        print("layout: uefi for every host (no install record)")
+        print("unattended: no")
+        return
+    for host, entry in sorted(install["hosts"].items()):
+        disko = f" ({entry['disko']})" if entry.get("disko") else ""
+        print(f"layout {host}: {entry['layout']}{disko}")
+    if install["unattended"] is None:
+        print("unattended: no")
+    else:
+        print(f"unattended: {install['unattended']} onto {install['disk']} (layout {install['layout']}): "
+              "the disk is erased without a question")
 
 
 @contextlib.contextmanager
@@ -474,8 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("inspect", help="show what is on a medium (directory, ISO or FAT32 image)",
-                       description="Show the hosts, key, sizes and free space of a medium without mounting or "
-                                   "extracting it (what its manifest.json says, unverified: run verify for that). "
+                       description="Show the hosts, key, sizes, rebuild level, disk layouts, unattended install "
+                                   "and free space of a medium without mounting or extracting it: what its "
+                                   "manifest.json says, checked against the copy signed by the medium's own key (run "
+                                   "verify for the rest and for who signed it). "
                                    "Exit 0, or 2 with one error: line when it is not readable as a medium.")
     _add_common(p)
     p.add_argument("target", metavar="MEDIA", help="a media directory, ISO image or FAT32 image")

@@ -105,6 +105,70 @@ def source_install_sh(script: str, env: dict[str, str] | None = None) -> subproc
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300, check=False)
 
 
+# The guard reads `lsblk -P` and never evaluates it: hostile models and serials
+
+
+def hostile_lsblk(tmp_path: Path) -> tuple[dict[str, str], list[Path]]:
+    """A fake `lsblk` first on PATH: `-P` prints two internal disks whose model and serial try
+    command substitution, backquotes and a quote to break out (escaped as \\xHH, as lsblk -P
+    escapes quotes and controls), very long values, a partition and a CD; any other call
+    (whole_disk_of's `-n -d -o PKNAME`) prints nothing. Returns the environment and the files
+    that appear only if something ran what lsblk printed."""
+    markers = [tmp_path / f"pwned-{i}" for i in range(6)]
+    m = [str(x) for x in markers]
+    long_model, long_serial = "M" * 4000 + f"$(touch {m[4]})", "S" * 5000
+    rows = [
+        f'NAME="sdy" PATH="/dev/sdy" PKNAME="" TYPE="disk" RM="0" RO="0" SIZE="8589934592" '
+        f'MODEL="$(touch {m[0]}) `touch {m[1]}` \\x22; rm -rf {tmp_path}; touch {m[2]} \\x22\\x0a#" '
+        f'SERIAL="\\x22$(touch {m[3]})\\x22 ${{IFS}} %s \\x5c" MOUNTPOINT=""',
+        f'NAME="nvme7n1" PATH="/dev/nvme7n1" PKNAME="" TYPE="disk" RM="0" RO="0" SIZE="1073741824" '
+        f'MODEL="{long_model}" SERIAL="{long_serial}" MOUNTPOINT=""',
+        f'NAME="nvme7n1p1" PATH="/dev/nvme7n1p1" PKNAME="nvme7n1" TYPE="part" RM="0" RO="0" SIZE="1048576" '
+        f'MODEL="`touch {m[5]}`" SERIAL="" MOUNTPOINT=""',
+        'NAME="sr0" PATH="/dev/sr0" PKNAME="" TYPE="rom" RM="1" RO="0" SIZE="0" MODEL="QEMU DVD-ROM" SERIAL="" '
+        'MOUNTPOINT=""',
+    ]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "lsblk.out").write_text("\n".join(rows) + "\n")
+    fake = bin_dir / "lsblk"
+    fake.write_text(f'#!/bin/sh\ncase " $* " in *" -P "*) exec cat {tmp_path}/lsblk.out ;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}, markers
+
+
+def test_guard_shows_hostile_lsblk_values_literally(tmp_path: Path) -> None:
+    env, markers = hostile_lsblk(tmp_path)
+    media = tmp_path / "media"
+    media.mkdir()
+    proc = source_install_sh(f'MEDIA={media}; find_candidates; printf "C %s\\n" "${{CANDIDATE_DESC[@]}}"; '
+                             'for e in "${EXCLUDED[@]}"; do printf "E %s\\n" "$e"; done', env)
+    assert proc.returncode == 0, proc.stderr
+    m = [str(x) for x in markers]
+    sdy = (f"/dev/sdy: $(touch {m[0]}) `touch {m[1]}` \\x22; rm -rf {tmp_path}; touch {m[2]} \\x22\\x0a#, "
+           f"8192 MiB (8589934592 bytes), serial \\x22$(touch {m[3]})\\x22 ${{IFS}} %s \\x5c")
+    nvme = f"/dev/nvme7n1: {'M' * 4000}$(touch {m[4]}), 1024 MiB (1073741824 bytes), serial {'S' * 5000}"
+    assert proc.stdout.splitlines() == [f"C {nvme}", f"C {sdy}"]  # by name; partitions and CDs are never listed
+    assert [p for p in markers if p.exists()] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "lsblk.out", "media"]
+
+
+def test_guard_refuses_auto_with_two_hostile_disks(tmp_path: Path) -> None:
+    env, markers = hostile_lsblk(tmp_path)
+    media = tmp_path / "media"
+    media.mkdir()
+    proc = source_install_sh(f"MEDIA={media} DISK_REQ=auto LAYOUT=uefi; plan_disk; echo chosen $DISK", env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    m = [str(x) for x in markers]
+    assert error_line(proc) == (
+        "install.sh: error: --disk auto: 2 disks could be the target, name one with --disk: "
+        f"/dev/nvme7n1: {'M' * 4000}$(touch {m[4]}), 1024 MiB (1073741824 bytes), serial {'S' * 5000}; "
+        f"/dev/sdy: $(touch {m[0]}) `touch {m[1]}` \\x22; rm -rf {tmp_path}; touch {m[2]} \\x22\\x0a#, 8192 MiB "
+        f"(8589934592 bytes), serial \\x22$(touch {m[3]})\\x22 ${{IFS}} %s \\x5c; nothing was written")
+    assert "chosen" not in proc.stdout
+    assert [p for p in markers if p.exists()] == []
+
+
 # Partitioning and formatting: install.sh's own steps on a loop device
 
 

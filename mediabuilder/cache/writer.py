@@ -210,6 +210,9 @@ def fill(
     pool = ProcessPoolExecutor(max_workers=count, mp_context=context, initializer=_start_worker,
                                initargs=(exported_bytes, os.getpid()))
     try:
+        # Every worker forked now (fork: all at once), while this process has one thread: the bar's
+        # monitor and ticker threads start below (a fork copies a lock another thread holds, taken).
+        pool.submit(int).result()
         with ui.progress(total, "exporting NARs") as bar, ui.ticking(bar, lambda: exported_bytes.value):
             _export_all(cache, todo, key, compression, pool, count, result)
     except BaseException as e:

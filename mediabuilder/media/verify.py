@@ -24,7 +24,7 @@ from typing import Any
 
 from mediabuilder import ui
 from mediabuilder.cache.verify import Fault, Report, check_signature, nar_file_names, verify_cache_on
-from mediabuilder.errors import MediabuilderError
+from mediabuilder.errors import InvalidMedia, MediabuilderError
 from mediabuilder.media.manifest import SELF_CHECKED
 from mediabuilder.media.registry import Registry
 from mediabuilder.media.scripts import parts_of, pins_of
@@ -87,7 +87,7 @@ class _Check:
             if not self.source.is_file(name):
                 self.fault(name, "missing from the media (damaged or incomplete media)")
 
-    def media_key(self) -> tuple[str, PublicKey] | None:
+    def media_key(self, trust_own: bool = False) -> tuple[str, PublicKey] | None:
         data = self.read("media-key.pub") if self.source.is_file("media-key.pub") else None
         if data is None:
             return None
@@ -97,7 +97,7 @@ class _Check:
         except MediabuilderError:
             self.fault("media-key.pub", "not a Nix public key 'name:base64' of 32 bytes (damaged media)")
             return None
-        if key not in self.trusted:
+        if not trust_own and key not in self.trusted:
             self.fault("media-key.pub", f"the media key {key.name} ({key.fingerprint()}) is not a trusted key")
         return line, key
 
@@ -267,6 +267,25 @@ def _sha256(source: MediaSource, name: str, bar: Any) -> str:
     except (OSError, MediabuilderError):
         return ""
     return digest.hexdigest()
+
+
+def signed_manifest(source: MediaSource) -> dict[str, bytes]:
+    """The signed manifest's files (manifest.json, install, ...), checked as install.sh checks
+    them but against the medium's own key: signed by media-key.pub, input-addressed, and the
+    manifest.json on the medium equal to the signed copy. That proves the medium consistent, not
+    who made it (verify --trusted-key does). InvalidMedia naming the first fault."""
+    check = _Check(source, [])
+    key = check.media_key(trust_own=True)
+    files = check.signed_files(key[1]) if key is not None else None
+    if key is not None and files is not None:
+        check.signed_copies(files, key[0])
+    for name in ("media-key.pub", "manifest.storepath"):
+        if not check.report.faults and not source.is_file(name):
+            check.fault(name, "missing from the media (damaged or incomplete media)")
+    if check.report.faults or files is None:
+        raise InvalidMedia(f"{source.path}: {check.report.faults[0]}",
+                           hint=f"run `mediabuilder verify {source.path}` for every fault")
+    return files
 
 
 def verify_media(source: MediaSource, trusted: list[PublicKey], jobs: int = 0) -> Report:
