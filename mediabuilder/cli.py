@@ -237,6 +237,7 @@ _REBUILD_SAYS = {
 _REBUILD_LINE = re.compile(r'^  "rebuild": "([a-z]+)",?$', re.MULTILINE)  # how install.sh reads it
 _SHOWN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.:/'-]*")  # a host or a device path, printable as it is
 _LAYOUTS = frozenset(x.value for x in Layout)
+_DISK_PATH = re.compile(r"/dev/[A-Za-z0-9_][A-Za-z0-9_.:/-]*")  # install.sh's test of a disko device
 _DISKO_EXE = re.compile(r"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+(/bin/[A-Za-z0-9+._-]+)?")
 
 
@@ -265,6 +266,8 @@ def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[
             record[key] = a
         elif key == "host" and _HOST_NAME.fullmatch(a) and b in _LAYOUTS and (not c or _DISKO_EXE.fullmatch(c)):
             record["hosts"][a] = {"layout": b, "disko": c or None}
+        elif key == "disko-device" and a in record["hosts"] and _DISK_PATH.fullmatch(b) and "/../" not in f"{b}/":
+            record["hosts"][a].setdefault("disko_devices", []).append(b)
         elif key:
             raise InvalidMedia(f"{where}: install: line {line[:60]!r} is not an install record's "
                                "(damaged media; run `mediabuilder verify`)")
@@ -336,7 +339,8 @@ def _print_install(install: dict[str, Any] | None) -> None:
         print("unattended: no")
         return
     for host, entry in sorted(install["hosts"].items()):
-        disko = f" ({entry['disko']})" if entry.get("disko") else ""
+        erases = f"; erases {', '.join(entry['disko_devices'])}" if entry.get("disko_devices") else ""
+        disko = f" ({entry['disko']}{erases})" if entry.get("disko") else ""
         print(f"layout {host}: {entry['layout']}{disko}")
     if install["unattended"] is None:
         print("unattended: no")

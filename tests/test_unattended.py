@@ -261,6 +261,10 @@ def test_disko_disks_are_the_ones_guarded(tmp_path: Path) -> None:
         assert manifest["install"] == {"unattended": "delta", "disk": "auto", "layout": "disko",
                                        "hosts": {"delta": {"layout": "disko", "disko": script,
                                                            "disko_devices": [disk]}}}
+        shown = run_cli("inspect", tmp_path / "media")
+        assert f"layout delta: disko ({script}; erases {disk})" in shown.stdout.splitlines(), shown.stdout
+        assert json.loads(run_cli("inspect", "--json", tmp_path / "media").stdout)["install"]["hosts"] == {
+            "delta": {"layout": "disko", "disko": script, "disko_devices": [disk]}}
         hosts = {"delta": layout.HostLayout(Layout.DISKO, None, script, (disk,))}
         assert layout.InstallRecord("delta", "auto", hosts).table() == (
             f"unattended\tdelta\ndisk\tauto\nhost\tdelta\tdisko\t{script}\ndisko-device\tdelta\t{disk}\n")
