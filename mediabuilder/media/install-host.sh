@@ -246,6 +246,11 @@ confirm() {
             printf '                 git clone flake/repo.bundle %s%s (branch %s, rev %s, flake in %s)\n' "$ROOT" "$FLAKE_DIR" \
                 "${BRANCH:-<detached>}" "$REV" "$FLAKE_DIR${SUBDIR:+/$SUBDIR}"
             printf '                 write %s/var/lib/mediabuilder/registry.json and %s/root/.config/nix/nix.conf\n' "$ROOT" "$ROOT"
+            read_rebuild_level
+            if [[ $REBUILD != none ]]; then
+                printf '                 offline rebuilds (%s): root the %s store paths (closure, flake inputs, tools, build inputs) in %s; write "substituters =" into %s\n' \
+                    "$REBUILD" "${#HOST_PATHS[@]}" "$ROOT/nix/var/nix/gcroots/mediabuilder-rebuild" "$ROOT/root/.config/nix/nix.conf"
+            fi
             if [[ -n $DISK_REQ ]]; then
                 printf '    first:       erase %s, layout %s, mount it at %s (%s)\n' "$DISK" "$LAYOUT" "$ROOT" "$DISK_DESC"
             fi

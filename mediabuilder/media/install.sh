@@ -37,7 +37,7 @@ readonly PARTS=(install-host.sh install-disk.sh install-upgrade.sh install-rebui
 # cannot vouch for the parts: they run before its fingerprint is confirmed (a dry run never asks,
 # an install asks in confirm), and a forged medium's parts would skip the question.
 readonly PARTS_SHA256='
-2a3d41f92dc4e5f67c9527031759289c05bf4175cd13a1d71ffee457136878d7  install-host.sh
+a64afb5b84baea4d2dd1a56ad03695159649e34efc3f923ed79759b418d9bca7  install-host.sh
 6157095b1e1a19db01abc8f8541f2465ddc71ce28f1979f4852f388e633907d1  install-disk.sh
 3476d9c163b840454b1d60f3e895fe1fda85c4593b27f464c7c47e3c18a58a4e  install-upgrade.sh
 7bac195c73dd2d9af72fd7555db1b7de74545ae9de84cdd2ed345da8c8e79acf  install-rebuild.sh
