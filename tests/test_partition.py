@@ -169,6 +169,22 @@ def test_guard_refuses_auto_with_two_hostile_disks(tmp_path: Path) -> None:
     assert [p for p in markers if p.exists()] == []
 
 
+def test_guard_refuses_a_row_it_cannot_read_whole(tmp_path: Path) -> None:
+    """A raw quote (lsblk -P escapes them: a broken or hostile lsblk) would end the row early and
+    lose what follows, the mount point among it: a mounted disk would look unused. Refused."""
+    env, markers = hostile_lsblk(tmp_path)
+    row = ('NAME="sdz" PATH="/dev/sdz" PKNAME="" TYPE="disk" RM="0" RO="0" SIZE="8589934592" '
+           'MODEL="a "quoted" model" SERIAL="" MOUNTPOINT="/home"')
+    (tmp_path / "lsblk.out").write_text(row + "\n")
+    media = tmp_path / "media"
+    media.mkdir()
+    proc = source_install_sh(f"MEDIA={media} DISK_REQ=auto LAYOUT=uefi; plan_disk; echo chosen $DISK", env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert error_line(proc) == (f"install.sh: error: lsblk: printed a row the disk guard cannot read whole "
+                                f"({row[:120]}); nothing was written")
+    assert "chosen" not in proc.stdout
+
+
 # Partitioning and formatting: install.sh's own steps on a loop device
 
 
@@ -359,7 +375,11 @@ def test_boot_entry_for_another_host_refused(media: Media, loops: Loops) -> None
 def test_damaged_medium_writes_nothing(media: Media, loops: Loops, tmp_path: Path) -> None:
     damaged = tmp_path / "damaged"
     shutil.copytree(media.unattended, damaged, symlinks=True)
-    nar = sorted((damaged / "cache" / "nar").iterdir())[0]
+    # A NAR of the host's, not the signed manifest's own (whose damage install.sh names otherwise).
+    trust = (damaged / "manifest.storepath").read_text().strip().removeprefix("/nix/store/")[:32]
+    own = next(line.split(": ", 1)[1] for line in (damaged / "cache" / f"{trust}.narinfo").read_text().splitlines()
+               if line.startswith("URL: "))
+    nar = next(p for p in sorted((damaged / "cache" / "nar").iterdir()) if f"nar/{p.name}" != own)
     data = bytearray(nar.read_bytes())
     data[len(data) // 2] ^= 1
     nar.write_bytes(bytes(data))

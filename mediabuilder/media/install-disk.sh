@@ -104,6 +104,10 @@ parse_lsblk_row() {
         LSBLK_ROW[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
         rest=${BASH_REMATCH[3]}
     done
+    # Anything left is a row read only in part (a raw quote lsblk should have escaped): its
+    # MOUNTPOINT could be what was lost, and a mounted disk would look unused.
+    [[ -z ${rest//[[:space:]]/} ]] ||
+        die lsblk "printed a row the disk guard cannot read whole (${1:0:120}); nothing was written"
 }
 
 # The devices the guard looks at: all of them, or with MEDIABUILDER_DISKS only those listed

@@ -38,7 +38,7 @@ readonly PARTS=(install-host.sh install-disk.sh install-upgrade.sh install-rebui
 # an install asks in confirm), and a forged medium's parts would skip the question.
 readonly PARTS_SHA256='
 a64afb5b84baea4d2dd1a56ad03695159649e34efc3f923ed79759b418d9bca7  install-host.sh
-6157095b1e1a19db01abc8f8541f2465ddc71ce28f1979f4852f388e633907d1  install-disk.sh
+2cb08eca279f09961764834a9cad22614b4d77f47f7ba9fe04267c81ef54fe5a  install-disk.sh
 3476d9c163b840454b1d60f3e895fe1fda85c4593b27f464c7c47e3c18a58a4e  install-upgrade.sh
 7bac195c73dd2d9af72fd7555db1b7de74545ae9de84cdd2ed345da8c8e79acf  install-rebuild.sh
 '
