@@ -142,6 +142,7 @@ def test_an_interrupt_python_lost_is_raised_again_where_work_loops(monkeypatch: 
     locks) raises into nothing: Python prints "Exception ignored" and goes on. The next
     `interrupts.check()` in a work loop raises it again; a later build starts clean."""
     previous = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as on a terminal (`cmd &` ignores SIGINT)
     interrupts.install()
     try:
         class Thing:

@@ -349,7 +349,14 @@ def start_build(example: Example, cache: Path, output: Path, big_path: str) -> s
     argv = [sys.executable, "-m", "mediabuilder", *build_args(example, cache, output, "--format", "iso",
                                                                "--store-path", big_path)]
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_on_a_terminal)
+
+
+def _as_on_a_terminal() -> None:
+    """The signals as a terminal's shell leaves them: a test run started in the background
+    (`pytest &`) ignores SIGINT, and the build would keep that (a SIGHUP nohup ignores stays so)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 @pytest.mark.parametrize(("signame", "to_group", "phase"), [
