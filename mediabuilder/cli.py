@@ -237,7 +237,6 @@ _REBUILD_SAYS = {
 _REBUILD_LINE = re.compile(r'^  "rebuild": "([a-z]+)",?$', re.MULTILINE)  # how install.sh reads it
 _SHOWN = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_.:/'-]*")  # a host or a device path, printable as it is
 _LAYOUTS = frozenset(x.value for x in Layout)
-_DISK_PATH = re.compile(r"/dev/[A-Za-z0-9_][A-Za-z0-9_.:/-]*")  # install.sh's test of a disko device
 _DISKO_EXE = re.compile(r"/nix/store/[0-9a-df-np-sv-z]{32}-[A-Za-z0-9+._?=-]+(/bin/[A-Za-z0-9+._-]+)?")
 
 
@@ -259,6 +258,8 @@ def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[
         raise InvalidMedia(f"{where}: manifest.json: rebuild given more than once ({', '.join(sorted(said))})")
     if "install" not in signed:
         return rebuild, None
+    from mediabuilder.installer.layout import is_device_path
+
     record: dict[str, Any] = {"unattended": None, "disk": None, "layout": None, "hosts": {}}
     for line in signed["install"].decode("utf-8", "replace").splitlines():
         key, a, b, c = (line.split("\t", 3) + ["", "", ""])[:4]
@@ -266,7 +267,7 @@ def _signed_settings(target: Path, signed: dict[str, bytes]) -> tuple[str, dict[
             record[key] = a
         elif key == "host" and _HOST_NAME.fullmatch(a) and b in _LAYOUTS and (not c or _DISKO_EXE.fullmatch(c)):
             record["hosts"][a] = {"layout": b, "disko": c or None}
-        elif key == "disko-device" and a in record["hosts"] and _DISK_PATH.fullmatch(b) and "/../" not in f"{b}/":
+        elif key == "disko-device" and a in record["hosts"] and is_device_path(b):
             record["hosts"][a].setdefault("disko_devices", []).append(b)
         elif key:
             raise InvalidMedia(f"{where}: install: line {line[:60]!r} is not an install record's "

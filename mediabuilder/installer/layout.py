@@ -38,9 +38,14 @@ MADE: dict[Layout, dict[str, tuple[str, str]]] = {
 _DISK = re.compile(r"/dev/[A-Za-z0-9_][A-Za-z0-9_.:/-]*")
 
 
+def is_device_path(text: str) -> bool:
+    """A path under /dev as install.sh's disk guard accepts one (no `.` or `..` steps)."""
+    return bool(_DISK.fullmatch(text)) and "/../" not in f"{text}/" and "/./" not in f"{text}/"
+
+
 def check_disk(disk: str) -> str:
     """`--install-disk`: "auto" or a device path under /dev (what install.sh's guard accepts)."""
-    if disk != "auto" and (not _DISK.fullmatch(disk) or "/../" in f"{disk}/" or "/./" in f"{disk}/"):
+    if disk != "auto" and not is_device_path(disk):
         raise InvalidInput(f"--install-disk {disk}: not a device path such as /dev/vda, nor auto",
                            hint="name the whole disk (/dev/vda, /dev/nvme0n1, /dev/disk/by-id/...) or pass auto")
     return disk
@@ -112,7 +117,7 @@ def disko_devices(host: str, facts: Facts | None) -> tuple[str, ...]:
         return ()
     found = []
     for name, device in sorted(facts.disko_devices.items()):
-        if not isinstance(device, str) or device == "auto" or not _DISK.fullmatch(device) or "/../" in f"{device}/":
+        if not isinstance(device, str) or not is_device_path(device):
             raise InvalidInput(f"host {host}: config.disko.devices.disk.{name}.device is {json.dumps(device)}, "
                                "not a device path under /dev that install.sh's disk guard can check",
                                hint="name the disk by a path such as /dev/vda or /dev/disk/by-id/...")
