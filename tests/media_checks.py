@@ -156,3 +156,56 @@ def fsck_fat(image: Path, offset: int, scratch: Path) -> tuple[int, int, int]:
     finally:
         if target != image:
             target.unlink(missing_ok=True)
+
+
+def edge_tree(root: Path) -> None:
+    """A tree at the edges of ISO 9660, Rock Ridge and Joliet: a name of 253 bytes (two NM
+    entries, a continuation area; Linux cuts longer ones), non-ASCII and non-BMP names (Joliet counts UTF-16 units),
+    names that clash once mangled, a directory whose records fill several blocks, directories
+    deeper than ECMA-119's 8 levels, symlinks (absolute, relative, with `.` and `..`, a target
+    of 990 bytes in several SL entries, 130 `..` in a row, a component of 255 bytes), and files of 0, 1, 2048
+    and 2049 bytes."""
+    root.mkdir(parents=True)
+    for name, size in (("empty", 0), ("one", 1), ("block", 2048), ("block-and-one", 2049)):
+        (root / name).write_bytes(nontrivial_bytes(size, seed=size))
+    (root / ("n" * 249 + ".txt")).write_text("the longest name Linux reads whole (253 bytes)\n")
+    (root / ("ü" * 100 + ".json")).write_text("two bytes a character\n")
+    (root / ("\U0001f600" * 40)).write_text("four bytes, two UTF-16 units a character\n")
+    for name in ("a-b", "a_b", "A_B", "a.b.c", "a.b_c", "x" * 40 + ".tar.gz", "x" * 40 + ".tar.xz", ".hidden"):
+        (root / name).write_text(f"{name}\n")
+    tool = root / "bin" / "tool"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\necho tool\n")
+    tool.chmod(0o755)
+    many = root / "many"
+    many.mkdir()
+    for i in range(150):
+        (many / f"{i:03d}-{hashlib.sha256(str(i).encode()).hexdigest()}-with-a-long-tail.narinfo").write_text(f"{i}\n")
+    deep = root.joinpath(*(f"level{i}" for i in range(12)))
+    deep.mkdir(parents=True)
+    (deep / "bottom").write_text("twelve levels down\n")
+    (root / "links").mkdir()
+    (root / "links" / "absolute").symlink_to("/nix/store/0a1b2c3d4e5f6g7h8i9jakblcmdnfp0q-hello-2.12")
+    (root / "links" / "relative").symlink_to("../bin/./tool")
+    # 990 bytes: libisofs (xorriso) reads no Rock Ridge target over 1,024 bytes
+    (root / "links" / "long").symlink_to("/" + "/".join(f"component-{i:03d}-" + "p" * 40 for i in range(18)))
+    (root / "links" / "dots").symlink_to("../" * 130 + "many")
+    (root / "links" / "long-component").symlink_to("x" * 255)
+    (root / "links" / "to-dir").symlink_to("../many")
+
+
+def full_listing(root: Path) -> dict[str, tuple[object, ...]]:
+    """relative path -> ("dir",), ("link", target) or ("file", executable, size, sha256)."""
+    found: dict[str, tuple[object, ...]] = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(top, name)
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                found[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                found[rel] = ("dir",)
+            else:
+                found[rel] = ("file", bool(st.st_mode & 0o100), st.st_size, sha256_file(path))
+    return found

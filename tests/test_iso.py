@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from media_checks import EMPTY_DIRS, LONG_NAME, check_source, check_tree, make_tree
+from media_checks import (
+    EMPTY_DIRS,
+    LONG_NAME,
+    check_source,
+    check_tree,
+    edge_tree,
+    expected_tree,
+    full_listing,
+    make_tree,
+    tree_dirs,
+)
 
 from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
@@ -59,6 +69,15 @@ def test_refuses_unsplit_big_file(tmp_path: Path) -> None:
     with (root / "huge").open("wb") as f:
         f.truncate(ISO_MAX_FILE + 1)
     with pytest.raises(InternalError, match="must split it"):
+        write_iso(root, tmp_path / "x.iso", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_refuses_a_name_linux_would_cut(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / ("n" * 250 + ".txt")).write_text("254 bytes\n")
+    with pytest.raises(InternalError, match="a name of 254 bytes; Linux reads at most 253 bytes"):
         write_iso(root, tmp_path / "x.iso", label="X")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
@@ -120,3 +139,43 @@ print("left:", sorted(os.listdir({str(full)!r})))
     )
     assert f"InvalidInput: {full}/media.iso: no space left on device" in proc.stdout
     assert "left: []" in proc.stdout
+
+
+@pytest.mark.integration
+def test_edge_tree_read_back_by_every_reader(tmp_path: Path) -> None:
+    """Names of 255 bytes, non-ASCII and non-BMP names, clashing names, a directory of several
+    blocks, 13 levels, long and dotted symlinks (media_checks.edge_tree): xorriso and bsdtar
+    extract exactly the tree (names, executable bits, sizes, sha256, symlink targets), isoinfo
+    lists every Rock Ridge name, 7z extracts every file's data by Joliet, and open_source (pycdlib
+    and our checks) reads it back."""
+    root = tmp_path / "tree"
+    edge_tree(root)
+    want = full_listing(root)
+    iso = tmp_path / "edge.iso"
+    write_iso(root, iso, label="EDGE")
+
+    for tool, argv in (("xorriso", ["xorriso", "-osirrox", "on", "-indev", iso, "-extract", "/"]),
+                       ("bsdtar", ["bsdtar", "-xf", iso, "-C"])):
+        out = tmp_path / tool
+        out.mkdir()
+        run([*argv, out])
+        assert full_listing(out) == want, tool
+
+    listing = run(["isoinfo", "-R", "-l", "-i", iso]).stdout.decode()
+    names = {line.split("]", 1)[1].strip().split(" -> ")[0] for line in listing.splitlines() if "]  " in line}
+    assert names - {".", ".."} == {Path(rel).name for rel in want}
+
+    joliet = tmp_path / "7z"
+    run(["7z", "x", "-y", iso, f"-o{joliet}"])
+    files = [v[2:] for v in want.values() if v[0] == "file"]
+    assert sorted(v[2:] for v in full_listing(joliet).values() if v[0] == "file") == sorted(files)
+    kept = [rel for rel, v in want.items() if v[0] != "link"]  # Joliet has no symlinks
+    assert len(full_listing(joliet)) == len(kept)
+    fits = {rel for rel in kept if all(len(part.encode("utf-16-be")) <= 2 * 64 for part in rel.split("/"))}
+    # cut to 64 UTF-16 units: the 150 in many/, the 253-byte name, 100 × ü, 40 × U+1F600 (80 units)
+    assert len(kept) - len(fits) == 153
+    # a_b is renamed: Joliet names are looked up without case (by Linux too), and A_B came first
+    assert set(full_listing(joliet)) & fits == fits - {"a_b"}
+
+    with open_source(iso) as source:
+        check_source(source, expected_tree(root), tree_dirs(root) - {"links/to-dir"})

@@ -20,7 +20,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mediabuilder.errors import ExternalError, InternalError, InvalidInput
 from mediabuilder.media import fatfs, reproducible
 from mediabuilder.media.fatfs import LABEL_BYTES, SECTOR
 from mediabuilder.media.label import validate_label
-from mediabuilder.media.output import WriteBehind
+from mediabuilder.media.output import Copier, pwrite_all
 from mediabuilder.media.split import FAT32_SAFE_FILE, Slice
 from mediabuilder.run import output as run_output
 from mediabuilder.run import require, run
@@ -49,8 +49,6 @@ PARTITION_TYPES = {"mbr": "c", "gpt": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"}
 HEADROOM_FRACTION = 0.10
 HEADROOM_BYTES = 64 * MIB
 _FAT_FORBIDDEN = re.compile(r'[\x00-\x1f"*/:<>?\\|]')
-
-COPY_CHUNK = MIB  # bytes per read and write when copying files in
 
 
 def fat_label(label: str) -> str:
@@ -421,14 +419,14 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
     next_free = fatfs.ROOT_CLUSTER + used if used < geometry.clusters else fatfs.UNKNOWN
     info = fatfs.fsinfo_sector(geometry.clusters - used, next_free)
     for sector in (0, fatfs.BACKUP_BOOT_SECTOR):
-        _pwrite(fd, boot + info, offset + sector * SECTOR)
+        pwrite_all(fd, boot + info, offset + sector * SECTOR)
 
     fat_start = offset + RESERVED_SECTORS * SECTOR
     fat_bytes = geometry.fat_sectors * SECTOR
     position = 0
     for chunk in fatfs.fat_chunks(runs):
         for copy in range(FAT_COPIES):
-            _pwrite(fd, chunk, fat_start + copy * fat_bytes + position)
+            pwrite_all(fd, chunk, fat_start + copy * fat_bytes + position)
         position += len(chunk)
 
     data_start = fat_start + FAT_COPIES * fat_bytes
@@ -437,8 +435,8 @@ def _write_filesystem(fd: int, offset: int, geometry: Geometry, label: str, list
         return data_start + (cluster - fatfs.ROOT_CLUSTER) * geometry.cluster
 
     for directory in listing.dirs:
-        _pwrite(fd, _directory(directory, label_bytes), at(directory.cluster))
-    copier = _Copier(fd)
+        pwrite_all(fd, _directory(directory, label_bytes), at(directory.cluster))
+    copier = Copier(fd)
     with ui.progress(listing.content.file_bytes, "Writing FAT32 image") as bar:
         for node in listing.files:
             interrupts.check()
@@ -489,42 +487,3 @@ def _directory(node: Node, label: bytes) -> bytes:
     if len(data) != node.size:
         raise InternalError(f"{node.path}: {len(data)} bytes of directory entries, {node.size} planned")
     return data
-
-
-def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-class _Copier:
-    """Copies files into the image through one reused buffer. Plain reads and writes of 1 MiB:
-    on ext4 they were faster than `copy_file_range` and `sendfile` (0.25 s against 0.32 s and
-    0.30 s for 575 MiB from the page cache), and they work between any two filesystems."""
-
-    def __init__(self, out: int) -> None:
-        self.out = out
-        self.buffer = memoryview(bytearray(COPY_CHUNK))
-        self.behind = WriteBehind(out)
-
-    def copy(self, path: Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
-        """`size` bytes of `path` from `start` to `offset` in the image."""
-        src = os.open(path, os.O_RDONLY)
-        try:
-            if start:
-                os.lseek(src, start, os.SEEK_SET)
-            done = 0
-            while done < size:
-                n = os.readv(src, [self.buffer[: size - done]])
-                if n == 0:
-                    raise InternalError(
-                        f"{path}: the file is shorter than when the tree was read ({size} bytes); "
-                        "was it changed while the image was written?"
-                    )
-                _pwrite(self.out, self.buffer[:n], offset + done)
-                self.behind.wrote(n)
-                done += n
-                progress(n)
-        finally:
-            os.close(src)

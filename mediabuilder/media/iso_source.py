@@ -272,13 +272,18 @@ class IsoSource(_ImageSource):
         for joliet_rel, joliet_extents in files.items():
             by_extents.setdefault(joliet_extents, []).append(joliet_rel)
         claimed: set[str] = set()
+        twins = _case_twins([*self._files, *self._dirs])  # Joliet renames all but one of them
         for rel, (extents, _) in sorted(self._files.items()):
             has_data = any(n for _, n in extents)
             jrel: str | None = (
                 rel
-                if _joliet_spells(rel)
+                if _joliet_spells(rel) and rel not in twins
                 else next((j for j in by_extents.get(extents, ()) if j not in claimed and has_data), None)
             )
+            if jrel is None and rel in twins and not has_data:  # an empty file: any empty one beside it
+                parent = rel.rpartition("/")[0]
+                jrel = next((j for j, e in sorted(files.items())
+                             if j not in claimed and j.rpartition("/")[0] == parent and not _data(e)), None)
             if jrel is None or _data(files.get(jrel)) != _data(extents):
                 seen = "no such file" if jrel not in files else "other data"
                 raise InvalidMedia(
@@ -286,7 +291,7 @@ class IsoSource(_ImageSource):
                 )
             claimed.add(jrel)
         extra = sorted(set(files) - claimed)
-        missing = sorted(d for d in self._dirs if _joliet_spells(d) and d not in dirs)
+        missing = sorted(d for d in self._dirs if _joliet_spells(d) and not twins & _ancestry(d) and d not in dirs)
         if extra or missing or len(dirs) != len(self._dirs):
             what = (
                 f"{extra[0]} is only in the Joliet tree"
@@ -366,5 +371,23 @@ class IsoSource(_ImageSource):
 
 
 def _joliet_spells(rel: str) -> bool:
-    """Whether Joliet can hold every name of `rel` as it is (ISO writers change the others)."""
-    return all(len(part) <= JOLIET_MAX and not NOT_JOLIET.search(part) for part in rel.split("/"))
+    """Whether Joliet can hold every name of `rel` as it is (ISO writers change the others):
+    64 UTF-16 code units, none of `*/:;?\\`."""
+    return all(
+        len(part.encode("utf-16-be")) // 2 <= JOLIET_MAX and not NOT_JOLIET.search(part) for part in rel.split("/")
+    )
+
+
+def _case_twins(rels: list[str]) -> set[str]:
+    """The paths whose name another entry of the same directory has too, but for case."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for rel in rels:
+        parent, _, name = rel.rpartition("/")
+        groups.setdefault((parent, name.lower()), []).append(rel)
+    return {rel for group in groups.values() if len(group) > 1 for rel in group}
+
+
+def _ancestry(rel: str) -> set[str]:
+    """`rel` and each directory above it."""
+    parts = rel.split("/")
+    return {"/".join(parts[: i + 1]) for i in range(len(parts))}

@@ -25,12 +25,12 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mediabuilder.errors import InvalidInput
+from mediabuilder.errors import InternalError, InvalidInput
 from mediabuilder.interrupts import uninterrupted
 from mediabuilder.media.scripts import INSTALL_PARTS
 
@@ -270,6 +270,49 @@ class WriteBehind:
             self.pending = 0
             if self._call(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:  # 0, 0: the whole file
                 self._call = None
+
+
+COPY_CHUNK = 1024 * 1024  # bytes per read and write when an image writer copies a file in
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` of `fd`."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+class Copier:
+    """Copies files into an image through one reused buffer. Plain reads and writes of 1 MiB:
+    on ext4 they were faster than `copy_file_range` and `sendfile` (0.25 s against 0.32 s and
+    0.30 s for 575 MiB from the page cache), and they work between any two filesystems."""
+
+    def __init__(self, out: int) -> None:
+        self.out = out
+        self.buffer = memoryview(bytearray(COPY_CHUNK))
+        self.behind = WriteBehind(out)
+
+    def copy(self, path: Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
+        """`size` bytes of `path` from `start` to `offset` in the image."""
+        src = os.open(path, os.O_RDONLY)
+        try:
+            if start:
+                os.lseek(src, start, os.SEEK_SET)
+            done = 0
+            while done < size:
+                n = os.readv(src, [self.buffer[: size - done]])
+                if n == 0:
+                    raise InternalError(
+                        f"{path}: the file is shorter than when the tree was read ({size} bytes); "
+                        "was it changed while the image was written?"
+                    )
+                pwrite_all(self.out, self.buffer[:n], offset + done)
+                self.behind.wrote(n)
+                done += n
+                progress(n)
+        finally:
+            os.close(src)
 
 
 def move_in(tree: Path, output: Path) -> None:

@@ -10,14 +10,11 @@ content (its signed manifest lists every file's sha256) and of the purpose of th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 from mediabuilder.errors import InvalidInput
 
@@ -72,28 +69,3 @@ def derived_uuid(seed: bytes, purpose: str) -> uuid.UUID:
     raw[6] = (raw[6] & 0x0F) | 0x80
     raw[8] = (raw[8] & 0x3F) | 0x80
     return uuid.UUID(bytes=bytes(raw))
-
-
-@contextlib.contextmanager
-def frozen_clock(epoch: int) -> Iterator[None]:
-    """pycdlib dates every record with `time.time()` in local time: make its clock read `epoch`,
-    in UTC, while an image is planned and written (its modules only; nothing else's clock)."""
-    import pycdlib.dates
-    import pycdlib.headervd
-    import pycdlib.inplaceeditor
-    import pycdlib.pycdlib
-
-    clock = SimpleNamespace(
-        time=lambda: float(epoch), localtime=lambda secs=None: time.gmtime(epoch if secs is None else secs),
-        gmtime=time.gmtime, strftime=time.strftime, strptime=time.strptime, struct_time=time.struct_time,
-        mktime=time.mktime, timezone=0, altzone=0, daylight=0,
-    )
-    modules = (pycdlib.dates, pycdlib.headervd, pycdlib.inplaceeditor, pycdlib.pycdlib)
-    saved = [m.time for m in modules]
-    for m in modules:
-        m.time = clock  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for m, t in zip(modules, saved, strict=True):
-            m.time = t  # type: ignore[attr-defined]

@@ -10,15 +10,11 @@ image needs no copies: each part is a `Slice` of the whole file, hashed in one r
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
+from typing import Any, BinaryIO
 
 from mediabuilder.errors import InternalError
 
@@ -29,7 +25,7 @@ FAT32_MAX_CLUSTER = 64 * 1024
 # a file's clusters in 32 bits, so a file of 4 GiB - 2048 bytes in 4 KiB clusters (exactly 2^32
 # bytes of them) is reported as "cluster chain length is 0 bytes" and emptied by `fsck -a`.
 FAT32_SAFE_FILE = 2**32 - FAT32_MAX_CLUSTER
-# The biggest file one ISO 9660 directory record (a single extent) holds, as pycdlib and
+# The biggest file one ISO 9660 directory record (a single extent) holds, as we, pycdlib and
 # xorriso write it; bigger files become multi-extent files that some readers truncate.
 SINGLE_EXTENT_MAX = 4 * 1024**3 - 2048
 # The part size the media tree uses for every format: a single ISO extent, and on FAT32 (any
@@ -164,43 +160,6 @@ def slice_file(src: Path, limit: int) -> tuple[list[Part], list[Slice]]:
         if inp.read(1):
             raise InternalError(f"{src}: changed size while it was being split")
     return parts, slices
-
-
-class SliceReader(io.RawIOBase):
-    """A read-only file object over one slice (what pycdlib's `add_fp` reads), by `pread`, so
-    that the parts of one file can share its descriptor."""
-
-    def __init__(self, fd: int, piece: Slice) -> None:
-        super().__init__()
-        self.fd = fd
-        self.piece = piece
-        self.position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.position, os.SEEK_END: self.piece.size}[whence]
-        self.position = base + offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        want = max(0, min(len(view), self.piece.size - self.position))
-        done = 0
-        while done < want:
-            n = os.preadv(self.fd, [view[done:want]], self.piece.offset + self.position + done)
-            if n == 0:
-                raise InternalError(f"{self.piece.source}: shorter than when it was split; was it changed?")
-            done += n
-        self.position += done
-        return done
 
 
 def _copy_part(inp: BinaryIO, dest: Path, size: int) -> Part:
