@@ -17,10 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Inside the Debian 13 root (scripts/in-trixie), the cross-version tests are not collected: they
 # run from the host, which calls into the root for the other side, so `just test` runs them once.
-# Nor are the installer tests and the kernel read of ISO images yet: the stand-in installer ISO
-# (their kernel) is built from the host's Debian
-# packages (apt-get download of a kernel) and booted by the host's QEMU and OVMF, which the root
-# does not have (docs/environments.md).
+# Nor are the installer tests and the kernel's read of ISO images yet: the stand-in installer ISO
+# (and its kernel) is built from the host's Debian packages (apt-get download of a kernel) and
+# booted by the host's QEMU and OVMF, which the root does not have (docs/environments.md).
 TRIXIE_ONLY_ON_HOST = ["test_cross_version.py", "test_installer.py", "test_installer_boot.py", "test_iso_kernel.py"]
 collect_ignore = TRIXIE_ONLY_ON_HOST if os.environ.get("MEDIABUILDER_ENV") == "trixie" else []
 PREPARE = REPO / "examples" / "prepare.sh"
