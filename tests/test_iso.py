@@ -82,6 +82,15 @@ def test_refuses_a_name_linux_would_cut(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
 
 
+def test_refuses_a_name_that_is_not_utf8(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / os.fsdecode(b"latin1-\xe9")).write_text("x\n")
+    with pytest.raises(InternalError, match="latin1-.*: the name is not UTF-8"):
+        write_iso(root, tmp_path / "x.iso", label="X")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
 @pytest.mark.integration
 def test_independent_readers(tmp_path: Path, tree: tuple[Path, dict[str, tuple[int, str]], set[str]]) -> None:
     root, expected, dirs = tree

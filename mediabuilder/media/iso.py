@@ -221,9 +221,13 @@ def _mode(st: os.stat_result) -> int:
 
 def _node(path: Path, name: str, piece: Slice | None, parent: _Node, names: _Names) -> _Node:
     st = path.lstat()
-    if len(name.encode()) > RR_NAME_MAX:
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise InternalError(f"{path}: the name is not UTF-8; Rock Ridge and Joliet names on the media are") from None
+    if size > RR_NAME_MAX:
         raise InternalError(
-            f"{path}: a name of {len(name.encode())} bytes; Linux reads at most {RR_NAME_MAX} bytes of a "
+            f"{path}: a name of {size} bytes; Linux reads at most {RR_NAME_MAX} bytes of a "
             "Rock Ridge name, so the media tree must not hold it"
         )
     if piece is not None:  # a part: a byte range of the file at `path`
