@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mediabuilder import interrupts, ui
 from mediabuilder.errors import InternalError, InvalidInput
@@ -435,7 +436,7 @@ def _breadth_first(root: _Node, key: Callable[[_Node], bytes | tuple[bytes, byte
     return order
 
 
-def _path_table(order: list[_Node], joliet: bool, byteorder: str) -> bytes:
+def _path_table(order: list[_Node], joliet: bool, byteorder: Literal["little", "big"]) -> bytes:
     out = bytearray()
     for node in order:
         ident = (node.joliet_id if joliet else node.iso_id) or b"\0"
@@ -444,7 +445,7 @@ def _path_table(order: list[_Node], joliet: bool, byteorder: str) -> bytes:
         extent = node.joliet_extent if joliet else node.extent
         parent = node.parent or node
         number = parent.joliet_number if joliet else parent.number
-        out += bytes([len(ident), 0]) + extent.to_bytes(4, byteorder) + number.to_bytes(2, byteorder)  # type: ignore[arg-type]
+        out += bytes([len(ident), 0]) + extent.to_bytes(4, byteorder) + number.to_bytes(2, byteorder)
         out += ident + bytes(len(ident) % 2)
     return bytes(out)
 
@@ -574,8 +575,10 @@ def _head(layout: _Layout, label: str, dates: _Dates) -> bytes:
     head += _descriptor(1, label, layout.blocks, iso_table, _record_bytes(root, b"\0", b"", dates, False), dates)
     head += _descriptor(2, label, layout.blocks, joliet_table, _record_bytes(root, b"\0", b"", dates, True), dates)
     head += b"\xffCD001\x01".ljust(BLOCK, b"\0")  # the terminator
-    tables = ((layout.iso_order, False, "little"), (layout.iso_order, False, "big"),
-              (layout.joliet_order, True, "little"), (layout.joliet_order, True, "big"))  # fmt: skip
+    tables: list[tuple[list[_Node], bool, Literal["little", "big"]]] = [
+        (layout.iso_order, False, "little"), (layout.iso_order, False, "big"),
+        (layout.joliet_order, True, "little"), (layout.joliet_order, True, "big"),
+    ]  # fmt: skip
     for block, (order, joliet, byteorder) in zip(layout.tables, tables, strict=True):
         head += bytes(block * BLOCK - len(head)) + _path_table(order, joliet, byteorder)
     head += bytes(root.extent * BLOCK - len(head))
