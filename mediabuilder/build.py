@@ -269,7 +269,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         check_lock(req)
     target = check_output(req, repo)
     try:
-        return _build(req, target, have_nix)
+        return _build(req, target, have_nix, repo)
     finally:
         target.release()
 
@@ -286,7 +286,7 @@ def check_nix(req: BuildRequest) -> bool:
     return False
 
 
-def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
+def _build(req: BuildRequest, target: Target, have_nix: bool, repo: flakerepo.FlakeRepo) -> dict[str, str]:
     cache = BinaryCache(req.cache.dir)
     cache.create()
     output.remove_stale(cache.root, output.TMP_PREFIX)
@@ -297,7 +297,7 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
 
     ui.info(f"Building media {req.output} ({req.media.format.value})")
     base = read_base(req, key)
-    source = resolve_source(req, have_nix)
+    source = resolve_source(req, have_nix, repo)
     build_inputs = select_rebuild_paths(req.media.rebuild, source.toplevels)
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
     roots = {host: [toplevel, *extra, *build_inputs.get(host, [])] for host, toplevel in source.toplevels.items()}
@@ -449,9 +449,10 @@ def check_lock(req: BuildRequest) -> None:
     flakelock.FlakeLock.read(local_dir / "flake.lock").check_readable(nixcli.version())
 
 
-def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
+def resolve_source(req: BuildRequest, have_nix: bool, repo: flakerepo.FlakeRepo | None = None) -> Source:
     """Hosts, repository, inputs and tools: evaluated with the local Nix, or, without Nix, from
-    `--system` toplevels and the flake's lock file."""
+    `--system` toplevels and the flake's lock file. `repo`: the repository as `check_source`
+    found it moments before (else it is checked here)."""
     with ui.step("Resolving hosts") as step:
         flake, local_dir = _source_flake(req)
         hosts = [] if req.systems else nixcli.resolve_hosts(req.refs)
@@ -459,7 +460,7 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
             check_system_names(flake, [name for name, _ in req.systems])
         step.detail = ", ".join(dict(req.systems) if req.systems else (h.host for h in hosts))
     with ui.step("Checking the repository") as step:
-        repo = check_source(req)
+        repo = repo or check_source(req)
         if repo.dirty:  # --allow-dirty: built from the commit the media ships, as /etc/nixos will be
             repo = flakerepo.snapshot(repo)
             flake = flakerepo.snapshot_ref(repo)
