@@ -177,7 +177,7 @@ def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
     return found
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
     try:
         os.link(src, dst)
     except OSError as e:
@@ -199,7 +199,7 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
     infos: list[NarInfo] = [local.read_narinfo(p) for p in paths]
     with ui.progress(sum(i.file_size or 0 for i in infos), "copying cache") as bar:
 
-        def link_or_copy_nar(src: Path, dst: Path) -> None:
+        def link_or_copy_nar(src: Path, dst: str) -> None:
             """A hard link; across filesystems a copy, the bar following its bytes."""
             try:
                 os.link(src, dst)
@@ -211,22 +211,25 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
 
             def copied() -> int:
                 with contextlib.suppress(FileNotFoundError):
-                    return int(start + dst.stat().st_size)
+                    return int(start + os.stat(dst).st_size)
                 return int(start)
 
             with ui.ticking(bar, copied):
                 shutil.copyfile(src, dst)
             bar.update(start - bar.n)  # the whole file is counted by the caller
 
+        top = str(root)  # strings, not Paths: pathlib's joins were a third of this loop
         for info in infos:
-            narinfo = root / f"{info.store_path.hash_part}.narinfo"
-            link_or_copy(local.narinfo_path(info.store_path), narinfo)
+            name = f"{info.store_path.hash_part}.narinfo"
+            narinfo = f"{top}/{name}"
+            link_or_copy(local.narinfo_file(info.store_path), narinfo)
             parsed = local.narinfo_digest(info.store_path, narinfo)  # a link to what was parsed
             if parsed is not None:
-                known[f"cache/{narinfo.name}"] = FileEntry(*parsed)
-            if (root / info.url).exists():  # two paths with the same NAR
+                known[f"cache/{name}"] = FileEntry(*parsed)
+            nar_file = f"{top}/{info.url}"
+            if os.path.exists(nar_file):  # two paths with the same NAR
                 continue
-            link_or_copy_nar(local.file_path(info.url), root / info.url)
+            link_or_copy_nar(local.file_path(info.url), nar_file)
             assert info.file_hash is not None and info.file_size is not None
             digest = nix32.decode(info.file_hash.removeprefix("sha256:"))
             known[f"cache/{info.url}"] = FileEntry(info.file_size, digest.hex())

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediabuilder import interrupts, ui, workers
-from mediabuilder.cache.compression import EXTENSIONS, Compressor
 from mediabuilder.cache.intact import IntactRecords, Verdict
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia, MediabuilderError
@@ -29,6 +26,10 @@ from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
+
+if TYPE_CHECKING:  # imported where used: a rerun with nothing to export needs neither
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from multiprocessing.sharedctypes import Synchronized
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ def export_nar(
 ) -> Exported:
     """Worker: write the compressed NAR of `store_path` (read from `source` if given) into
     `root/nar/`; check it against Nix's NarHash and NarSize. Runs in a worker process."""
+    from mediabuilder.cache.compression import EXTENSIONS, Compressor
+
     nar_dir = Path(root) / "nar"
     tmp = temp_name(nar_dir / Path(store_path).name)
     out = _HashingFile(tmp)
@@ -214,6 +217,9 @@ def fill(
     if not todo:
         records.save()
         return result
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     # Biggest first, so one large path does not finish alone at the end.
     todo.sort(key=lambda i: i.nar_size, reverse=True)
     total = sum(i.nar_size for i in todo)
@@ -245,6 +251,8 @@ def fill(
 def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compression: str,
                 pool: ProcessPoolExecutor, count: int, result: FillResult, records: IntactRecords) -> None:
     """Keep `count` * 2 exports queued; write each narinfo, signed, as its NAR completes."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     pending: dict[Future[Exported], PathInfo] = {}
     queue = iter(todo)
 
