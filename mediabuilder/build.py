@@ -159,16 +159,25 @@ def _existing_directory(out: Path, force: bool) -> Target:
     return Target(out, inside=True, replace=bool(old), lock=lock)
 
 
-def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
-    """Each tool from the flake's own locked nixpkgs input; a tool that cannot be built is
-    reported and left out (install.sh then uses the installer's)."""
-    found: dict[str, StorePath] = {}
+def start_tools(flake: str, tools: tuple[str, ...]) -> dict[str, runner.Started]:
+    """Start building each tool from the flake's own locked nixpkgs input (`finish_tools`
+    takes the answers)."""
+    started = {}
     for tool in tools:
         # Through the flake's own lock (not `--inputs-from`, which consults the global registry).
         expr = (f"(builtins.getFlake {json.dumps(flake)}).inputs.nixpkgs.legacyPackages"
                 f".${{builtins.currentSystem}}.{json.dumps(tool)}")
+        started[tool] = runner.start([*nixcli.NIX, "build", "--no-link", "--json", "--impure", "--expr", expr])
+    return started
+
+
+def finish_tools(started: dict[str, runner.Started]) -> dict[str, StorePath]:
+    """Each tool `start_tools` began; a tool that could not be built is reported and left out
+    (install.sh then uses the installer's)."""
+    found: dict[str, StorePath] = {}
+    for tool, job in started.items():
         try:
-            proc = runner.run([*nixcli.NIX, "build", "--no-link", "--json", "--impure", "--expr", expr])
+            proc = job.result()
         except ExternalError:
             ui.warn(f"could not build `{tool}` from the flake's nixpkgs: install.sh will use the installer's")
             continue
@@ -469,25 +478,33 @@ def resolve_source(req: BuildRequest, have_nix: bool, repo: flakerepo.FlakeRepo 
             flake = flakerepo.snapshot_ref(repo)
             hosts = [nixcli.HostRef(flake, h.host) for h in hosts]
         step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
-    facts = None
-    if req.systems:
-        toplevels = dict(req.systems)
-    else:
-        with ui.step("Building toplevels") as step:
-            toplevels, evaluated = nixcli.build_hosts(hosts, also=layouts.facts_expr())
-            facts = {h: layouts.facts_of(v) for h, v in evaluated.items()}
-            step.detail = f"{len(toplevels)} system(s)"
-    with ui.step("Archiving flake inputs") as step:
-        lock = local_dir / "flake.lock"
-        archive = nixcli.flake_archive(flake) if have_nix else registry.archive_from_lock(lock)
-        input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
-        pins = registry.from_lock(lock, archive)
-        step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
-    tools: dict[str, StorePath] = {}
-    if have_nix:
-        with ui.step("Adding install tools") as step:
-            tools = build_tools(flake, req.tools)
-            step.detail = ", ".join(tools) or "none"
+    # The inputs' archive and the install tools do not depend on the evaluations: they run
+    # beside them (stopped if the build fails first).
+    archiving = nixcli.start_flake_archive(flake) if have_nix else None
+    building = start_tools(flake, req.tools) if have_nix else {}
+    try:
+        facts = None
+        if req.systems:
+            toplevels = dict(req.systems)
+        else:
+            with ui.step("Building toplevels") as step:
+                toplevels, evaluated = nixcli.build_hosts(hosts, also=layouts.facts_expr())
+                facts = {h: layouts.facts_of(v) for h, v in evaluated.items()}
+                step.detail = f"{len(toplevels)} system(s)"
+        with ui.step("Archiving flake inputs") as step:
+            lock = local_dir / "flake.lock"
+            archive = nixcli.flake_archive(archiving) if archiving else registry.archive_from_lock(lock)
+            input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
+            pins = registry.from_lock(lock, archive)
+            step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
+        tools: dict[str, StorePath] = {}
+        if have_nix:
+            with ui.step("Adding install tools") as step:
+                tools = finish_tools(building)
+                step.detail = ", ".join(tools) or "none"
+    finally:
+        for job in [*([archiving] if archiving else []), *building.values()]:
+            job.stop()
     with ui.step("Choosing disk layouts") as step:
         chosen = choose_layouts(req, flake, sorted(toplevels), have_nix, facts)
         step.detail = ", ".join(f"{h} {c.layout.value}" for h, c in chosen.items())
