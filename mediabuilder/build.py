@@ -159,16 +159,25 @@ def _existing_directory(out: Path, force: bool) -> Target:
     return Target(out, inside=True, replace=bool(old), lock=lock)
 
 
-def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
-    """Each tool from the flake's own locked nixpkgs input; a tool that cannot be built is
-    reported and left out (install.sh then uses the installer's)."""
-    found: dict[str, StorePath] = {}
+def start_tools(flake: str, tools: tuple[str, ...]) -> dict[str, runner.Started]:
+    """Start building each tool from the flake's own locked nixpkgs input (`finish_tools`
+    takes the answers)."""
+    started = {}
     for tool in tools:
         # Through the flake's own lock (not `--inputs-from`, which consults the global registry).
         expr = (f"(builtins.getFlake {json.dumps(flake)}).inputs.nixpkgs.legacyPackages"
                 f".${{builtins.currentSystem}}.{json.dumps(tool)}")
+        started[tool] = runner.start([*nixcli.NIX, "build", "--no-link", "--json", "--impure", "--expr", expr])
+    return started
+
+
+def finish_tools(started: dict[str, runner.Started]) -> dict[str, StorePath]:
+    """Each tool `start_tools` began; a tool that could not be built is reported and left out
+    (install.sh then uses the installer's)."""
+    found: dict[str, StorePath] = {}
+    for tool, job in started.items():
         try:
-            proc = runner.run([*nixcli.NIX, "build", "--no-link", "--json", "--impure", "--expr", expr])
+            proc = job.result()
         except ExternalError:
             ui.warn(f"could not build `{tool}` from the flake's nixpkgs: install.sh will use the installer's")
             continue
@@ -177,7 +186,7 @@ def build_tools(flake: str, tools: tuple[str, ...]) -> dict[str, StorePath]:
     return found
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
     try:
         os.link(src, dst)
     except OSError as e:
@@ -199,7 +208,7 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
     infos: list[NarInfo] = [local.read_narinfo(p) for p in paths]
     with ui.progress(sum(i.file_size or 0 for i in infos), "copying cache") as bar:
 
-        def link_or_copy_nar(src: Path, dst: Path) -> None:
+        def link_or_copy_nar(src: Path, dst: str) -> None:
             """A hard link; across filesystems a copy, the bar following its bytes."""
             try:
                 os.link(src, dst)
@@ -211,22 +220,25 @@ def assemble_cache(local: BinaryCache, media: Path, paths: list[StorePath]) -> d
 
             def copied() -> int:
                 with contextlib.suppress(FileNotFoundError):
-                    return int(start + dst.stat().st_size)
+                    return int(start + os.stat(dst).st_size)
                 return int(start)
 
             with ui.ticking(bar, copied):
                 shutil.copyfile(src, dst)
             bar.update(start - bar.n)  # the whole file is counted by the caller
 
+        top = str(root)  # strings, not Paths: pathlib's joins were a third of this loop
         for info in infos:
-            narinfo = root / f"{info.store_path.hash_part}.narinfo"
-            link_or_copy(local.narinfo_path(info.store_path), narinfo)
+            name = f"{info.store_path.hash_part}.narinfo"
+            narinfo = f"{top}/{name}"
+            link_or_copy(local.narinfo_file(info.store_path), narinfo)
             parsed = local.narinfo_digest(info.store_path, narinfo)  # a link to what was parsed
             if parsed is not None:
-                known[f"cache/{narinfo.name}"] = FileEntry(*parsed)
-            if (root / info.url).exists():  # two paths with the same NAR
+                known[f"cache/{name}"] = FileEntry(*parsed)
+            nar_file = f"{top}/{info.url}"
+            if os.path.exists(nar_file):  # two paths with the same NAR
                 continue
-            link_or_copy_nar(local.file_path(info.url), root / info.url)
+            link_or_copy_nar(local.file_path(info.url), nar_file)
             assert info.file_hash is not None and info.file_size is not None
             digest = nix32.decode(info.file_hash.removeprefix("sha256:"))
             known[f"cache/{info.url}"] = FileEntry(info.file_size, digest.hex())
@@ -269,7 +281,7 @@ def build_media(req: BuildRequest) -> dict[str, str]:
         check_lock(req)
     target = check_output(req, repo)
     try:
-        return _build(req, target, have_nix)
+        return _build(req, target, have_nix, repo)
     finally:
         target.release()
 
@@ -286,7 +298,7 @@ def check_nix(req: BuildRequest) -> bool:
     return False
 
 
-def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
+def _build(req: BuildRequest, target: Target, have_nix: bool, repo: flakerepo.FlakeRepo) -> dict[str, str]:
     cache = BinaryCache(req.cache.dir)
     cache.create()
     output.remove_stale(cache.root, output.TMP_PREFIX)
@@ -297,7 +309,7 @@ def _build(req: BuildRequest, target: Target, have_nix: bool) -> dict[str, str]:
 
     ui.info(f"Building media {req.output} ({req.media.format.value})")
     base = read_base(req, key)
-    source = resolve_source(req, have_nix)
+    source = resolve_source(req, have_nix, repo)
     build_inputs = select_rebuild_paths(req.media.rebuild, source.toplevels)
     extra = [*source.input_paths, *source.tools.values(), *req.extra_paths]
     roots = {host: [toplevel, *extra, *build_inputs.get(host, [])] for host, toplevel in source.toplevels.items()}
@@ -449,9 +461,10 @@ def check_lock(req: BuildRequest) -> None:
     flakelock.FlakeLock.read(local_dir / "flake.lock").check_readable(nixcli.version())
 
 
-def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
+def resolve_source(req: BuildRequest, have_nix: bool, repo: flakerepo.FlakeRepo | None = None) -> Source:
     """Hosts, repository, inputs and tools: evaluated with the local Nix, or, without Nix, from
-    `--system` toplevels and the flake's lock file."""
+    `--system` toplevels and the flake's lock file. `repo`: the repository as `check_source`
+    found it moments before (else it is checked here)."""
     with ui.step("Resolving hosts") as step:
         flake, local_dir = _source_flake(req)
         hosts = [] if req.systems else nixcli.resolve_hosts(req.refs)
@@ -459,31 +472,39 @@ def resolve_source(req: BuildRequest, have_nix: bool) -> Source:
             check_system_names(flake, [name for name, _ in req.systems])
         step.detail = ", ".join(dict(req.systems) if req.systems else (h.host for h in hosts))
     with ui.step("Checking the repository") as step:
-        repo = check_source(req)
+        repo = repo or check_source(req)
         if repo.dirty:  # --allow-dirty: built from the commit the media ships, as /etc/nixos will be
             repo = flakerepo.snapshot(repo)
             flake = flakerepo.snapshot_ref(repo)
             hosts = [nixcli.HostRef(flake, h.host) for h in hosts]
         step.detail = f"{repo.branch or 'detached'} at {repo.rev[:12]}" + (" (dirty)" if repo.dirty else "")
-    facts = None
-    if req.systems:
-        toplevels = dict(req.systems)
-    else:
-        with ui.step("Building toplevels") as step:
-            toplevels, evaluated = nixcli.build_hosts(hosts, also=layouts.facts_expr())
-            facts = {h: layouts.facts_of(v) for h, v in evaluated.items()}
-            step.detail = f"{len(toplevels)} system(s)"
-    with ui.step("Archiving flake inputs") as step:
-        lock = local_dir / "flake.lock"
-        archive = nixcli.flake_archive(flake) if have_nix else registry.archive_from_lock(lock)
-        input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
-        pins = registry.from_lock(lock, archive)
-        step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
-    tools: dict[str, StorePath] = {}
-    if have_nix:
-        with ui.step("Adding install tools") as step:
-            tools = build_tools(flake, req.tools)
-            step.detail = ", ".join(tools) or "none"
+    # The inputs' archive and the install tools do not depend on the evaluations: they run
+    # beside them (stopped if the build fails first).
+    archiving = nixcli.start_flake_archive(flake) if have_nix else None
+    building = start_tools(flake, req.tools) if have_nix else {}
+    try:
+        facts = None
+        if req.systems:
+            toplevels = dict(req.systems)
+        else:
+            with ui.step("Building toplevels") as step:
+                toplevels, evaluated = nixcli.build_hosts(hosts, also=layouts.facts_expr())
+                facts = {h: layouts.facts_of(v) for h, v in evaluated.items()}
+                step.detail = f"{len(toplevels)} system(s)"
+        with ui.step("Archiving flake inputs") as step:
+            lock = local_dir / "flake.lock"
+            archive = nixcli.flake_archive(archiving) if archiving else registry.archive_from_lock(lock)
+            input_paths = tuple(StorePath.parse(p) for p in registry.archived_paths(archive))
+            pins = registry.from_lock(lock, archive)
+            step.detail = f"{len(input_paths)} sources, {len(pins.pins)} pinned"
+        tools: dict[str, StorePath] = {}
+        if have_nix:
+            with ui.step("Adding install tools") as step:
+                tools = finish_tools(building)
+                step.detail = ", ".join(tools) or "none"
+    finally:
+        for job in [*([archiving] if archiving else []), *building.values()]:
+            job.stop()
     with ui.step("Choosing disk layouts") as step:
         chosen = choose_layouts(req, flake, sorted(toplevels), have_nix, facts)
         step.detail = ", ".join(f"{h} {c.layout.value}" for h, c in chosen.items())

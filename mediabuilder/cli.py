@@ -581,19 +581,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _TrialFailed(Exception):
+    """A parse of a shortened command line failed: parse the real one, for its own error."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one `error:` line, a hint and exit 2, like every other."""
 
+    trial = False  # during `parse_repeated`'s first parse: errors raise _TrialFailed
+
     def error(self, message: str) -> NoReturn:
+        if Parser.trial:
+            raise _TrialFailed(message)
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         print(f"hint: see `{self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
+REPEATED = ("--store-path", "store_path")
+
+
+def parse_repeated(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, with long runs of one repeated flag not shown to argparse.
+
+    argparse's work grows with the square of the options given (2,200 arguments of
+    `--store-path` took 0.05 s). Each run of consecutive `--store-path VALUE` pairs goes to it as
+    its first pair only, the others put back in place after the parse: the same result, since a
+    pair between an option's value and the next argument touches nothing else. Whenever that
+    cannot be shown (a pair written otherwise, another command, any error), argv is parsed whole."""
+    flag, dest = REPEATED
+    shown: list[str] = []
+    runs: list[list[str]] = []  # the values left out, after each pair shown
+    i, in_run = 0, False
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            shown.extend(argv[i:])
+            break
+        if token == flag and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            if in_run:
+                runs[-1].append(argv[i + 1])
+            else:
+                shown.extend(argv[i:i + 2])
+                runs.append([])
+                in_run = True
+            i += 2
+            continue
+        shown.append(token)
+        in_run = False
+        i += 1
+    if not any(runs):
+        return parser.parse_args(argv)
+    Parser.trial = True
+    try:
+        args = parser.parse_args(shown)
+    except _TrialFailed:
+        args = None
+    finally:
+        Parser.trial = False
+    heads = getattr(args, dest, None)
+    if args is None or heads is None or len(heads) != len(runs):
+        return parser.parse_args(argv)
+    setattr(args, dest, [value for head, rest in zip(heads, runs, strict=True) for value in (head, *rest)])
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     interrupts.install()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_repeated(parser, list(sys.argv[1:] if argv is None else argv))
     debug = getattr(args, "debug", False)
     ui.configure(debug=debug, quiet=getattr(args, "quiet", False))
     try:

@@ -231,11 +231,16 @@ def closure(paths: Iterable[StorePath]) -> list[PathInfo]:
     return [found[p] for p in sorted(found)]
 
 
-def flake_archive(flake: str) -> dict[str, Any]:
-    """`nix flake archive --json`: the flake's own source path and its inputs, recursively."""
-    proc = runner.run([*NIX, "flake", "archive", *LOCKED, "--json", flake])
-    data: dict[str, Any] = json.loads(proc.stdout)
+def flake_archive(flake: str | runner.Started) -> dict[str, Any]:
+    """`nix flake archive --json`: the flake's own source path and its inputs, recursively
+    (`flake`: the flake, or the command `start_flake_archive` began)."""
+    started = start_flake_archive(flake) if isinstance(flake, str) else flake
+    data: dict[str, Any] = json.loads(started.result().stdout)
     return data
+
+
+def start_flake_archive(flake: str) -> runner.Started:
+    return runner.start([*NIX, "flake", "archive", *LOCKED, "--json", flake])
 
 
 def flake_metadata(flake: str) -> dict[str, object]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -150,6 +148,8 @@ def parse_size(text: str) -> int:
     if suffix == "I" or (suffix == "IB" and not prefix):
         raise ValueError(f"not a size: {text!r}")
     base = 1000 if suffix == "B" and prefix else 1024
+    from fractions import Fraction  # imported where used, as tomllib: not every run reads sizes
+
     return int(Fraction(number) * base ** _SIZE_POWERS[prefix.upper()])
 
 
@@ -213,6 +213,8 @@ def _section(source: str, name: str, cls: type[T], data: Any, base: Path) -> T:
 
 def load_profile(path: Path) -> Profile:
     """Read and validate a profile; every error names the file and the `section.key`."""
+    import tomllib  # imported where used: most runs read no profile
+
     source = str(path)
     try:
         with open(path, "rb") as f:

@@ -96,6 +96,43 @@ def run(
     return proc
 
 
+class Started:
+    """A command `start` began: `result()` waits for it and answers as `run` would; `stop()`
+    kills it (and reaps it) when its answer is no longer wanted."""
+
+    def __init__(self, args: list[str], proc: subprocess.Popen[bytes], check: bool) -> None:
+        self._args, self._proc, self._check = args, proc, check
+        self._done: subprocess.CompletedProcess[bytes] | None = None
+
+    def result(self) -> subprocess.CompletedProcess[bytes]:
+        if self._done is None:
+            stdout, stderr = self._proc.communicate()
+            self._done = subprocess.CompletedProcess(self._args, self._proc.returncode, stdout, stderr)
+        if self._check and self._done.returncode != 0:
+            raise command_failed(self._args, self._done.returncode, self._done.stderr)
+        return self._done
+
+    def stop(self) -> None:
+        if self._done is None:
+            self._proc.kill()
+            self._proc.communicate()
+            self._done = subprocess.CompletedProcess(self._args, self._proc.returncode, b"", b"")
+
+
+def start(argv: Sequence[Arg], *, check: bool = True) -> Started:
+    """Start `argv` as `run` runs it (stdout and stderr captured) and return at once: for
+    commands that need not wait for each other. Take the answer with `result()`."""
+    args = [os.fspath(a) for a in argv]
+    require(args[0])
+    ui.debug("+ " + shlex.join(args) + " &")
+    try:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=_env(None))
+    except OSError as e:
+        raise ExternalError(f"could not run `{args[0]}`: {e.strerror}") from e
+    return Started(args, proc, check)
+
+
 def command_failed(args: Sequence[str], returncode: int, stderr: bytes | None) -> ExternalError:
     tail = _tail(stderr)
     message = f"`{shlex.join(args)}` failed with exit status {returncode}"

@@ -6,6 +6,8 @@
     log/, realisations/         empty, but Nix wants them on read-only media
     parts/<nar file>.json       the sha256 of each part of a NAR bigger than a part, recorded as
                                 it was written (local caches only; never copied to media)
+    intact.state                what the intactness check found, authenticated by the key
+                                (cache/intact.py; local caches only; never copied to media)
     signing-key.sec/.pub        the key a build made for itself (never copied to media)
 """
 
@@ -32,6 +34,7 @@ SUBDIRS = ("nar", "log", "realisations")
 SECRET_KEY = "signing-key.sec"
 PUBLIC_KEY = "signing-key.pub"
 PARTS = "parts"
+INTACT_STATE = "intact.state"
 TMP_PREFIX = ".tmp-"
 _NARINFO = re.compile(r"^[0-9a-df-np-sv-z]{32}\.narinfo$")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -94,6 +97,8 @@ class BinaryCache:
         # of its bytes: a build reads each one four times (fill, closure, sizes, assembly), and
         # opening and parsing are most of that; the media's sums take the sha256.
         self._parsed: dict[StorePath, tuple[tuple[int, int, int], NarInfo, str]] = {}
+        # Narinfo files read by `narinfo_bytes` and not parsed yet, by the file they were read from.
+        self._read: dict[StorePath, tuple[tuple[int, int, int], bytes]] = {}
 
     def __repr__(self) -> str:
         return f"BinaryCache({str(self.root)!r})"
@@ -101,6 +106,10 @@ class BinaryCache:
     # Layout
     def narinfo_path(self, path: StorePath) -> Path:
         return self.root / f"{path.hash_part}.narinfo"
+
+    def narinfo_file(self, path: StorePath) -> str:
+        """`narinfo_path` as a string: a build asks it thousands of times, pathlib is slow."""
+        return os.path.join(self.root, f"{path.hash_part}.narinfo")
 
     def file_path(self, url: str) -> Path:
         if url.startswith("/") or ".." in url.split("/"):
@@ -141,24 +150,49 @@ class BinaryCache:
     def read_narinfo(self, path: StorePath) -> NarInfo:
         """The path's narinfo, parsed again only when its file changed since it was last parsed
         (another inode, size or modification time: a narinfo is replaced by a rename)."""
-        file = self.narinfo_path(path)
+        file = self.narinfo_file(path)
         try:
             known = self._parsed.get(path)
             if known is not None and known[0] == _identity(os.stat(file)):
                 return known[1]
-            with open(file, "rb") as f:
-                identity = _identity(os.fstat(f.fileno()))
-                raw = f.read()
-            text = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
+            read = self._read.pop(path, None)
+            if read is None or read[0] != _identity(os.stat(file)):
+                read = self._read_file(file)
         except FileNotFoundError:
             raise InvalidMedia(f"{file}: missing") from None
+        return self._parse(path, *read)
+
+    def narinfo_bytes(self, path: StorePath) -> bytes:
+        """The bytes of the path's narinfo file (OSError when it cannot be read), kept until
+        `parse_read` or `read_narinfo` parses them."""
+        read = self._read_file(self.narinfo_file(path))
+        self._read[path] = read
+        return read[1]
+
+    def parse_read(self, path: StorePath) -> NarInfo:
+        """The narinfo that `narinfo_bytes` last returned, parsed: those very bytes."""
+        known = self._parsed.get(path)
+        read = self._read.pop(path)
+        if known is not None and known[0] == read[0]:
+            return known[1]
+        return self._parse(path, *read)
+
+    @staticmethod
+    def _read_file(file: str) -> tuple[tuple[int, int, int], bytes]:
+        with open(file, "rb") as f:
+            return _identity(os.fstat(f.fileno())), f.read()
+
+    def _parse(self, path: StorePath, identity: tuple[int, int, int], raw: bytes) -> NarInfo:
+        file = self.narinfo_file(path)
+        try:
+            text = raw.decode().replace("\r\n", "\n").replace("\r", "\n")  # as read_text() reads
         except UnicodeDecodeError:
             raise FormatError(f"{file}: not text") from None
-        info = NarInfo.parse(text, source=str(file))
+        info = NarInfo.parse(text, source=file)
         self._parsed[path] = (identity, info, hashlib.sha256(raw).hexdigest())
         return info
 
-    def narinfo_digest(self, path: StorePath, file: Path) -> tuple[int, str] | None:
+    def narinfo_digest(self, path: StorePath, file: Path | str) -> tuple[int, str] | None:
         """The size and sha256 of `path`'s narinfo as it was parsed, when `file` is that same
         file (a hard link to it, unchanged), else None."""
         known = self._parsed.get(path)
@@ -172,8 +206,11 @@ class BinaryCache:
             if _NARINFO.match(entry.name):
                 yield Path(entry.path)
 
-    def write_narinfo(self, info: NarInfo) -> None:
-        write_atomic(self.narinfo_path(info.store_path), info.render().encode())
+    def write_narinfo(self, info: NarInfo) -> bytes:
+        """Write `info`'s narinfo file; returns its bytes."""
+        data = info.render().encode()
+        write_atomic(self.narinfo_path(info.store_path), data)
+        return data
 
     def parts_path(self, url: str) -> Path:
         return self.root / PARTS / f"{Path(url).name}.json"

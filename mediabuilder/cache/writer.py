@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import multiprocessing
 import os
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mediabuilder import interrupts, ui, workers
-from mediabuilder.cache.compression import EXTENSIONS, Compressor
+from mediabuilder.cache.intact import IntactRecords, Verdict
 from mediabuilder.cache.layout import BinaryCache, lock, temp_name
 from mediabuilder.errors import FormatError, InvalidInput, InvalidMedia, MediabuilderError
 from mediabuilder.interrupts import uninterrupted
@@ -28,6 +26,10 @@ from mediabuilder.store.hashes import Hash
 from mediabuilder.store.keys import SecretKey
 from mediabuilder.store.narinfo import NarInfo
 from mediabuilder.store.pathinfo import PathInfo
+
+if TYPE_CHECKING:  # imported where used: a rerun with nothing to export needs neither
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from multiprocessing.sharedctypes import Synchronized
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ def export_nar(
 ) -> Exported:
     """Worker: write the compressed NAR of `store_path` (read from `source` if given) into
     `root/nar/`; check it against Nix's NarHash and NarSize. Runs in a worker process."""
+    from mediabuilder.cache.compression import EXTENSIONS, Compressor
+
     nar_dir = Path(root) / "nar"
     tmp = temp_name(nar_dir / Path(store_path).name)
     out = _HashingFile(tmp)
@@ -150,20 +154,30 @@ def narinfo_for(info: PathInfo, exported: Exported, compression: str, key: Secre
     return replace(unsigned, sigs=(key.sign(unsigned.fingerprint()), *sigs))
 
 
-def is_intact(cache: BinaryCache, info: PathInfo, key: SecretKey) -> bool:
+def is_intact(cache: BinaryCache, info: PathInfo, key: SecretKey, records: IntactRecords | None = None) -> bool:
     """Cheap check that a path need not be exported again: its narinfo parses, describes this
-    NAR, is signed by `key`, and its NAR file has the recorded size. (`verify` hashes it all.)"""
+    NAR, is signed by `key`, and its NAR file has the recorded size. (`verify` hashes it all.)
+    The first three hold when `records` remembers them of these very narinfo bytes."""
     try:
-        present = cache.read_narinfo(info.path)
-    except (MediabuilderError, OSError):
+        raw = cache.narinfo_bytes(info.path)
+    except OSError:
         return False
-    if present.nar_hash != info.nar_hash.nix32() or present.nar_size != info.nar_size:
-        return False
-    # ed25519 signatures are deterministic: re-signing is cheaper than verifying, and equal.
-    if key.sign(present.fingerprint()) not in present.sigs:
+    verdict = records.get(info.path, raw) if records is not None else None
+    if verdict is None:
+        try:
+            present = cache.parse_read(info.path)
+        except MediabuilderError:
+            return False
+        # ed25519 signatures are deterministic: re-signing is cheaper than verifying, and equal.
+        if key.sign(present.fingerprint()) not in present.sigs:
+            return False
+        verdict = Verdict.of(present)
+        if records is not None:
+            records.remember(raw, present)
+    if verdict.nar_hash != info.nar_hash.nix32() or verdict.nar_size != info.nar_size:
         return False
     try:
-        return cache.file_path(present.url).stat().st_size == present.file_size
+        return cache.file_path(verdict.url).stat().st_size == verdict.file_size
     except (OSError, FormatError):
         return False
 
@@ -193,14 +207,19 @@ def fill(
     cache.create()
     cache.remove_stale_temporaries()
     result = FillResult()
+    records = IntactRecords(cache, key)
     todo: list[PathInfo] = []
     for info in infos:
-        if is_intact(cache, info, key):
+        if is_intact(cache, info, key, records):
             result.present += 1
         else:
             todo.append(info)
     if not todo:
+        records.save()
         return result
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     # Biggest first, so one large path does not finish alone at the end.
     todo.sort(key=lambda i: i.nar_size, reverse=True)
     total = sum(i.nar_size for i in todo)
@@ -214,7 +233,7 @@ def fill(
         # monitor and ticker threads start below (a fork copies a lock another thread holds, taken).
         pool.submit(int).result()
         with ui.progress(total, "exporting NARs") as bar, ui.ticking(bar, lambda: exported_bytes.value):
-            _export_all(cache, todo, key, compression, pool, count, result)
+            _export_all(cache, todo, key, compression, pool, count, result, records)
     except BaseException as e:
         with uninterrupted():
             workers.stop(pool)  # an interrupted or failed run waits for no export
@@ -225,12 +244,15 @@ def fill(
         raise
     pool.shutdown()
     os.sync()
+    records.save()
     return result
 
 
 def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compression: str,
-                pool: ProcessPoolExecutor, count: int, result: FillResult) -> None:
+                pool: ProcessPoolExecutor, count: int, result: FillResult, records: IntactRecords) -> None:
     """Keep `count` * 2 exports queued; write each narinfo, signed, as its NAR completes."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
     pending: dict[Future[Exported], PathInfo] = {}
     queue = iter(todo)
 
@@ -249,7 +271,8 @@ def _export_all(cache: BinaryCache, todo: list[PathInfo], key: SecretKey, compre
         for future in done:
             info = pending.pop(future)
             exported = future.result()
-            cache.write_narinfo(narinfo_for(info, exported, compression, key))
+            narinfo = narinfo_for(info, exported, compression, key)
+            records.remember(cache.write_narinfo(narinfo), narinfo)
             result.exported += 1
             result.nar_bytes += info.nar_size
             result.file_bytes += exported.file_size

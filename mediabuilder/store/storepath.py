@@ -15,6 +15,9 @@ STORE_DIR = "/nix/store"
 HASH_PART_LEN = 32
 MAX_NAME_LEN = 211
 _NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
+# 32 nix32 digits hold 160 bits, a 20-byte hash exactly: the alphabet is the whole check
+# (nix32.is_valid(h, 20), without decoding; a closure parses thousands of paths).
+_HASH_RE = re.compile(f"[{nix32.ALPHABET}]{{{HASH_PART_LEN}}}")
 
 
 def check_name(name: str, what: str = "store path name") -> None:
@@ -38,7 +41,7 @@ class StorePath:
     name: str
 
     def __post_init__(self) -> None:
-        if len(self.hash_part) != HASH_PART_LEN or not nix32.is_valid(self.hash_part, 20):
+        if not _HASH_RE.fullmatch(self.hash_part):
             raise FormatError(f"store path hash {self.hash_part!r} is not {HASH_PART_LEN} nix32 characters")
         check_name(self.name, f"store path name of {self.hash_part}")
 
