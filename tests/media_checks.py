@@ -161,7 +161,8 @@ def fsck_fat(image: Path, offset: int, scratch: Path) -> tuple[int, int, int]:
 def edge_tree(root: Path) -> None:
     """A tree at the edges of ISO 9660, Rock Ridge and Joliet: a name of 253 bytes (two NM
     entries, a continuation area; Linux cuts longer ones), non-ASCII and non-BMP names (Joliet counts UTF-16 units),
-    names that clash once mangled, a directory whose records fill several blocks, directories
+    names that clash once mangled, a directory whose records fill several blocks, directories with
+    long names (their Rock Ridge entries in continuation areas) before others, directories
     deeper than ECMA-119's 8 levels, symlinks (absolute, relative, with `.` and `..`, a target
     of 990 bytes in several SL entries, 130 `..` in a row, a component of 255 bytes), and files of 0, 1, 2048
     and 2049 bytes."""
@@ -181,6 +182,10 @@ def edge_tree(root: Path) -> None:
     many.mkdir()
     for i in range(150):
         (many / f"{i:03d}-{hashlib.sha256(str(i).encode()).hexdigest()}-with-a-long-tail.narinfo").write_text(f"{i}\n")
+    # directories whose Rock Ridge name (and mode) only fit in a continuation area, before others
+    (root / ("d" * 200)).mkdir()
+    (root / ("e" * 130)).mkdir()
+    (root / ("e" * 130) / "inside").write_text("under a long name\n")
     deep = root.joinpath(*(f"level{i}" for i in range(12)))
     deep.mkdir(parents=True)
     (deep / "bottom").write_text("twelve levels down\n")

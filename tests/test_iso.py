@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from media_checks import (
 )
 
 from mediabuilder.errors import InternalError, InvalidInput
+from mediabuilder.media import iso as iso_module
 from mediabuilder.media.iso import ISO_MAX_FILE, write_iso
 from mediabuilder.media.label import validate_label
 from mediabuilder.media.source import open_source
@@ -80,6 +82,49 @@ def test_refuses_a_name_linux_would_cut(tmp_path: Path) -> None:
     with pytest.raises(InternalError, match="a name of 254 bytes; Linux reads at most 253 bytes"):
         write_iso(root, tmp_path / "x.iso", label="X")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda root: (root / "ctl\x01").write_text("x\n"), "ctl\x01: a control character in the name"),
+    (lambda root: (root / "link").symlink_to("t" * 1024), "link: a symlink target of 1024 bytes; libisofs"),
+])
+def test_refuses_what_readers_cannot_read(tmp_path: Path, make: Callable[[Path], object], message: str) -> None:
+    root = tmp_path / "tree"
+    root.mkdir()
+    make(root)
+    with pytest.raises(InternalError) as caught:
+        write_iso(root, tmp_path / "x.iso", label="X")
+    assert message in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree"]
+
+
+def test_many_directories_and_clashing_names_stay_fast(tmp_path: Path) -> None:
+    """4,000 sibling directories and 3,000 names that mangle alike: each counted and named once
+    (both took time in the square of their number: seconds here, minutes at 16,000)."""
+    root = tmp_path / "tree"
+    root.mkdir()
+    for i in range(4000):
+        (root / f"d{i}").mkdir()
+    clash = root / "clash"
+    clash.mkdir()
+    for i in range(3000):
+        (clash / ("p" * 70 + f"{i:05d}.txt")).write_text("")
+    calls = 0
+    original = iso_module._joliet_units
+
+    def counted(text: str) -> int:
+        nonlocal calls
+        calls += 1
+        return original(text)
+
+    iso_module._joliet_units = counted  # type: ignore[assignment]
+    try:
+        write_iso(root, tmp_path / "x.iso", label="X")
+    finally:
+        iso_module._joliet_units = original  # type: ignore[assignment]
+    assert calls < 20 * 7001  # a few per name; trying every number before each would be millions
+    with open_source(tmp_path / "x.iso") as source:
+        assert len(list(source.files())) == 3000 and len(list(source.dirs())) == 4001
 
 
 def test_refuses_a_name_that_is_not_utf8(tmp_path: Path) -> None:
@@ -181,8 +226,9 @@ def test_edge_tree_read_back_by_every_reader(tmp_path: Path) -> None:
     kept = [rel for rel, v in want.items() if v[0] != "link"]  # Joliet has no symlinks
     assert len(full_listing(joliet)) == len(kept)
     fits = {rel for rel in kept if all(len(part.encode("utf-16-be")) <= 2 * 64 for part in rel.split("/"))}
-    # cut to 64 UTF-16 units: the 150 in many/, the 253-byte name, 100 × ü, 40 × U+1F600 (80 units)
-    assert len(kept) - len(fits) == 153
+    # cut to 64 UTF-16 units: the 150 in many/, the 253-byte name, 100 × ü, 40 × U+1F600 (80 units),
+    # the two long directory names and the file under one of them
+    assert len(kept) - len(fits) == 156
     # a_b is renamed: Joliet names are looked up without case (by Linux too), and A_B came first
     assert set(full_listing(joliet)) & fits == fits - {"a_b"}
 

@@ -42,9 +42,12 @@ JOLIET_MAX = 64  # UCS-2 characters of a Joliet name
 ISO_NAME_MAX = 30  # name + extension, ECMA-119 level 2 and 3
 ISO_DIR_MAX = 31
 RR_NAME_MAX = 253  # bytes of a Rock Ridge name that Linux reads whole (fs/isofs/rock.c cuts longer ones)
+RR_TARGET_MAX = 1024  # bytes of a symlink target from which libisofs (xorriso) refuses the whole image
+MAX_DIRECTORIES = 65535  # a path table names a parent in 16 bits
 
 _NOT_D = re.compile(r"[^A-Z0-9_]")
 NOT_JOLIET = re.compile(r"[*/:;?\\]")
+_CONTROL = re.compile(r"[\x00-\x1f]")
 
 BLOCK = 2048
 _SYSTEM_AREA = 16  # blocks before the first volume descriptor
@@ -76,6 +79,9 @@ class _Names:
 
     iso: set[str] = field(default_factory=set)
     joliet: set[str] = field(default_factory=set)
+    # The next number to try for a stem: every lower one is taken (names are never given back),
+    # so many names with one stem do not each try all the numbers before theirs.
+    tried: dict[tuple[str, ...], int] = field(default_factory=dict)
 
     def iso_file(self, name: str) -> str:
         stem, dot, ext = name.rpartition(".")
@@ -89,11 +95,13 @@ class _Names:
         return self._unique_iso(_NOT_D.sub("_", name.upper()), "", ISO_DIR_MAX)
 
     def _unique_iso(self, stem: str, ext: str, room: int) -> str:
-        for n in range(len(self.iso) + 1):
+        key = ("iso", stem[:room], ext, str(room))  # the names whose candidates are all alike
+        for n in range(self.tried.get(key, 0), len(self.iso) + 1):
             suffix = f"_{n}" if n else ""
             candidate = stem[: room - len(suffix)] + suffix + (f".{ext}" if ext else "")
             if candidate not in self.iso:
                 self.iso.add(candidate)
+                self.tried[key] = n + 1
                 return candidate
         raise AssertionError("unreachable")
 
@@ -102,13 +110,15 @@ class _Names:
         stem, dot, ext = clean.rpartition(".")
         if not dot or len(ext) > 8:
             stem, dot, ext = clean, "", ""
-        for n in range(len(self.joliet) + 1):
-            suffix = f"~{n}" if n else ""
-            tail = suffix + dot + ext
-            fits = n == 0 and _joliet_units(clean) <= JOLIET_MAX
-            candidate = clean if fits else _cut_units(stem, JOLIET_MAX - _joliet_units(tail)) + tail
+        fits = _joliet_units(clean) <= JOLIET_MAX
+        first = clean if fits else _cut_units(stem, JOLIET_MAX - _joliet_units(dot + ext)) + dot + ext
+        key = ("joliet", first.lower())  # the names whose candidates are all alike (without case)
+        for n in range(self.tried.get(key, 0), len(self.joliet) + 1):
+            tail = (f"~{n}" if n else "") + dot + ext
+            candidate = first if n == 0 else _cut_units(stem, JOLIET_MAX - _joliet_units(tail)) + tail
             if candidate.lower() not in self.joliet:  # Linux and Windows look Joliet names up without case
                 self.joliet.add(candidate.lower())
+                self.tried[key] = n + 1
                 return candidate
         raise AssertionError("unreachable")
 
@@ -140,13 +150,11 @@ class _Node:
     joliet_bytes: int = 0
     number: int = 0  # in the ISO 9660 path table
     joliet_number: int = 0
+    subdirs: int = 0  # a directory's
 
     @property
     def is_dir(self) -> bool:
         return self.children is not None
-
-    def subdirs(self) -> int:
-        return sum(child.is_dir for child in self.children or ())
 
 
 def _both16(n: int) -> bytes:
@@ -209,6 +217,7 @@ def _scan(tree: Path, slices: Mapping[Path, Sequence[Slice]]) -> tuple[_Node, li
             directory.children.append(node)
             if node.is_dir:
                 dirs[os.fspath(path)] = node
+                directory.subdirs += 1
             elif node.source is not None:
                 files.append(node)
     return root, files
@@ -231,10 +240,20 @@ def _node(path: Path, name: str, piece: Slice | None, parent: _Node, names: _Nam
             f"{path}: a name of {size} bytes; Linux reads at most {RR_NAME_MAX} bytes of a "
             "Rock Ridge name, so the media tree must not hold it"
         )
+    if _CONTROL.search(name):
+        raise InternalError(f"{path}: a control character in the name; Joliet names cannot hold one")
     if piece is not None:  # a part: a byte range of the file at `path`
+        if piece.size > ISO_MAX_FILE:
+            raise InternalError(f"{path}: a part of {piece.size} bytes is more than ISO_MAX_FILE ({ISO_MAX_FILE})")
         node = _Node(name, _mode(st), parent, source=path, start=piece.offset, size=piece.size)
     elif stat.S_ISLNK(st.st_mode):
-        node = _Node(name, _LINK_MODE, parent, target=os.fsencode(os.readlink(path)))
+        target = os.fsencode(os.readlink(path))
+        if len(target) >= RR_TARGET_MAX:
+            raise InternalError(
+                f"{path}: a symlink target of {len(target)} bytes; libisofs (xorriso) reads none of "
+                f"{RR_TARGET_MAX} or more, so the media tree must not hold it"
+            )
+        node = _Node(name, _LINK_MODE, parent, target=target)
     elif stat.S_ISDIR(st.st_mode):
         node = _Node(name, _mode(st), parent, children=[])
     elif stat.S_ISREG(st.st_mode):
@@ -365,14 +384,14 @@ def _records(directory: _Node, continuations: _Continuations, dates: _Dates) -> 
     """The ISO 9660 records of `directory`: `.`, `..`, then its entries."""
     parent = directory.parent or directory
     tf = _entry(b"TF", b"\x0e" + dates.record * 3)  # modification, access, attributes
-    itself = [_entry(b"RR", bytes([_RR_PX | _RR_TF])), _px(directory.mode, 2 + directory.subdirs()), tf]
+    itself = [_entry(b"RR", bytes([_RR_PX | _RR_TF])), _px(directory.mode, 2 + directory.subdirs), tf]
     if directory.parent is None:  # the root's `.` says that the image has SUSP and Rock Ridge
         itself = [b"SP\x07\x01\xbe\xef\x00", *itself, _er()]
-    up = [_entry(b"RR", bytes([_RR_PX | _RR_TF])), _px(parent.mode, 2 + parent.subdirs()), tf]
+    up = [_entry(b"RR", bytes([_RR_PX | _RR_TF])), _px(parent.mode, 2 + parent.subdirs), tf]
     rows: list[tuple[_Node, bytes, list[bytes]]] = [(directory, b"\0", itself), (parent, b"\1", up)]
     for child in directory.children or ():
         flags = _RR_PX | _RR_NM | _RR_TF | (_RR_SL if child.target is not None else 0)
-        links = 2 + child.subdirs() if child.is_dir else 1
+        links = 2 + child.subdirs if child.is_dir else 1
         entries = [_entry(b"RR", bytes([flags])), *_nm(child.name.encode()), _px(child.mode, links)]
         if child.target is not None:
             entries += _sl(child.target)
@@ -506,10 +525,13 @@ class _Layout:
     joliet_order: list[_Node]
     records: dict[int, list[_Record]]  # id(directory) -> its ISO 9660 records
     joliet_children: dict[int, list[_Node]]  # id(directory) -> its entries in the Joliet tree, in order
-    continuations: _Continuations
+    # id(directory) -> its Rock Ridge continuation areas, in blocks right after its records: libarchive
+    # reads the image front to back and takes an area only when it reaches it, so an area after a
+    # later directory came too late for it (a directory's name, mode or whole entry was lost)
+    continuations: dict[int, _Continuations]
     tables: list[int] = field(default_factory=list)  # the blocks of the L and M tables, ISO 9660 then Joliet
     table_sizes: tuple[int, int] = (0, 0)
-    continuation_start: int = 0
+    continuation_start: dict[int, int] = field(default_factory=dict)  # id(directory) -> its first such block
     blocks: int = 0
 
 
@@ -523,6 +545,8 @@ def _plan(tree: Path, label: str, slices: Mapping[Path, Sequence[Slice]], dates:
 def _directories(root: _Node, dates: _Dates) -> _Layout:
     """Number the directories of both trees, make their records and size their extents."""
     iso_order = _breadth_first(root, _iso_key)
+    if len(iso_order) > MAX_DIRECTORIES:
+        raise InternalError(f"{len(iso_order)} directories; an ISO 9660 path table holds at most {MAX_DIRECTORIES}")
     joliet_order = _breadth_first(root, _joliet_key)
     for number, node in enumerate(iso_order, 1):
         node.number = number
@@ -530,9 +554,10 @@ def _directories(root: _Node, dates: _Dates) -> _Layout:
         node.children.sort(key=_iso_key)
     for number, node in enumerate(joliet_order, 1):
         node.joliet_number = number
-    layout = _Layout(iso_order, joliet_order, {}, {}, _Continuations())
+    layout = _Layout(iso_order, joliet_order, {}, {}, {})
     for node in iso_order:
-        layout.records[id(node)] = records = _records(node, layout.continuations, dates)
+        layout.continuations[id(node)] = continuations = _Continuations()
+        layout.records[id(node)] = records = _records(node, continuations, dates)
         node.iso_bytes = _pack(r.length for r in records)
     for node in joliet_order:
         children = sorted((c for c in node.children or () if c.joliet_id is not None), key=_joliet_key)
@@ -544,8 +569,8 @@ def _directories(root: _Node, dates: _Dates) -> _Layout:
 
 
 def _place(layout: _Layout, files: list[_Node]) -> None:
-    """Give every region its blocks: the path tables, the ISO 9660 directories, the continuation
-    areas, the Joliet directories, then each file's data in the order of the walk (an empty file
+    """Give every region its blocks: the path tables, the ISO 9660 directories (each followed by
+    its continuation areas), the Joliet directories, then each file's data in the order of the walk (an empty file
     has no extent: 0, as pycdlib and xorriso write it)."""
     block = _FIRST_FREE
     for size in (layout.table_sizes[0], layout.table_sizes[0], layout.table_sizes[1], layout.table_sizes[1]):
@@ -554,8 +579,8 @@ def _place(layout: _Layout, files: list[_Node]) -> None:
     for node in layout.iso_order:
         node.extent = block
         block += node.iso_bytes // BLOCK
-    layout.continuation_start = block
-    block += len(layout.continuations.blocks)
+        layout.continuation_start[id(node)] = block
+        block += len(layout.continuations[id(node)].blocks)
     for node in layout.joliet_order:
         node.joliet_extent = block
         block += node.joliet_bytes // BLOCK
@@ -583,26 +608,26 @@ def _head(layout: _Layout, label: str, dates: _Dates) -> bytes:
         head += bytes(block * BLOCK - len(head)) + _path_table(order, joliet, byteorder)
     head += bytes(root.extent * BLOCK - len(head))
 
-    start = layout.continuation_start
     for node in layout.iso_order:
+        start = layout.continuation_start[id(node)]
+        records = layout.records[id(node)]
         written = []
-        for record in layout.records[id(node)]:
+        for record in records:
             system_use = record.inline
             if record.areas:
                 area, offset, _ = record.areas[0]
                 system_use += _ce(start + area, offset, _area_size(record.areas, 0))
             written.append(_record_bytes(record.node, record.ident, system_use, dates, False))
         head += _directory_bytes(written, node.iso_bytes)
-    areas = bytearray(len(layout.continuations.blocks) * BLOCK)
-    for directory_records in layout.records.values():
-        for record in directory_records:
+        areas = bytearray(len(layout.continuations[id(node)].blocks) * BLOCK)
+        for record in records:
             for i, (area, offset, entries) in enumerate(record.areas):
                 if i + 1 < len(record.areas):  # chained: the next area's CE ends this one
                     following, following_offset, _ = record.areas[i + 1]
                     entries += _ce(start + following, following_offset, _area_size(record.areas, i + 1))
                 at = area * BLOCK + offset
                 areas[at : at + len(entries)] = entries
-    head += areas
+        head += areas
     for node in layout.joliet_order:
         parent = node.parent or node
         own = [_record_bytes(node, b"\0", b"", dates, True), _record_bytes(parent, b"\1", b"", dates, True)]

@@ -280,7 +280,7 @@ class IsoSource(_ImageSource):
                 if _joliet_spells(rel) and rel not in twins
                 else next((j for j in by_extents.get(extents, ()) if j not in claimed and has_data), None)
             )
-            if jrel is None and rel in twins and not has_data:  # an empty file: any empty one beside it
+            if jrel is None and not has_data:  # an empty file renamed by Joliet: any empty one beside it
                 parent = rel.rpartition("/")[0]
                 jrel = next((j for j, e in sorted(files.items())
                              if j not in claimed and j.rpartition("/")[0] == parent and not _data(e)), None)
