@@ -21,6 +21,7 @@ refuses them.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
@@ -50,6 +51,7 @@ NOT_JOLIET = re.compile(r"[*/:;?\\]")
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
 BLOCK = 2048
+_VOLUME_1 = b"\x01\x00\x00\x01"  # volume sequence number 1, both-endian
 _SYSTEM_AREA = 16  # blocks before the first volume descriptor
 _FIRST_FREE = _SYSTEM_AREA + 3  # after the primary and Joliet descriptors and the terminator
 _RECORD_MAX = 254  # bytes of a directory record: at most 255, and even
@@ -139,7 +141,7 @@ class _Node:
     parent: _Node | None
     iso_id: bytes = b"\0"
     joliet_id: bytes | None = b"\0"  # None: not in the Joliet tree (a symlink)
-    source: Path | None = None  # a file's: where its data is read from
+    source: str | None = None  # a file's: where its data is read from
     start: int = 0  # a part's offset in `source`
     size: int = 0
     target: bytes | None = None  # a symlink's
@@ -202,21 +204,23 @@ def _scan(tree: Path, slices: Mapping[Path, Sequence[Slice]]) -> tuple[_Node, li
     root = _Node("", _ROOT_MODE, None, children=[])
     dirs = {os.fspath(tree): root}
     files: list[_Node] = []
+    cut = {os.fspath(path): pieces for path, pieces in slices.items()}  # paths as strings: 2,300 Paths cost
     for top, dirnames, filenames in os.walk(tree, onerror=refuse):
         dirnames.sort()
         directory = dirs[top]
         assert directory.children is not None
-        entries: list[tuple[str, Path, Slice | None]] = []
+        entries: list[tuple[str, str, Slice | None]] = []
         for name in filenames:
-            path = Path(top, name)
-            pieces = slices.get(path)
+            path = os.path.join(top, name)
+            pieces = cut.get(path)
             entries += [(name, path, None)] if pieces is None else [(p.name, path, p) for p in pieces]
         names = _Names()
-        for name, path, piece in [(d, Path(top, d), None) for d in dirnames] + sorted(entries, key=lambda e: e[0]):
+        subdirs = [(d, os.path.join(top, d), None) for d in dirnames]
+        for name, path, piece in subdirs + sorted(entries, key=lambda e: e[0]):
             node = _node(path, name, piece, directory, names)
             directory.children.append(node)
             if node.is_dir:
-                dirs[os.fspath(path)] = node
+                dirs[path] = node
                 directory.subdirs += 1
             elif node.source is not None:
                 files.append(node)
@@ -229,8 +233,8 @@ def _mode(st: os.stat_result) -> int:
     return kind | (0o755 if executable else 0o644)
 
 
-def _node(path: Path, name: str, piece: Slice | None, parent: _Node, names: _Names) -> _Node:
-    st = path.lstat()
+def _node(path: str, name: str, piece: Slice | None, parent: _Node, names: _Names) -> _Node:
+    st = os.lstat(path)
     try:
         size = len(name.encode())
     except UnicodeEncodeError:
@@ -275,6 +279,7 @@ def _entry(signature: bytes, body: bytes) -> bytes:
     return signature + bytes([4 + len(body), 1]) + body
 
 
+@functools.cache  # a few modes and link counts, thousands of entries
 def _px(mode: int, links: int) -> bytes:
     return _entry(b"PX", _both32(mode) + _both32(links) + _both32(0) + _both32(0))
 
@@ -419,7 +424,7 @@ def _record_bytes(node: _Node, ident: bytes, system_use: bytes, dates: _Dates, j
         extent, size, flags = node.extent, node.size, 0
     length = _record_length(ident, len(system_use))
     record = (
-        bytes([length, 0]) + _both32(extent) + _both32(size) + dates.record + bytes([flags, 0, 0]) + _both16(1)
+        bytes([length, 0]) + _both32(extent) + _both32(size) + dates.record + bytes([flags, 0, 0]) + _VOLUME_1
         + bytes([len(ident)]) + ident + bytes(1 - len(ident) % 2) + system_use
     )  # fmt: skip
     return record + bytes(length - len(record))

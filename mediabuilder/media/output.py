@@ -293,7 +293,7 @@ class Copier:
         self.buffer = memoryview(bytearray(COPY_CHUNK))
         self.behind = WriteBehind(out)
 
-    def copy(self, path: Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
+    def copy(self, path: str | Path, start: int, size: int, offset: int, progress: Callable[[int], object]) -> None:
         """`size` bytes of `path` from `start` to `offset` in the image."""
         src = os.open(path, os.O_RDONLY)
         try:
