@@ -26,7 +26,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -430,25 +430,29 @@ def _record_bytes(node: _Node, ident: bytes, system_use: bytes, dates: _Dates, j
     return record + bytes(length - len(record))
 
 
-def _pack(lengths: Iterator[int]) -> int:
-    """Bytes of a directory's records in whole blocks: a record never crosses a block."""
+def _places(lengths: Iterable[int]) -> Iterator[int]:
+    """Where each of a directory's records starts: a record never crosses a block."""
     used = 0
     for length in lengths:
         if used % BLOCK + length > BLOCK:
             used += BLOCK - used % BLOCK
+        yield used
         used += length
-    return -(-used // BLOCK) * BLOCK
+
+
+def _pack(lengths: Iterable[int]) -> int:
+    """Bytes of a directory's records in whole blocks."""
+    lengths = list(lengths)
+    end = max((at + n for at, n in zip(_places(lengths), lengths, strict=True)), default=0)
+    return -(-end // BLOCK) * BLOCK
 
 
 def _directory_bytes(records: list[bytes], size: int) -> bytes:
-    out = bytearray()
-    for record in records:
-        if len(out) % BLOCK + len(record) > BLOCK:
-            out += bytes(BLOCK - len(out) % BLOCK)
-        out += record
-    if len(out) > size:
-        raise InternalError(f"a directory's records take {len(out)} bytes, {size} planned")
-    out += bytes(size - len(out))
+    out = bytearray(size)
+    for at, record in zip(_places(map(len, records)), records, strict=True):
+        if at + len(record) > size:
+            raise InternalError(f"a directory's records take more than the {size} bytes planned")
+        out[at : at + len(record)] = record
     return bytes(out)
 
 
@@ -568,7 +572,7 @@ def _directories(root: _Node, dates: _Dates) -> _Layout:
         children = sorted((c for c in node.children or () if c.joliet_id is not None), key=_joliet_key)
         layout.joliet_children[id(node)] = children
         lengths = [_record_length(b"\0", 0)] * 2 + [_record_length(c.joliet_id or b"", 0) for c in children]
-        node.joliet_bytes = _pack(iter(lengths))
+        node.joliet_bytes = _pack(lengths)
     layout.table_sizes = (len(_path_table(iso_order, False, "little")), len(_path_table(joliet_order, True, "little")))
     return layout
 
